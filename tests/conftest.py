@@ -1,0 +1,76 @@
+"""Shared fixtures: a tiny synthetic BEIR dataset and a tiny random BERT built in code."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from towerline.config import TowerlineConfig, load_config
+from towerline.synthetic import vocabulary, write_synthetic_beir
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def build_tiny_backbone(directory: Path, extra_words: list[str]) -> Path:
+    """A 2-layer, 32-wide BERT with a word-level vocab: random weights, real code paths."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    directory.mkdir(parents=True, exist_ok=True)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [f"##{chr(c)}" for c in range(97, 123)]
+    vocab = specials + sorted(set(extra_words)) + letters + [str(d) for d in range(10)]
+    vocab_file = directory / "vocab.txt"
+    vocab_file.write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_synthetic_beir(tmp_path_factory.mktemp("beir") / "tiny", docs=80, queries=40)
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    words = [word for topic in vocabulary(0) for word in topic]
+    return build_tiny_backbone(tmp_path_factory.mktemp("models") / "tiny-bert", words)
+
+
+@pytest.fixture()
+def tiny_config(tmp_path: Path, tiny_dataset: Path, tiny_backbone: Path) -> TowerlineConfig:
+    """Config for fast runs on the tiny dataset, with MLflow in a sqlite file under tmp_path."""
+    return load_config(
+        None,
+        [
+            f"run_dir={tmp_path / 'runs'}",
+            f"data.dir={tiny_dataset}",
+            f"encoder.backbone={tiny_backbone}",
+            "encoder.max_query_length=16",
+            "encoder.max_doc_length=48",
+            "spark.master=local[1]",
+            "spark.shuffle_partitions=2",
+            "train.batch_size=8",
+            "train.epochs=1",
+            "train.learning_rate=1e-3",
+            "eval.top_k=20",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        ],
+    )

@@ -1,0 +1,206 @@
+"""Typed, layered configuration: model defaults → YAML file → `key=value` overrides.
+
+One `TowerlineConfig` holds a section per stage, so a single YAML file (one per scale in
+`configs/`) drives the whole pipeline and each command reads the section it owns.
+Every model forbids unknown keys, so a typo fails at the edge with the key named.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from towerline.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    dataset: str = "scifact"
+    # A BEIR-layout directory; when unset, $TOWERLINE_DATA_DIR/<dataset>, then the bundled copy.
+    dir: Path | None = None
+
+
+class SparkConfig(Section):
+    master: str = "local[2]"
+    driver_memory: str = "2g"
+    shuffle_partitions: int = Field(4, ge=1)
+
+
+class PairsConfig(Section):
+    split: str = "train"
+    negatives_per_query: int = Field(3, ge=0)
+    # BM25 candidates considered per query; positives among them are skipped.
+    bm25_top_k: int = Field(30, ge=1)
+    # Skip the very top BM25 hits: they are often unjudged positives (false negatives).
+    skip_top: int = Field(0, ge=0)
+    stemmer: Literal["english", "none"] = "english"
+    on_malformed: Literal["fail", "quarantine"] = "fail"
+
+
+class EncoderConfig(Section):
+    # A registered name ("minilm") or a Hugging Face model directory.
+    backbone: str = "minilm"
+    pooling: Literal["mean", "cls", "last_token"] = "mean"
+    query_prefix: str = ""
+    doc_prefix: str = ""
+    max_query_length: int = Field(64, ge=4)
+    max_doc_length: int = Field(256, ge=4)
+    normalize: bool = True
+
+
+class TrainConfig(Section):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(16, ge=2)
+    learning_rate: float = Field(2e-5, gt=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    temperature: float = Field(0.05, gt=0)
+    learn_temperature: bool = False
+    hard_negatives: int = Field(1, ge=0)
+    # ScalingNote keeps two towers initialised from one checkpoint; sharing is an option.
+    shared_towers: bool = False
+    lora: bool = False
+    lora_rank: int = Field(8, ge=1)
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    seed: int = 13
+    torch_threads: int | None = Field(None, ge=1)
+    log_every: int = Field(10, ge=1)
+
+
+class ExportConfig(Section):
+    opset: int = Field(18, ge=14)
+    parity_atol: float = Field(1e-4, gt=0)
+
+
+class IndexConfig(Section):
+    type: Literal["flat", "hnsw", "ivf"] = "flat"
+    batch_size: int = Field(64, ge=1)
+    hnsw_m: int = Field(32, ge=4)
+    hnsw_ef_construction: int = Field(200, ge=8)
+    hnsw_ef_search: int = Field(128, ge=8)
+    ivf_nlist: int = Field(256, ge=1)
+    ivf_nprobe: int = Field(16, ge=1)
+    use_gpu: Literal["auto", "never", "always"] = "auto"
+
+
+class ServeConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(50051, ge=0, le=65535)
+    max_workers: int = Field(4, ge=1)
+    max_concurrent_rpcs: int = Field(64, ge=1)
+    max_top_k: int = Field(1000, ge=1)
+    max_batch: int = Field(256, ge=1)
+    max_query_chars: int = Field(4096, ge=1)
+    intra_op_threads: int = Field(1, ge=1)
+
+
+class EvalConfig(Section):
+    split: str = "test"
+    top_k: int = Field(100, ge=10)
+    batch_size: int = Field(32, ge=1)
+
+
+class TrackingConfig(Section):
+    enabled: bool = True
+    # Unset: $MLFLOW_TRACKING_URI, else a sqlite file in the working directory.
+    uri: str | None = None
+    experiment: str = "towerline"
+
+
+class TowerlineConfig(Section):
+    run_dir: Path = Path("runs")
+    data: DataConfig = DataConfig()
+    spark: SparkConfig = SparkConfig()
+    pairs: PairsConfig = PairsConfig()
+    encoder: EncoderConfig = EncoderConfig()
+    train: TrainConfig = TrainConfig()
+    export: ExportConfig = ExportConfig()
+    index: IndexConfig = IndexConfig()
+    serve: ServeConfig = ServeConfig()
+    eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted-key view, for MLflow params."""
+        return _flatten(self.model_dump(mode="json"))
+
+
+def load_config(path: Path | None = None, overrides: list[str] | None = None) -> TowerlineConfig:
+    raw: dict[str, Any] = _read_yaml(path) if path else {}
+    for item in overrides or []:
+        key, value = _parse_override(item)
+        _set_dotted(raw, key, value)
+    try:
+        return TowerlineConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path)) from None
+
+
+def dump_config(config: BaseModel, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return loaded
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.epochs=2)")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    return key.strip(), value
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key {'.'.join(parts[: depth + 1])!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe(exc: ValidationError, path: Path | None) -> str:
+    source = f" (in {path} or overrides)" if path else ""
+    error = exc.errors()[0]
+    key = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"unknown config key {key!r}{source}"
+    return f"config key {key!r}: {error['msg']} (got {error.get('input')!r}){source}"
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat

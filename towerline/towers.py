@@ -1,0 +1,74 @@
+"""Dual-encoder artifacts: a query tower and a doc tower saved side by side.
+
+The embedding space of a dual encoder is the fingerprint of its doc tower: documents indexed
+with that tower can be searched by any query encoder that carries the same fingerprint (the
+trained query tower, its ONNX export, or a distilled student).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from towerline.artifacts import ArtifactWriter, Manifest, checksum_tree, fingerprint_of, read_manifest
+from towerline.config import EncoderConfig, TowerlineConfig
+from towerline.encoder import Tower, TowerSpec
+
+DUAL_ENCODER_KIND = "dual-encoder"
+QUERY_DIR = "query"
+DOC_DIR = "doc"
+
+
+def query_spec(encoder: EncoderConfig) -> TowerSpec:
+    return TowerSpec(
+        pooling=encoder.pooling,
+        prefix=encoder.query_prefix,
+        max_length=encoder.max_query_length,
+        normalize=encoder.normalize,
+    )
+
+
+def doc_spec(encoder: EncoderConfig) -> TowerSpec:
+    return TowerSpec(
+        pooling=encoder.pooling,
+        prefix=encoder.doc_prefix,
+        max_length=encoder.max_doc_length,
+        normalize=encoder.normalize,
+    )
+
+
+def towers_from_backbone(encoder: EncoderConfig) -> tuple[Tower, Tower]:
+    """Both towers start from the same checkpoint (ScalingNote stage 1)."""
+    return (
+        Tower.from_backbone(encoder.backbone, query_spec(encoder)),
+        Tower.from_backbone(encoder.backbone, doc_spec(encoder)),
+    )
+
+
+def save_dual_encoder(
+    query_tower: Tower,
+    doc_tower: Tower,
+    dest: Path,
+    *,
+    producer: str,
+    config: TowerlineConfig,
+    inputs: dict[str, Manifest] | None = None,
+    metadata: dict | None = None,
+) -> Manifest:
+    with ArtifactWriter(dest, DUAL_ENCODER_KIND, producer=producer, inputs=inputs, config=config) as staged:
+        query_tower.save(staged.path / QUERY_DIR)
+        doc_tower.save(staged.path / DOC_DIR)
+        staged.metadata.update(metadata or {})
+        staged.metadata["backbone"] = config.encoder.backbone
+        staged.metadata["dim"] = doc_tower.dim
+        staged.metadata["embedding_space"] = fingerprint_of(checksum_tree(staged.path, DOC_DIR))
+    assert staged.manifest is not None
+    return staged.manifest
+
+
+def read_dual_encoder(path: Path) -> Manifest:
+    return read_manifest(path, DUAL_ENCODER_KIND)
+
+
+def load_towers(path: Path) -> tuple[Tower, Tower, Manifest]:
+    manifest = read_dual_encoder(path)
+    return Tower.load(path / QUERY_DIR), Tower.load(path / DOC_DIR), manifest

@@ -1,0 +1,90 @@
+"""MLflow tracking for every command that trains, builds or evaluates.
+
+Embedded default: a sqlite backend `mlflow.db` and artifacts under `mlartifacts/` in the
+working directory. `MLFLOW_TRACKING_URI` (or `tracking.uri`) points at a server instead.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from towerline.config import TowerlineConfig
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+DEFAULT_ARTIFACT_ROOT = "mlartifacts"
+
+
+class Tracker:
+    """A thin handle over the active run; a disabled tracker makes every call a no-op."""
+
+    def __init__(self, mlflow_module: Any | None) -> None:
+        self._mlflow = mlflow_module
+
+    @property
+    def run_id(self) -> str | None:
+        if self._mlflow is None:
+            return None
+        return self._mlflow.active_run().info.run_id
+
+    def metrics(self, values: dict[str, float], step: int | None = None) -> None:
+        if self._mlflow is not None:
+            self._mlflow.log_metrics({k: float(v) for k, v in values.items()}, step=step)
+
+    def params(self, values: dict[str, Any]) -> None:
+        if self._mlflow is not None:
+            self._mlflow.log_params({k: _param_text(v) for k, v in values.items()})
+
+    def artifact_dir(self, path: Path, name: str) -> None:
+        """Log the small files of an artifact (manifest, config, reports), not the weights."""
+        if self._mlflow is None:
+            return
+        for file_name in ("manifest.json", "config.yaml", "metrics.json", "report.md"):
+            if (path / file_name).is_file():
+                self._mlflow.log_artifact(str(path / file_name), artifact_path=name)
+
+    def tags(self, values: dict[str, str]) -> None:
+        if self._mlflow is not None:
+            self._mlflow.set_tags(values)
+
+
+def _param_text(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+def tracking_uri(config: TowerlineConfig) -> str:
+    return config.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+@contextmanager
+def track(config: TowerlineConfig, run_name: str, *, nested: bool = False) -> Iterator[Tracker]:
+    """Open an MLflow run with the resolved config as params; nested runs share the parent."""
+    if not config.tracking.enabled:
+        yield Tracker(None)
+        return
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    uri = tracking_uri(config)
+    mlflow.set_tracking_uri(uri)
+    _ensure_experiment(mlflow, config.tracking.experiment, uri)
+    with mlflow.start_run(run_name=run_name, nested=nested):
+        tracker = Tracker(mlflow)
+        tracker.params(config.flat())
+        tracker.tags({"towerline.stage": run_name})
+        yield tracker
+
+
+def _ensure_experiment(mlflow: Any, name: str, uri: str) -> None:
+    if mlflow.get_experiment_by_name(name) is None:
+        location = None
+        if uri.startswith("sqlite:///"):
+            # Keep artifacts next to the sqlite file rather than in a cwd-relative ./mlruns.
+            db_path = Path(uri.removeprefix("sqlite:///")).resolve()
+            location = (db_path.parent / DEFAULT_ARTIFACT_ROOT).as_uri()
+        mlflow.create_experiment(name, artifact_location=location)
+    mlflow.set_experiment(name)
