@@ -24,9 +24,8 @@ def build_tiny_backbone(directory: Path, extra_words: list[str]) -> Path:
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [f"##{chr(c)}" for c in range(97, 123)]
     vocab = specials + sorted(set(extra_words)) + letters + [str(d) for d in range(10)]
-    vocab_file = directory / "vocab.txt"
-    vocab_file.write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True)
+    # transformers 5 takes the vocab itself (a `vocab_file=` keyword is silently ignored).
+    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
     config = BertConfig(
         vocab_size=len(vocab),
         hidden_size=32,

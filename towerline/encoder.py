@@ -18,8 +18,12 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from towerline.errors import ConfigError
+
+# Our own rich bars report progress; transformers' per-load tqdm bars are noise in logs.
+hf_logging.disable_progress_bar()
 
 TOWER_FILE = "tower.json"
 Pooling = Literal["mean", "cls", "last_token"]
