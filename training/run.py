@@ -25,7 +25,8 @@ def init_dual_encoder(config: TowerlineConfig, output: Path) -> Manifest:
     )
 
 
-def run_train(config: TowerlineConfig, pairs_path: Path, output: Path, tracker: Tracker) -> Manifest:
+def run_train(config: TowerlineConfig, pairs_path: Path, output: Path, tracker: Tracker) -> Manifest | None:
+    """Train and write the dual encoder; under DDP only rank 0 writes (and returns) the manifest."""
     train = config.train
     if train.torch_threads:
         torch.set_num_threads(train.torch_threads)
@@ -43,6 +44,8 @@ def run_train(config: TowerlineConfig, pairs_path: Path, output: Path, tracker: 
     result = trainer.fit(examples)
     tracker.metrics({"train.final_loss": result.final_loss, "train.seconds": result.seconds,
                      "train.examples_per_second": result.examples_per_second})
+    if trainer.rank != 0:
+        return None
     model.to("cpu")
     if train.lora:
         merge_lora(model.query_tower)

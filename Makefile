@@ -1,0 +1,44 @@
+# Two commands for a fresh Linux machine (Python 3.11, Java 17): `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test test-slow lint protos bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# One pip command: the cpu extra pins torch==2.13.0, the CPU build (other pins pull CUDA wheels).
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e ".[cpu,dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/towerline demo
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/python scripts/gen_protos.py --check
+
+# pytest exits 5 when it collected no test: that is a failure here, never a silent pass.
+test: lint
+	$(BIN)/python -m pytest -q; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$status
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m "slow or benchmark"
+
+protos: install
+	$(BIN)/python scripts/gen_protos.py
+
+clean:
+	rm -rf runs mlflow.db mlartifacts spark-warehouse .pytest_cache

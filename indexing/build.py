@@ -1,0 +1,88 @@
+"""Build a "faiss-index" artifact: embed the corpus with the doc tower, index, write with manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+from pydantic import BaseModel
+
+from indexing.factory import create_index, search_params
+from indexing.layout import INDEX_FILE, INDEX_KIND, METRIC, write_doc_ids
+from towerline.artifacts import ArtifactWriter, Manifest
+from towerline.beir import load_corpus, resolve_dataset_dir
+from towerline.config import IndexConfig, TowerlineConfig
+from towerline.encoder import Tower
+from towerline.errors import DataError
+from towerline.progress import progress_bar
+from towerline.towers import load_towers
+
+
+def build_index(config: TowerlineConfig, encoder_path: Path, output: Path) -> Manifest:
+    """Embed `config.data`'s corpus with the doc tower of `encoder_path` and write an index artifact."""
+    _, doc_tower, encoder_manifest = load_towers(encoder_path)
+    dataset_dir = resolve_dataset_dir(config.data)
+    corpus = load_corpus(dataset_dir)
+    doc_ids = list(corpus)
+    doc_embeddings = embed_texts(doc_tower, [corpus[doc_id].full_text for doc_id in doc_ids], config.index)
+    return build_index_from_embeddings(
+        doc_embeddings,
+        doc_ids,
+        output,
+        index_config=config.index,
+        embedding_space=encoder_manifest.metadata["embedding_space"],
+        inputs={"encoder": encoder_manifest},
+        config=config,
+        metadata={"dataset": str(dataset_dir), "encoder": str(encoder_path)},
+    )
+
+
+def embed_texts(doc_tower: Tower, texts: list[str], config: IndexConfig) -> np.ndarray:
+    with progress_bar("Embedding corpus", total=len(texts)) as bar:
+        return doc_tower.encode(texts, batch_size=config.batch_size, on_batch=lambda n: bar.advance(0, n))
+
+
+def build_index_from_embeddings(
+    doc_embeddings: np.ndarray,
+    doc_ids: list[str],
+    output: Path,
+    *,
+    index_config: IndexConfig,
+    embedding_space: str,
+    producer: str = "index build",
+    inputs: dict[str, Manifest] | None = None,
+    config: BaseModel | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Manifest:
+    """Index precomputed, L2-normalised embeddings (row i belongs to doc_ids[i])."""
+    doc_embeddings = _checked_embeddings(doc_embeddings, doc_ids)
+    index = create_index(doc_embeddings, index_config)
+    with ArtifactWriter(output, INDEX_KIND, producer=producer, inputs=inputs, config=config) as staged:
+        faiss.write_index(index, str(staged.path / INDEX_FILE))
+        write_doc_ids(staged.path, doc_ids)
+        staged.metadata.update(metadata or {})
+        staged.metadata.update(
+            embedding_space=embedding_space,
+            dim=int(doc_embeddings.shape[1]),
+            count=int(index.ntotal),
+            index_type=index_config.type,
+            metric=METRIC,
+            params=search_params(index),
+            faiss_version=faiss.__version__,
+        )
+    assert staged.manifest is not None
+    return staged.manifest
+
+
+def _checked_embeddings(doc_embeddings: np.ndarray, doc_ids: list[str]) -> np.ndarray:
+    if doc_embeddings.ndim != 2 or doc_embeddings.shape[0] == 0:
+        shape = doc_embeddings.shape
+        raise DataError(f"expected a non-empty (docs, dim) embedding matrix, got shape {shape}")
+    if doc_embeddings.shape[0] != len(doc_ids):
+        raise DataError(f"{doc_embeddings.shape[0]} embeddings but {len(doc_ids)} doc ids")
+    if len(set(doc_ids)) != len(doc_ids):
+        raise DataError("doc ids are not unique; each index row must map to one document")
+    # FAISS takes C-contiguous float32 only.
+    return np.ascontiguousarray(doc_embeddings, dtype=np.float32)

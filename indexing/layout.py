@@ -1,0 +1,30 @@
+"""What a "faiss-index" artifact holds: the index file, the row → doc id map, and names for both."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from towerline.errors import ArtifactError
+
+INDEX_KIND = "faiss-index"
+INDEX_FILE = "index.faiss"
+DOC_IDS_FILE = "doc_ids.json"
+# Every index is built over L2-normalised embeddings, so inner product is cosine similarity.
+METRIC = "ip"
+
+
+def write_doc_ids(directory: Path, doc_ids: list[str]) -> None:
+    (directory / DOC_IDS_FILE).write_text(json.dumps(doc_ids))
+
+
+def read_doc_ids(directory: Path, expected_count: int) -> list[str]:
+    path = directory / DOC_IDS_FILE
+    try:
+        doc_ids = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{path}: unreadable id map ({exc.__class__.__name__})") from None
+    if not isinstance(doc_ids, list) or len(doc_ids) != expected_count:
+        found = len(doc_ids) if isinstance(doc_ids, list) else type(doc_ids).__name__
+        raise ArtifactError(f"{path}: id map holds {found} ids but the index holds {expected_count} rows")
+    return [str(doc_id) for doc_id in doc_ids]

@@ -1,0 +1,97 @@
+"""Load a verified "faiss-index" artifact (or a registry name, via CURRENT) and search it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from indexing.factory import apply_search_params
+from indexing.gpu import place_index
+from indexing.layout import INDEX_FILE, INDEX_KIND, read_doc_ids
+from indexing.publish import is_registry_entry, resolve_published
+from towerline.artifacts import Manifest, read_manifest
+from towerline.config import IndexConfig
+from towerline.errors import ArtifactError
+
+Hits = list[tuple[str, float]]
+
+
+@dataclass
+class LoadedIndex:
+    index: faiss.Index
+    doc_ids: list[str]
+    manifest: Manifest
+    path: Path
+    # Published version name ("v0003") when loaded from a registry; "" for a bare artifact.
+    published_version: str = ""
+    on_gpu: bool = False
+
+    @property
+    def embedding_space(self) -> str:
+        return str(self.manifest.metadata["embedding_space"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+    @property
+    def size(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def index_type(self) -> str:
+        return str(self.manifest.metadata.get("index_type", ""))
+
+    @property
+    def version(self) -> str:
+        """What a client sees as the index version: the published name, else a fingerprint prefix."""
+        return self.published_version or self.manifest.fingerprint[:12]
+
+    def search(self, query_embeddings: np.ndarray, k: int) -> list[Hits]:
+        """Top-k (doc_id, score) per query row, best first; slots FAISS could not fill are dropped."""
+        queries = np.ascontiguousarray(np.atleast_2d(query_embeddings), dtype=np.float32)
+        if queries.shape[1] != self.dim:
+            raise ValueError(f"query embeddings have dim {queries.shape[1]}, the index has dim {self.dim}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        scores, rows = self.index.search(queries, min(k, max(self.size, 1)))
+        return [self._hits(row_ids, row_scores) for row_ids, row_scores in zip(rows, scores, strict=True)]
+
+    def _hits(self, row_ids: np.ndarray, row_scores: np.ndarray) -> Hits:
+        # FAISS pads with row -1 when fewer than k neighbours were found.
+        return [
+            (self.doc_ids[row], float(score))
+            for row, score in zip(row_ids.tolist(), row_scores.tolist(), strict=True)
+            if row >= 0
+        ]
+
+
+def load_index(path: Path, config: IndexConfig | None = None) -> LoadedIndex:
+    """Load an index artifact, or the CURRENT version of a registry entry (`registry_root/name`).
+
+    With `config`, its query-time knobs (hnsw_ef_search, ivf_nprobe) override the stored ones and
+    `use_gpu` picks the device; without, the stored knobs are kept and a GPU is used when present.
+    """
+    path = Path(path)
+    published_version = ""
+    if is_registry_entry(path):
+        path = resolve_published(path)
+        published_version = path.name
+    manifest = read_manifest(path, INDEX_KIND, verify=True)
+    index = _read_faiss(path / INDEX_FILE)
+    if config is not None:
+        apply_search_params(index, config)
+    doc_ids = read_doc_ids(path, int(index.ntotal))
+    index, on_gpu = place_index(index, config.use_gpu if config is not None else "auto")
+    return LoadedIndex(index, doc_ids, manifest, path, published_version, on_gpu)
+
+
+def _read_faiss(index_path: Path) -> faiss.Index:
+    try:
+        return faiss.read_index(str(index_path))
+    except RuntimeError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "unknown error"
+        raise ArtifactError(f"{index_path}: FAISS cannot read the index ({first_line})") from None

@@ -1,0 +1,254 @@
+"""`towerline` command line: one thin command per stage; `demo` chains them.
+
+Every command takes `--config FILE` and trailing `key=value` overrides (e.g. `train.epochs=2`),
+reads its inputs as artifact directories and writes one artifact directory.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+
+from towerline.config import TowerlineConfig, load_config
+from towerline.errors import TowerlineError
+from towerline.progress import console
+
+app = typer.Typer(
+    help="Towerline: dense retrieval and recommendation pipeline (Spark → towers → ONNX → FAISS → gRPC).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+index_app = typer.Typer(help="Build, publish and inspect FAISS index artifacts.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="YAML config (see configs/); defaults apply without it.")
+]
+Overrides = Annotated[
+    list[str] | None, typer.Argument(help="Config overrides as key=value, e.g. train.epochs=2 index.type=hnsw.")
+]
+OutOption = Annotated[Path | None, typer.Option("--out", "-o", help="Output artifact directory.")]
+
+
+def _offline_environment() -> None:
+    # No hub access at run time: fail fast instead of hanging on network look-ups.
+    for key, value in {
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "TOKENIZERS_PARALLELISM": "false",
+    }.items():
+        os.environ.setdefault(key, value)
+
+
+def command(group: typer.Typer, name: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a command whose TowerlineErrors end as one line on stderr and exit code 2."""
+
+    def register(function: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            _offline_environment()
+            try:
+                return function(*args, **kwargs)
+            except TowerlineError as exc:
+                console.print(f"[bold red]error:[/] {escape(str(exc))}")
+                raise typer.Exit(2) from None
+
+        return group.command(name)(wrapper)
+
+    return register
+
+
+def _config(config_file: Path | None, overrides: list[str] | None) -> TowerlineConfig:
+    return load_config(config_file, overrides or [])
+
+
+def _out(out: Path | None, config: TowerlineConfig, default_name: str) -> Path:
+    return out if out is not None else config.run_dir / default_name
+
+
+def _done(kind: str, path: Path) -> None:
+    console.print(f"[green]✓[/] {kind} written to [bold]{escape(str(path))}[/]")
+
+
+@command(app)
+def pairs(config_file: ConfigOption = None, out: OutOption = None, overrides: Overrides = None) -> None:
+    """Spark job: validate the dataset, quarantine bad rows, mine BM25 hard negatives → training pairs."""
+    from pipelines.pairs import run_pairs
+
+    from towerline.tracking import track
+
+    config = _config(config_file, overrides)
+    output = _out(out, config, "pairs")
+    with track(config, "pairs") as tracker:
+        manifest = run_pairs(config, output)
+        tracker.metrics({k: v for k, v in manifest.metadata.items() if isinstance(v, int | float)})
+        tracker.artifact_dir(output, "pairs")
+    _done("training pairs", output)
+
+
+@command(app)
+def train(
+    pairs_path: Annotated[Path | None, typer.Option("--pairs", help="training-pairs artifact")] = None,
+    zero_shot: Annotated[bool, typer.Option(help="Write the untrained towers (baseline); no --pairs needed.")] = False,
+    config_file: ConfigOption = None,
+    out: OutOption = None,
+    overrides: Overrides = None,
+) -> None:
+    """ScalingNote stage 1: train query and doc towers (same initial checkpoint) with InfoNCE."""
+    from towerline.tracking import track
+    from training.run import init_dual_encoder, run_train
+
+    config = _config(config_file, overrides)
+    output = _out(out, config, "encoder-zero-shot" if zero_shot else "encoder")
+    with track(config, "train") as tracker:
+        if zero_shot:
+            init_dual_encoder(config, output)
+        else:
+            run_train(config, pairs_path or config.run_dir / "pairs", output, tracker)
+        tracker.artifact_dir(output, "encoder")
+    _done("dual encoder", output)
+
+
+@command(app)
+def export(
+    encoder: Annotated[Path | None, typer.Option(help="dual-encoder artifact")] = None,
+    config_file: ConfigOption = None,
+    out: OutOption = None,
+    overrides: Overrides = None,
+) -> None:
+    """Export the query tower to ONNX and check parity with PyTorch."""
+    from serving.onnx_export import run_export
+    from towerline.tracking import track
+
+    config = _config(config_file, overrides)
+    output = _out(out, config, "onnx")
+    with track(config, "export") as tracker:
+        manifest = run_export(config, encoder or config.run_dir / "encoder", output)
+        tracker.metrics({"export.parity_max_abs_diff": manifest.metadata["parity_max_abs_diff"]})
+        tracker.artifact_dir(output, "onnx")
+    _done("ONNX query encoder", output)
+
+
+@command(index_app, "build")
+def index_build(
+    encoder: Annotated[Path | None, typer.Option(help="dual-encoder artifact (its doc tower embeds)")] = None,
+    config_file: ConfigOption = None,
+    out: OutOption = None,
+    overrides: Overrides = None,
+) -> None:
+    """Embed the corpus with the doc tower and build a FAISS index artifact."""
+    from indexing.build import build_index
+    from towerline.tracking import track
+
+    config = _config(config_file, overrides)
+    output = _out(out, config, "index")
+    with track(config, "index") as tracker:
+        manifest = build_index(config, encoder or config.run_dir / "encoder", output)
+        tracker.metrics({k: v for k, v in manifest.metadata.items() if isinstance(v, int | float)})
+        tracker.artifact_dir(output, "index")
+    _done("FAISS index", output)
+
+
+@command(index_app, "publish")
+def index_publish(
+    index: Annotated[Path, typer.Argument(help="faiss-index artifact to publish")],
+    registry: Annotated[Path, typer.Option(help="registry root")] = Path("runs/registry"),
+    name: Annotated[str, typer.Option(help="index name in the registry")] = "default",
+) -> None:
+    """Copy an index into REGISTRY/NAME/vNNNN (checksummed) and point CURRENT at it atomically."""
+    from indexing.publish import publish_index
+
+    version_dir = publish_index(index, registry, name)
+    _done("published index", version_dir)
+
+
+@command(index_app, "info")
+def index_info(index: Annotated[Path, typer.Argument(help="faiss-index artifact or registry entry")]) -> None:
+    """Print an index artifact's manifest summary."""
+    from indexing.publish import index_info as describe
+
+    for key, value in describe(index).items():
+        console.print(f"[bold]{key}[/]: {escape(str(value))}")
+
+
+@command(app)
+def serve(
+    index: Annotated[Path | None, typer.Option(help="faiss-index artifact")] = None,
+    onnx: Annotated[Path | None, typer.Option(help="onnx-query-encoder artifact")] = None,
+    config_file: ConfigOption = None,
+    overrides: Overrides = None,
+) -> None:
+    """Run the gRPC retrieval service (ONNX query encoder → FAISS) until SIGINT/SIGTERM."""
+    from serving.app import serve_until_stopped
+
+    config = _config(config_file, overrides)
+    serve_until_stopped(config, index or config.run_dir / "index", onnx or config.run_dir / "onnx")
+
+
+@command(app)
+def search(
+    query: Annotated[str, typer.Argument(help="query text")],
+    address: Annotated[str, typer.Option(help="host:port of a running `towerline serve`")] = "127.0.0.1:50051",
+    top_k: Annotated[int, typer.Option("--top-k", "-k", help="hits to return")] = 10,
+) -> None:
+    """Query a running retrieval service over gRPC and print the hits."""
+    from serving.client import RetrievalClient
+
+    with RetrievalClient(address) as client:
+        hits = client.search(query, top_k)
+    for rank, (doc_id, score) in enumerate(hits, start=1):
+        console.print(f"{rank:>3}  {score:8.4f}  {escape(doc_id)}")
+
+
+@command(app, "eval")
+def evaluate(
+    address: Annotated[str, typer.Option(help="host:port of the retrieval service to score")] = "127.0.0.1:50051",
+    config_file: ConfigOption = None,
+    out: OutOption = None,
+    overrides: Overrides = None,
+) -> None:
+    """Score a live retrieval service on the dataset's judged queries (nDCG@10, Recall@100, MRR@10)."""
+    from evaluation.service import evaluate_service
+    from towerline.tracking import track
+
+    config = _config(config_file, overrides)
+    output = _out(out, config, "eval")
+    with track(config, "eval") as tracker:
+        metrics = evaluate_service(config, address, output)
+        tracker.metrics({f"eval.{k}": v for k, v in metrics.items()})
+        tracker.artifact_dir(output, "eval")
+    for name, value in metrics.items():
+        console.print(f"[bold]{name}[/]: {value:.4f}")
+
+
+@command(app)
+def demo(
+    data: Annotated[Path | None, typer.Option(help="BEIR-format dataset dir (default: bundled SciFact)")] = None,
+    results: Annotated[Path, typer.Option(help="where the demo writes its benchmark JSON")] = Path(
+        "benchmarks/results/demo.json"
+    ),
+    config_file: ConfigOption = None,
+    overrides: Overrides = None,
+) -> None:
+    """Whole pipeline on the bundled default: pairs → train → export → index → gRPC → eval (zero-shot vs fine-tuned)."""
+    from towerline.demo import run_demo
+
+    config = _config(config_file, [*(overrides or []), *([f"data.dir={data}"] if data else [])])
+    run_demo(config, results)
+
+
+def main() -> None:
+    app(prog_name="towerline")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
