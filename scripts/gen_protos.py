@@ -80,9 +80,7 @@ def drift(fresh: Path, committed: Path) -> list[str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="exit 1 if serving/proto is out of date")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
 from transformers import AutoTokenizer
 
-from serving.onnx_export import ONNX_FILE, ONNX_KIND
+from serving.onnx_format import ONNX_FILE, ONNX_KIND
 from towerline.artifacts import Manifest, read_manifest
 from towerline.encoder import load_tower_spec
 
@@ -29,6 +30,9 @@ class OnnxQueryEncoder:
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         self.session = ort.InferenceSession(str(Path(path) / ONNX_FILE), options, providers=providers)
         self.provider = self.session.get_providers()[0]
+        # Fast tokenizers are not safe to call from several threads at once ("Already borrowed");
+        # ORT's session.run is, so only tokenisation is serialised.
+        self._tokenizer_lock = threading.Lock()
 
     @property
     def dim(self) -> int:
@@ -38,9 +42,10 @@ class OnnxQueryEncoder:
         prefixed = [self.spec.prefix + text for text in texts]
         if self.spec.pooling == "last_token" and self.tokenizer.eos_token:
             prefixed = [text + self.tokenizer.eos_token for text in prefixed]
-        batch = self.tokenizer(
-            prefixed, padding=True, truncation=True, max_length=self.spec.max_length, return_tensors="np"
-        )
+        with self._tokenizer_lock:
+            batch = self.tokenizer(
+                prefixed, padding=True, truncation=True, max_length=self.spec.max_length, return_tensors="np"
+            )
         feeds = {
             "input_ids": batch["input_ids"].astype(np.int64),
             "attention_mask": batch["attention_mask"].astype(np.int64),

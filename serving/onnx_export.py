@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from serving.onnx_format import ONNX_FILE, ONNX_KIND
 from towerline.artifacts import ArtifactWriter, Manifest
 from towerline.config import TowerlineConfig
 from towerline.encoder import TOWER_FILE, Tower
@@ -19,8 +20,6 @@ from towerline.errors import ArtifactError
 from towerline.progress import status
 from towerline.towers import QUERY_DIR, read_dual_encoder
 
-ONNX_KIND = "onnx-query-encoder"
-ONNX_FILE = "model.onnx"
 
 # Varied lengths and vocabulary so parity covers padding and truncation.
 PARITY_TEXTS = [

@@ -73,3 +73,9 @@ def tiny_config(tmp_path: Path, tiny_dataset: Path, tiny_backbone: Path) -> Towe
             f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
         ],
     )
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_mlflow(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Runs that do not set tracking.uri still never touch the working directory's mlflow.db."""
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"

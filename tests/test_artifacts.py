@@ -38,7 +38,7 @@ def test_wrong_kind_missing_and_corrupt_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match="not found"):
         read_manifest(tmp_path / "nope", "thing")
     (dest / "a.txt").write_text("tampered")
-    with pytest.raises(ArtifactError, match="checksum mismatch for a.txt"):
+    with pytest.raises(ArtifactError, match=r"checksum mismatch for a\.txt"):
         read_manifest(dest, "thing", verify=True)
     manifest_path = dest / "manifest.json"
     data = json.loads(manifest_path.read_text())

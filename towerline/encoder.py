@@ -136,9 +136,10 @@ class Tower(torch.nn.Module):
         self.eval()
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         embeddings = np.zeros((len(texts), self.dim), dtype=np.float32)
+        device = next(self.backbone.parameters()).device
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            batch = self.tokenize([texts[i] for i in chunk])
+            batch = {name: tensor.to(device) for name, tensor in self.tokenize([texts[i] for i in chunk]).items()}
             embeddings[chunk] = self(**batch).float().cpu().numpy()
             if on_batch:
                 on_batch(len(chunk))

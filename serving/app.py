@@ -1,0 +1,48 @@
+"""Wiring for `towerline serve` and the demo: artifacts on disk → a ready `RetrievalService`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from indexing.load import load_index
+from serving.onnx_format import ONNX_KIND
+from serving.query_encoder import QueryEncoder
+from serving.server import serve_forever
+from serving.service import RetrievalService
+from towerline.artifacts import read_manifest
+from towerline.config import ServeConfig, TowerlineConfig
+from towerline.progress import console, status
+from towerline.towers import DUAL_ENCODER_KIND
+
+
+def load_query_encoder(path: Path, serve: ServeConfig) -> QueryEncoder:
+    """An ONNX export serves through ONNX Runtime; a dual-encoder artifact through its PyTorch query tower."""
+    manifest = read_manifest(path, (ONNX_KIND, DUAL_ENCODER_KIND))
+    if manifest.kind == ONNX_KIND:
+        from serving.onnx_encoder import OnnxQueryEncoder
+
+        return OnnxQueryEncoder(path, intra_op_threads=serve.intra_op_threads)
+    from serving.torch_encoder import TorchQueryEncoder
+
+    return TorchQueryEncoder.from_dual_encoder(path, threads=serve.intra_op_threads)
+
+
+def build_service(config: TowerlineConfig, index_path: Path, encoder_path: Path) -> RetrievalService:
+    """Load the index (a registry entry follows CURRENT) and the query encoder; refuse a mismatched pair."""
+    index = load_index(index_path, config.index)
+    return RetrievalService(load_query_encoder(encoder_path, config.serve), index, config.serve)
+
+
+def serve_until_stopped(config: TowerlineConfig, index_path: Path, encoder_path: Path) -> None:
+    with status(f"loading {index_path} and {encoder_path}"):
+        service = build_service(config, index_path, encoder_path)
+    info = service.info()
+    console.print(
+        f"index [bold]{info.index_version}[/] ({info.index_type}, {info.count} docs, dim {info.dim}), "
+        f"encoder [bold]{info.encoder_name}[/]"
+    )
+
+    def announce(port: int) -> None:
+        console.print(f"serving towerline.v1.RetrievalService on [bold]{config.serve.host}:{port}[/]; Ctrl-C stops")
+
+    serve_forever(service, config.serve, on_started=announce)

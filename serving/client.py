@@ -1,0 +1,104 @@
+"""Python client for the retrieval service: typed results, typed errors, readiness wait."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from serving.errors import RetrievalRpcError
+from serving.messages import from_index_info_response, from_search_response
+from serving.proto.towerline.v1 import retrieval_pb2 as pb
+from serving.proto.towerline.v1 import retrieval_pb2_grpc as pb_grpc
+from serving.results import Hit, IndexInfo, SearchResult
+from serving.servicer import SERVICE_NAME
+
+Response = TypeVar("Response")
+
+
+class RetrievalClient:
+    """`with RetrievalClient("host:port") as client: client.search("query", top_k=10)`."""
+
+    def __init__(self, address: str, timeout_s: float = 10.0, batch_size: int = 64) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        # Queries per BatchSearch call; keep it at or below the server's serve.max_batch.
+        self.batch_size = batch_size
+        self._channel = grpc.insecure_channel(address)
+        self._stub = pb_grpc.RetrievalServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def search(self, query: str, top_k: int = 10) -> list[Hit]:
+        """Hits best first, each a (doc_id, score) named tuple."""
+        return self.search_result(query, top_k).hits
+
+    def search_result(self, query: str, top_k: int = 10) -> SearchResult:
+        """Hits plus the index version and the server-side latency."""
+        request = pb.SearchRequest(query=query, top_k=top_k)
+        return from_search_response(self._call(self._stub.Search, request))
+
+    def batch_search(self, queries: list[str], top_k: int = 10) -> list[list[Hit]]:
+        """Hits per query, in query order (the `BatchSearch` shape evaluation takes)."""
+        return [result.hits for result in self.batch_search_results(queries, top_k)]
+
+    def batch_search_results(self, queries: list[str], top_k: int = 10) -> list[SearchResult]:
+        """Long lists go out as several BatchSearch calls of `batch_size` queries each."""
+        results: list[SearchResult] = []
+        for start in range(0, len(queries), self.batch_size):
+            request = pb.BatchSearchRequest(queries=queries[start : start + self.batch_size], top_k=top_k)
+            response = self._call(self._stub.BatchSearch, request)
+            results.extend(from_search_response(item) for item in response.results)
+        return results
+
+    def info(self) -> IndexInfo:
+        return from_index_info_response(self._call(self._stub.GetIndexInfo, pb.GetIndexInfoRequest()))
+
+    def health(self, service: str = SERVICE_NAME) -> str:
+        """The health status name ("SERVING", "NOT_SERVING", ...) the server reports for `service`."""
+        response = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service))
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until the server reports SERVING for the retrieval service, or raise UNAVAILABLE."""
+        deadline = time.monotonic() + timeout
+        last_status = "no answer"
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RetrievalRpcError(
+                    "UNAVAILABLE", f"{self.address} not serving after {timeout:g}s (last: {last_status})"
+                )
+            try:
+                request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+                # wait_for_ready: ride out "connection refused" while the server is still starting.
+                response = self._health.Check(request, timeout=min(remaining, 1.0), wait_for_ready=True)
+                last_status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError as error:
+                last_status = f"{error.code().name}: {error.details()}"
+            time.sleep(min(0.1, max(deadline - time.monotonic(), 0)))
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> RetrievalClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _call(self, method: Callable[..., Response], request: object) -> Response:
+        try:
+            return method(request, timeout=self.timeout_s)
+        except grpc.RpcError as error:
+            raise RetrievalRpcError(error.code().name, error.details() or "") from None

@@ -1,0 +1,40 @@
+"""Conversions between protobuf messages and the typed results (both directions, one place)."""
+
+from __future__ import annotations
+
+from serving.proto.towerline.v1 import retrieval_pb2 as pb
+from serving.results import Hit, IndexInfo, SearchResult
+
+
+def to_search_response(result: SearchResult) -> pb.SearchResponse:
+    return pb.SearchResponse(
+        hits=[pb.Hit(doc_id=hit.doc_id, score=hit.score) for hit in result.hits],
+        index_version=result.index_version,
+        latency_ms=result.latency_ms,
+    )
+
+
+def from_search_response(response: pb.SearchResponse) -> SearchResult:
+    return SearchResult(
+        hits=[Hit(hit.doc_id, hit.score) for hit in response.hits],
+        index_version=response.index_version,
+        latency_ms=response.latency_ms,
+    )
+
+
+def to_index_info_response(info: IndexInfo) -> pb.GetIndexInfoResponse:
+    return pb.GetIndexInfoResponse(**vars(info))
+
+
+def from_index_info_response(response: pb.GetIndexInfoResponse) -> IndexInfo:
+    return IndexInfo(
+        index_kind=response.index_kind,
+        index_type=response.index_type,
+        count=response.count,
+        dim=response.dim,
+        embedding_space=response.embedding_space,
+        encoder_name=response.encoder_name,
+        index_fingerprint=response.index_fingerprint,
+        index_version=response.index_version,
+        metric=response.metric,
+    )

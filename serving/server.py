@@ -1,0 +1,95 @@
+"""gRPC server: retrieval servicer + grpc.health.v1 + reflection, graceful stop on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import faiss
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from serving.proto.towerline.v1 import retrieval_pb2_grpc as pb_grpc
+from serving.service import RetrievalService
+from serving.servicer import SERVICE_NAME, RetrievalServicer
+from towerline.config import ServeConfig
+from towerline.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def start_server(service: RetrievalService | None, serve: ServeConfig) -> tuple[grpc.Server, int]:
+    """Start serving on serve.host:serve.port (port 0: an ephemeral port); returns (server, port)."""
+    server, port, _ = _start(service, serve)
+    return server, port
+
+
+def serve_forever(
+    service: RetrievalService | None,
+    serve: ServeConfig,
+    *,
+    grace_s: float = 5.0,
+    stop: threading.Event | None = None,
+    on_started: Callable[[int], None] | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT (or `stop` is set), then drain in-flight calls for `grace_s`."""
+    # Concurrency comes from the RPC worker threads; FAISS's own OpenMP threads would oversubscribe.
+    faiss.omp_set_num_threads(serve.intra_op_threads)
+    server, port, health_servicer = _start(service, serve)
+    stop = stop or threading.Event()
+    previous_handlers = _install_signal_handlers(stop)
+    try:
+        if on_started:
+            on_started(port)
+        log.info("serving %s on %s:%d", SERVICE_NAME, serve.host, port)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        # NOT_SERVING first, so load balancers stop routing here while in-flight calls finish.
+        health_servicer.enter_graceful_shutdown()
+        server.stop(grace_s).wait()
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
+        log.info("server stopped")
+
+
+def _start(service: RetrievalService | None, serve: ServeConfig) -> tuple[grpc.Server, int, health.HealthServicer]:
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=serve.max_workers, thread_name_prefix="towerline-rpc"),
+        # Bounds calls waiting for a worker too; the servicer bounds the ones being executed.
+        maximum_concurrent_rpcs=serve.max_concurrent_rpcs + serve.max_workers,
+    )
+    pb_grpc.add_RetrievalServiceServicer_to_server(RetrievalServicer(service, serve.max_concurrent_rpcs), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    state = health_pb2.HealthCheckResponse.SERVING if service else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, state)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    address = f"{serve.host}:{serve.port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise ConfigError(f"cannot bind {address} ({exc}); is the port in use?") from None
+    if port == 0:
+        raise ConfigError(f"cannot bind {address}; is the port in use?")
+    server.start()
+    return server, port, health_servicer
+
+
+def _install_signal_handlers(stop: threading.Event) -> dict[int, object]:
+    # Python only lets the main thread install handlers; elsewhere the caller stops via `stop`.
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous: dict[int, object] = {}
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        previous[signum] = signal.getsignal(signum)
+        signal.signal(signum, lambda *_: stop.set())
+    return previous

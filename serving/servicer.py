@@ -1,0 +1,88 @@
+"""Thin gRPC servicer: proto ↔ `RetrievalService`, errors ↔ status codes, admission control."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import grpc
+
+from serving.errors import DeadlineExceeded, InvalidArgument
+from serving.messages import to_index_info_response, to_search_response
+from serving.proto.towerline.v1 import retrieval_pb2 as pb
+from serving.proto.towerline.v1 import retrieval_pb2_grpc as pb_grpc
+from serving.service import Checkpoint, RetrievalService
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RetrievalService"].full_name
+
+
+class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
+    def __init__(self, service: RetrievalService | None, max_concurrent_rpcs: int) -> None:
+        # None: the server is up but has no index yet; retrieval calls answer UNAVAILABLE.
+        self.service = service
+        self.max_concurrent_rpcs = max_concurrent_rpcs
+        self._slots = threading.BoundedSemaphore(max_concurrent_rpcs)
+
+    def Search(self, request: pb.SearchRequest, context: grpc.ServicerContext) -> pb.SearchResponse:
+        with self._admitted(context) as service:
+            result = service.search(request.query, request.top_k, _deadline_checkpoint(context))
+        return to_search_response(result)
+
+    def BatchSearch(self, request: pb.BatchSearchRequest, context: grpc.ServicerContext) -> pb.BatchSearchResponse:
+        with self._admitted(context) as service:
+            results = service.batch_search(list(request.queries), request.top_k, _deadline_checkpoint(context))
+        return pb.BatchSearchResponse(results=[to_search_response(result) for result in results])
+
+    def GetIndexInfo(self, request: pb.GetIndexInfoRequest, context: grpc.ServicerContext) -> pb.GetIndexInfoResponse:
+        return to_index_info_response(self._loaded(context).info())
+
+    def Recommend(self, request: pb.RecommendRequest, context: grpc.ServicerContext) -> pb.RecommendResponse:
+        context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "Recommend is not implemented by this server yet (personalisation is a later stage); "
+            "use Search for query-based retrieval",
+        )
+        raise AssertionError("unreachable: context.abort raises")
+
+    def _loaded(self, context: grpc.ServicerContext) -> RetrievalService:
+        service = self.service
+        if service is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "no index loaded on this server yet; retry later")
+        assert service is not None
+        return service
+
+    @contextmanager
+    def _admitted(self, context: grpc.ServicerContext) -> Iterator[RetrievalService]:
+        """Hold one of max_concurrent_rpcs slots for the call, mapping service errors to codes."""
+        service = self._loaded(context)
+        # Non-blocking: under overload, failing fast lets the client back off or try a replica.
+        if not self._slots.acquire(blocking=False):
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server busy: {self.max_concurrent_rpcs} retrieval calls in flight "
+                "(serve.max_concurrent_rpcs); retry with backoff",
+            )
+        try:
+            yield service
+        except InvalidArgument as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except DeadlineExceeded as error:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(error))
+        except Exception:
+            log.exception("retrieval call failed")
+            context.abort(grpc.StatusCode.INTERNAL, "internal error while searching; see the server log")
+        finally:
+            self._slots.release()
+
+
+def _deadline_checkpoint(context: grpc.ServicerContext) -> Checkpoint:
+    def check() -> None:
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise DeadlineExceeded("the deadline ran out before the search finished")
+
+    return check

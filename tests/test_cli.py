@@ -1,0 +1,104 @@
+"""The command line end to end: the whole slice on tiny data, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from towerline.cli import app
+from towerline.config import TowerlineConfig
+
+runner = CliRunner()
+
+
+def _overrides(config: TowerlineConfig) -> list[str]:
+    return [
+        f"run_dir={config.run_dir}",
+        f"data.dir={config.data.dir}",
+        f"encoder.backbone={config.encoder.backbone}",
+        "encoder.max_query_length=16",
+        "encoder.max_doc_length=48",
+        "spark.master=local[1]",
+        "spark.shuffle_partitions=2",
+        "train.batch_size=8",
+        "train.epochs=10",
+        "train.learning_rate=1e-3",
+        "eval.top_k=20",
+        f"tracking.uri={config.tracking.uri}",
+    ]
+
+
+def test_demo_runs_the_whole_slice(tiny_config: TowerlineConfig, tmp_path: Path) -> None:
+    """Real Spark (local), tiny random towers, ONNX Runtime, FAISS, gRPC on loopback, MLflow sqlite."""
+    results = tmp_path / "demo.json"
+    outcome = runner.invoke(app, ["demo", "--results", str(results), *_overrides(tiny_config)])
+    assert outcome.exit_code == 0, outcome.output
+    summary = json.loads(results.read_text())
+    for label in ("zero_shot", "fine_tuned"):
+        assert 0.0 <= summary[label]["ndcg@10"] <= 1.0
+        assert summary[label]["queries"] > 0
+    assert summary["fine_tuned"]["ndcg@10"] > summary["zero_shot"]["ndcg@10"]
+    assert {"pairs", "train", "index.fine_tuned", "eval.fine_tuned"} <= set(summary["stage_seconds"])
+    demo_root = tiny_config.run_dir / "demo"
+    report = json.loads((demo_root / "eval-fine_tuned" / "manifest.json").read_text())
+    assert report["kind"] == "eval-report"
+    db_path = str(tiny_config.tracking.uri).removeprefix("sqlite:///")
+    with sqlite3.connect(db_path) as db:
+        run_names = {row[0] for row in db.execute("select name from runs")}
+    assert {"demo", "pairs", "train", "eval.fine_tuned"} <= run_names
+
+
+def _error_line(outcome) -> str:
+    assert outcome.exit_code == 2, outcome.output
+    lines = [line for line in outcome.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, outcome.stderr
+    return lines[0]
+
+
+def test_config_typo_is_one_line(tmp_path: Path) -> None:
+    line = _error_line(runner.invoke(app, ["train", "--zero-shot", "train.lerning_rate=1"]))
+    assert "unknown config key 'train.lerning_rate'" in line
+
+
+def test_missing_data_dir_is_one_line(tiny_config: TowerlineConfig, tmp_path: Path) -> None:
+    outcome = runner.invoke(app, ["demo", f"data.dir={tmp_path / 'nope'}", f"run_dir={tmp_path / 'runs'}"])
+    assert "data dir not found" in _error_line(outcome)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_malformed_jsonl_names_the_line(tiny_config: TowerlineConfig, tiny_dataset: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("queries.jsonl", "qrels"):
+        (broken / name).symlink_to(tiny_dataset / name)
+    lines = (tiny_dataset / "corpus.jsonl").read_text().splitlines()
+    lines[6] = '{"_id": "d6", "text": oops'
+    (broken / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    overrides = [*_overrides(tiny_config), f"data.dir={broken}"]
+    runner.invoke(app, ["train", "--zero-shot", *overrides])
+    outcome = runner.invoke(app, ["index", "build", "--out", str(tmp_path / "index"), *overrides])
+    assert "corpus.jsonl:7: malformed JSON" in _error_line(outcome)
+    assert not (tmp_path / "index").exists()
+    assert not any(p.name.startswith(".index") for p in tmp_path.iterdir())
+
+
+def test_wrong_artifact_kind_is_one_line(tiny_config: TowerlineConfig, tmp_path: Path) -> None:
+    overrides = _overrides(tiny_config)
+    assert runner.invoke(app, ["train", "--zero-shot", *overrides]).exit_code == 0
+    encoder_dir = tiny_config.run_dir / "encoder-zero-shot"
+    outcome = runner.invoke(app, ["export", "--encoder", str(tmp_path), "--out", str(tmp_path / "x"), *overrides])
+    assert "no manifest.json" in _error_line(outcome)
+    outcome = runner.invoke(app, ["train", "--pairs", str(encoder_dir), "--out", str(tmp_path / "y"), *overrides])
+    assert "expected 'training-pairs'" in _error_line(outcome)
+    assert not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("command", [[], ["index"], ["train"], ["demo"], ["serve"], ["eval"], ["pairs"]])
+def test_help_explains(command: list[str]) -> None:
+    outcome = runner.invoke(app, [*command, "--help"])
+    assert outcome.exit_code == 0
+    assert "Usage" in outcome.output

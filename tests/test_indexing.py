@@ -1,0 +1,197 @@
+"""Indexing: build from the tiny dual encoder, index types, registry publishing, refusals (real FAISS)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from indexing.build import build_index, build_index_from_embeddings
+from indexing.gpu import gpu_count
+from indexing.layout import INDEX_FILE
+from indexing.load import load_index
+from indexing.publish import CURRENT_FILE, index_info, list_versions, publish_index, resolve_published
+from towerline.artifacts import ArtifactWriter
+from towerline.beir import load_corpus
+from towerline.config import IndexConfig, TowerlineConfig
+from towerline.errors import ArtifactError, ConfigError, DataError
+from towerline.towers import save_dual_encoder, towers_from_backbone
+
+SPACE = "synthetic-space"
+
+
+def clustered_embeddings(count: int, dim: int, clusters: int, seed: int) -> np.ndarray:
+    """Unit vectors around random centres: neighbourhoods like real embeddings, unlike isotropic noise."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(0).normal(size=(clusters, dim))
+    vectors = centres[rng.integers(clusters, size=count)] + 0.3 * rng.normal(size=(count, dim))
+    return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+
+
+def build_synthetic(output: Path, embeddings: np.ndarray, index_type: str = "flat") -> Path:
+    doc_ids = [f"doc{row}" for row in range(len(embeddings))]
+    build_index_from_embeddings(
+        embeddings, doc_ids, output, index_config=IndexConfig(type=index_type), embedding_space=SPACE
+    )
+    return output
+
+
+def test_built_index_finds_each_doc_as_its_own_top_hit(
+    tiny_config: TowerlineConfig, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    query_tower, doc_tower = towers_from_backbone(tiny_config.encoder)
+    encoder_manifest = save_dual_encoder(
+        query_tower, doc_tower, tmp_path / "encoder", producer="test", config=tiny_config
+    )
+
+    manifest = build_index(tiny_config, tmp_path / "encoder", tmp_path / "index")
+
+    assert manifest.kind == "faiss-index"
+    assert manifest.inputs == {"encoder": encoder_manifest.fingerprint}
+    assert manifest.metadata["embedding_space"] == encoder_manifest.metadata["embedding_space"]
+    assert manifest.metadata["dim"] == 32
+    assert manifest.metadata["count"] == 80
+    assert manifest.metadata["index_type"] == "flat"
+    assert manifest.metadata["metric"] == "ip"
+    assert manifest.metadata["dataset"] == str(tiny_dataset)
+    loaded = load_index(tmp_path / "index")
+    assert (loaded.size, loaded.dim, loaded.embedding_space) == (80, 32, manifest.metadata["embedding_space"])
+    corpus = load_corpus(tiny_dataset)
+    doc_embeddings = doc_tower.encode(
+        [doc.full_text for doc in corpus.values()], batch_size=tiny_config.index.batch_size
+    )
+    top_hits = [hits[0] for hits in loaded.search(doc_embeddings, k=3)]
+    assert [doc_id for doc_id, _ in top_hits] == list(corpus)
+    assert all(score == pytest.approx(1.0, abs=1e-4) for _, score in top_hits)
+
+
+@pytest.mark.parametrize("index_type", ["hnsw", "ivf"])
+def test_approximate_indexes_recall_at_least_90_percent_of_flat(index_type: str, tmp_path: Path) -> None:
+    doc_embeddings = clustered_embeddings(4000, 32, clusters=40, seed=1)
+    query_embeddings = clustered_embeddings(200, 32, clusters=40, seed=2)
+    exact = load_index(build_synthetic(tmp_path / "flat", doc_embeddings))
+    approximate = load_index(build_synthetic(tmp_path / index_type, doc_embeddings, index_type))
+
+    k = 10
+    exact_hits = exact.search(query_embeddings, k)
+    approximate_hits = approximate.search(query_embeddings, k)
+    found = sum(
+        len({doc for doc, _ in want} & {doc for doc, _ in got})
+        for want, got in zip(exact_hits, approximate_hits, strict=True)
+    )
+    assert found / (k * len(query_embeddings)) >= 0.9
+    assert approximate.index_type == index_type
+
+
+def test_ivf_caps_the_number_of_lists_on_a_small_corpus(tmp_path: Path) -> None:
+    loaded = load_index(build_synthetic(tmp_path / "ivf", clustered_embeddings(80, 16, 4, seed=3), "ivf"))
+    assert loaded.manifest.metadata["params"]["ivf_nlist"] == 2
+    assert len(loaded.search(clustered_embeddings(1, 16, 4, seed=4), k=5)[0]) == 5
+
+
+@pytest.mark.parametrize("index_type", ["flat", "hnsw"])
+def test_search_drops_slots_faiss_could_not_fill(index_type: str, tmp_path: Path) -> None:
+    embeddings = clustered_embeddings(5, 8, 2, seed=5)
+    loaded = load_index(build_synthetic(tmp_path / "small", embeddings, index_type))
+    hits = loaded.search(embeddings[:2], k=50)
+    assert [len(row) for row in hits] == [5, 5]
+    assert hits[0][0][0] == "doc0"
+
+
+def test_search_params_from_config_override_the_stored_ones(tmp_path: Path) -> None:
+    path = build_synthetic(tmp_path / "hnsw", clustered_embeddings(100, 8, 4, seed=6), "hnsw")
+    assert load_index(path).index.hnsw.efSearch == IndexConfig().hnsw_ef_search
+    tuned = load_index(path, IndexConfig(type="hnsw", hnsw_ef_search=16, use_gpu="never"))
+    assert tuned.index.hnsw.efSearch == 16
+
+
+def test_inconsistent_inputs_are_refused(tmp_path: Path) -> None:
+    embeddings = clustered_embeddings(3, 8, 1, seed=7)
+    with pytest.raises(DataError, match="3 embeddings but 2 doc ids"):
+        build_index_from_embeddings(
+            embeddings, ["a", "b"], tmp_path / "x", index_config=IndexConfig(), embedding_space=SPACE
+        )
+    with pytest.raises(DataError, match="not unique"):
+        build_index_from_embeddings(
+            embeddings, ["a", "b", "a"], tmp_path / "x", index_config=IndexConfig(), embedding_space=SPACE
+        )
+    assert not (tmp_path / "x").exists()
+
+
+def test_publish_creates_versions_and_moves_current(tmp_path: Path) -> None:
+    first = build_synthetic(tmp_path / "first", clustered_embeddings(20, 8, 2, seed=8))
+    second = build_synthetic(tmp_path / "second", clustered_embeddings(30, 8, 2, seed=9))
+    registry = tmp_path / "registry"
+
+    assert publish_index(first, registry, "scifact") == registry / "scifact" / "v0001"
+    assert publish_index(second, registry, "scifact") == registry / "scifact" / "v0002"
+
+    entry = registry / "scifact"
+    assert (entry / CURRENT_FILE).read_text().strip() == "v0002"
+    assert resolve_published(entry) == entry / "v0002"
+    assert sorted(path.name for path in entry.iterdir()) == [CURRENT_FILE, "v0001", "v0002"]
+    loaded = load_index(entry)
+    assert (loaded.size, loaded.published_version, loaded.version) == (30, "v0002", "v0002")
+    summary = index_info(entry)
+    assert summary["versions"] == list_versions(entry) == ["v0001", "v0002"]
+    assert (summary["current"], summary["count"], summary["kind"]) == ("v0002", 30, "faiss-index")
+
+
+def test_registry_entry_without_a_valid_current_is_refused(tmp_path: Path) -> None:
+    entry = tmp_path / "registry" / "scifact"
+    entry.mkdir(parents=True)
+    with pytest.raises(ArtifactError, match="no CURRENT"):
+        resolve_published(entry)
+    (entry / CURRENT_FILE).write_text("v0007\n")
+    with pytest.raises(ArtifactError, match="not a published version"):
+        load_index(entry)
+    with pytest.raises(ArtifactError, match="plain directory name"):
+        publish_index(tmp_path / "any", tmp_path / "registry", "../escape")
+
+
+def test_wrong_kind_artifact_is_refused(tmp_path: Path) -> None:
+    with ArtifactWriter(tmp_path / "encoder", "dual-encoder", producer="test") as staged:
+        (staged.path / INDEX_FILE).write_bytes(b"not an index")
+    with pytest.raises(ArtifactError, match="kind 'dual-encoder', expected 'faiss-index'"):
+        load_index(tmp_path / "encoder")
+    with pytest.raises(ArtifactError, match="expected 'faiss-index'"):
+        publish_index(tmp_path / "encoder", tmp_path / "registry", "scifact")
+
+
+def test_corrupted_index_file_is_refused(tmp_path: Path) -> None:
+    path = build_synthetic(tmp_path / "index", clustered_embeddings(20, 8, 2, seed=10))
+    index_file = path / INDEX_FILE
+    data = bytearray(index_file.read_bytes())
+    data[-1] ^= 0xFF
+    index_file.write_bytes(bytes(data))
+
+    with pytest.raises(ArtifactError, match=f"checksum mismatch for {INDEX_FILE}"):
+        load_index(path)
+    with pytest.raises(ArtifactError, match="checksum mismatch"):
+        publish_index(path, tmp_path / "registry", "scifact")
+    assert list_versions(tmp_path / "registry" / "scifact") == []
+
+
+@pytest.mark.skipif(gpu_count() > 0, reason="checks the no-GPU refusal")
+def test_use_gpu_always_without_a_gpu_is_a_clear_error(tmp_path: Path) -> None:
+    path = build_synthetic(tmp_path / "index", clustered_embeddings(20, 8, 2, seed=11))
+    with pytest.raises(ConfigError, match="use_gpu='always' but FAISS sees no GPU"):
+        load_index(path, IndexConfig(use_gpu="always"))
+    assert not load_index(path, IndexConfig(use_gpu="auto")).on_gpu
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(gpu_count() == 0, reason="needs faiss-gpu and a CUDA device")
+@pytest.mark.parametrize("index_type", ["flat", "ivf"])
+def test_gpu_index_returns_the_cpu_results(index_type: str, tmp_path: Path) -> None:
+    doc_embeddings = clustered_embeddings(2000, 32, clusters=20, seed=12)
+    query_embeddings = clustered_embeddings(50, 32, clusters=20, seed=13)
+    path = build_synthetic(tmp_path / index_type, doc_embeddings, index_type)
+    on_cpu = load_index(path, IndexConfig(type=index_type, use_gpu="never"))
+    on_gpu = load_index(path, IndexConfig(type=index_type, use_gpu="always"))
+    assert on_gpu.on_gpu
+    cpu_ids = [[doc for doc, _ in row] for row in on_cpu.search(query_embeddings, 10)]
+    gpu_ids = [[doc for doc, _ in row] for row in on_gpu.search(query_embeddings, 10)]
+    agreement = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(cpu_ids, gpu_ids, strict=True)])
+    assert agreement >= 0.95

@@ -1,0 +1,363 @@
+"""Serving: the plain service in-process, then the gRPC server over a real loopback channel."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import fields
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from indexing.build import build_index
+from indexing.load import LoadedIndex, load_index
+from serving.app import build_service
+from serving.client import RetrievalClient
+from serving.errors import DeadlineExceeded, InvalidArgument, RetrievalRpcError
+from serving.proto.towerline.v1 import retrieval_pb2 as pb
+from serving.proto.towerline.v1 import retrieval_pb2_grpc as pb_grpc
+from serving.server import serve_forever, start_server
+from serving.service import RetrievalService
+from serving.servicer import SERVICE_NAME
+from serving.torch_encoder import TorchQueryEncoder
+from towerline.config import ServeConfig, TowerlineConfig, load_config
+from towerline.errors import ArtifactError
+from towerline.towers import save_dual_encoder, towers_from_backbone
+
+LIMITS = ServeConfig(port=0, max_top_k=50, max_batch=8, max_query_chars=200)
+QUERIES = ["alpha beta", "gamma", "delta epsilon zeta", "eta theta", "iota"]
+
+
+class BlockingEncoder:
+    """Wraps the real encoder and holds each call until released, to keep an RPC in flight."""
+
+    def __init__(self, inner: TorchQueryEncoder) -> None:
+        self.inner = inner
+        self.embedding_space = inner.embedding_space
+        self.name = inner.name
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.calls = 0
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        self.calls += 1
+        self.entered.set()
+        self.release.wait(timeout=10)
+        return self.inner.encode(texts)
+
+
+class CountingIndex(LoadedIndex):
+    """The real loaded index, counting searches (to see whether a call reached FAISS)."""
+
+    searches = 0
+
+    def search(self, query_embeddings: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+        self.searches += 1
+        return super().search(query_embeddings, k)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path, tiny_backbone: Path) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("serving")
+    config = load_config(
+        None,
+        [
+            f"data.dir={tiny_dataset}",
+            f"encoder.backbone={tiny_backbone}",
+            "encoder.max_query_length=16",
+            "encoder.max_doc_length=48",
+        ],
+    )
+    query_tower, doc_tower = towers_from_backbone(config.encoder)
+    save_dual_encoder(query_tower, doc_tower, root / "encoder", producer="test", config=config)
+    build_index(config, root / "encoder", root / "index")
+    return root / "encoder", root / "index"
+
+
+@pytest.fixture(scope="module")
+def encoder(artifacts: tuple[Path, Path]) -> TorchQueryEncoder:
+    return TorchQueryEncoder.from_dual_encoder(artifacts[0])
+
+
+@pytest.fixture(scope="module")
+def index(artifacts: tuple[Path, Path]) -> LoadedIndex:
+    return load_index(artifacts[1])
+
+
+@pytest.fixture(scope="module")
+def service(encoder: TorchQueryEncoder, index: LoadedIndex) -> RetrievalService:
+    return RetrievalService(encoder, index, LIMITS)
+
+
+def serve(service: RetrievalService | None, limits: ServeConfig = LIMITS) -> Iterator[str]:
+    server, port = start_server(service, limits)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(None)
+
+
+@pytest.fixture(scope="module")
+def address(service: RetrievalService) -> Iterator[str]:
+    yield from serve(service)
+
+
+@pytest.fixture()
+def client(address: str) -> Iterator[RetrievalClient]:
+    with RetrievalClient(address, timeout_s=10) as client:
+        yield client
+
+
+def raw_stub(address: str) -> tuple[grpc.Channel, pb_grpc.RetrievalServiceStub]:
+    channel = grpc.insecure_channel(address)
+    return channel, pb_grpc.RetrievalServiceStub(channel)
+
+
+# --- the plain service, no network -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda s: s.search("", 5), "query"),
+        (lambda s: s.search("   ", 5), "query"),
+        (lambda s: s.search("x" * 201, 5), "query"),
+        (lambda s: s.search("ok", 0), "top_k"),
+        (lambda s: s.search("ok", 51), "top_k"),
+        (lambda s: s.batch_search([], 5), "queries"),
+        (lambda s: s.batch_search(["q"] * 9, 5), "queries"),
+        (lambda s: s.batch_search(["ok", ""], 5), "queries[1]"),
+    ],
+)
+def test_invalid_requests_name_the_field(service: RetrievalService, call, field: str) -> None:
+    with pytest.raises(InvalidArgument) as raised:
+        call(service)
+    assert raised.value.field == field
+    assert str(raised.value).startswith(f"{field}: ")
+
+
+def test_search_returns_top_k_hits_best_first(service: RetrievalService, index: LoadedIndex) -> None:
+    result = service.search("alpha beta", 7)
+    scores = [hit.score for hit in result.hits]
+    assert len(result.hits) == 7
+    assert scores == sorted(scores, reverse=True)
+    assert result.index_version == index.manifest.fingerprint[:12]
+    assert result.latency_ms > 0
+
+
+def test_checkpoint_stops_before_encoding(encoder: TorchQueryEncoder, index: LoadedIndex) -> None:
+    blocking = BlockingEncoder(encoder)
+    service = RetrievalService(blocking, index, LIMITS)
+
+    def expired() -> None:
+        raise DeadlineExceeded("deadline passed")
+
+    with pytest.raises(DeadlineExceeded):
+        service.search("alpha", 3, checkpoint=expired)
+    assert blocking.calls == 0
+
+
+def test_encoder_from_another_embedding_space_is_refused(encoder: TorchQueryEncoder, index: LoadedIndex) -> None:
+    stranger = TorchQueryEncoder(encoder.tower, "0" * 64, "torch:other")
+    with pytest.raises(ArtifactError, match="embedding space mismatch"):
+        RetrievalService(stranger, index, LIMITS)
+
+
+def test_build_service_serves_a_dual_encoder_through_its_torch_query_tower(
+    artifacts: tuple[Path, Path], service: RetrievalService
+) -> None:
+    encoder_path, index_path = artifacts
+    config = TowerlineConfig(serve=LIMITS)
+    built = build_service(config, index_path, encoder_path)
+    assert built.info().encoder_name.startswith("torch:encoder:")
+    assert built.search("alpha beta", 5).hits == service.search("alpha beta", 5).hits
+    with pytest.raises(ArtifactError, match="expected 'onnx-query-encoder' or 'dual-encoder'"):
+        build_service(config, index_path, index_path)
+
+
+# --- over a real loopback channel --------------------------------------------------------------
+
+
+def test_search_over_grpc_equals_in_process(client: RetrievalClient, service: RetrievalService) -> None:
+    remote = client.search_result("alpha beta", top_k=10)
+    local = service.search("alpha beta", 10)
+    assert remote.hits == local.hits
+    assert remote.index_version == local.index_version
+    assert client.search("alpha beta", top_k=10) == local.hits
+    assert all(isinstance(doc_id, str) and isinstance(score, float) for doc_id, score in remote.hits)
+
+
+def test_batch_search_over_grpc_equals_in_process(address: str, service: RetrievalService) -> None:
+    # batch_size 2: five queries go out as three BatchSearch calls and come back in order.
+    with RetrievalClient(address, batch_size=2) as client:
+        remote = client.batch_search(QUERIES, top_k=4)
+    # Same chunks in-process: padding depends on the batch, so only then are scores bit-identical.
+    local = [result for start in (0, 2, 4) for result in service.batch_search(QUERIES[start : start + 2], 4)]
+    assert remote == [result.hits for result in local]
+
+
+@pytest.mark.parametrize(
+    ("request_message", "field"),
+    [
+        (pb.SearchRequest(query="", top_k=5), "query"),
+        (pb.SearchRequest(query="ok", top_k=0), "top_k"),
+        (pb.SearchRequest(query="ok", top_k=1000), "top_k"),
+        (pb.BatchSearchRequest(queries=["q"] * 9, top_k=5), "queries"),
+    ],
+)
+def test_bad_input_is_invalid_argument_naming_the_field(address: str, request_message, field: str) -> None:
+    channel, stub = raw_stub(address)
+    method = stub.Search if isinstance(request_message, pb.SearchRequest) else stub.BatchSearch
+    with channel, pytest.raises(grpc.RpcError) as raised:
+        method(request_message, timeout=10)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert raised.value.details().startswith(f"{field}: ")
+
+
+def test_client_raises_typed_errors(client: RetrievalClient) -> None:
+    with pytest.raises(RetrievalRpcError) as raised:
+        client.search("", top_k=5)
+    assert raised.value.code == "INVALID_ARGUMENT"
+    assert "query" in raised.value.details
+
+
+def test_recommend_is_unimplemented_with_a_message(address: str) -> None:
+    channel, stub = raw_stub(address)
+    with channel, pytest.raises(grpc.RpcError) as raised:
+        stub.Recommend(pb.RecommendRequest(user_id="u1", top_k=5), timeout=10)
+    assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "Recommend is not implemented" in raised.value.details()
+
+
+def test_index_info_describes_the_loaded_pair(client: RetrievalClient, index: LoadedIndex) -> None:
+    info = client.info()
+    assert (info.index_kind, info.index_type, info.metric) == ("faiss-index", "flat", "ip")
+    assert (info.count, info.dim) == (80, 32)
+    assert info.embedding_space == index.embedding_space
+    assert info.index_fingerprint == index.manifest.fingerprint
+    assert info.encoder_name.startswith("torch:encoder:")
+
+
+def test_health_reports_serving(address: str, client: RetrievalClient) -> None:
+    client.wait_ready(timeout=5)
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for name in ("", SERVICE_NAME):
+            response = stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
+            assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_lists_the_services(address: str) -> None:
+    with grpc.insecure_channel(address) as channel:
+        services = ProtoReflectionDescriptorDatabase(channel).get_services()
+    assert SERVICE_NAME == "towerline.v1.RetrievalService"
+    assert {SERVICE_NAME, "grpc.health.v1.Health"} <= set(services)
+
+
+def test_without_an_index_calls_are_unavailable_and_health_not_serving() -> None:
+    for address in serve(None):
+        with RetrievalClient(address) as client:
+            with pytest.raises(RetrievalRpcError) as raised:
+                client.search("alpha", top_k=3)
+            assert raised.value.code == "UNAVAILABLE"
+            assert client.health() == "NOT_SERVING"
+            with pytest.raises(RetrievalRpcError, match="not serving after"):
+                client.wait_ready(timeout=0.3)
+
+
+def test_calls_beyond_max_concurrent_rpcs_are_resource_exhausted(
+    encoder: TorchQueryEncoder, index: LoadedIndex
+) -> None:
+    blocking = BlockingEncoder(encoder)
+    limits = LIMITS.model_copy(update={"max_concurrent_rpcs": 1})
+    try:
+        for address in serve(RetrievalService(blocking, index, limits), limits):
+            channel, stub = raw_stub(address)
+            with channel, RetrievalClient(address) as client:
+                in_flight = stub.Search.future(pb.SearchRequest(query="alpha", top_k=3), timeout=10)
+                assert blocking.entered.wait(timeout=10)
+                with pytest.raises(RetrievalRpcError) as raised:
+                    client.search("beta", top_k=3)
+                assert raised.value.code == "RESOURCE_EXHAUSTED"
+                assert "max_concurrent_rpcs" in raised.value.details
+                blocking.release.set()
+                assert len(in_flight.result(timeout=10).hits) == 3
+                assert len(client.search("beta", top_k=3)) == 3
+    finally:
+        blocking.release.set()
+
+
+def test_deadline_is_honoured_and_the_search_skipped(encoder: TorchQueryEncoder, index: LoadedIndex) -> None:
+    blocking = BlockingEncoder(encoder)
+    counting = CountingIndex(**{field.name: getattr(index, field.name) for field in fields(index)})
+    limits = LIMITS.model_copy(update={"max_concurrent_rpcs": 1})
+    try:
+        for address in serve(RetrievalService(blocking, counting, limits), limits):
+            with pytest.raises(RetrievalRpcError) as raised:
+                RetrievalClient(address, timeout_s=0.2).search("alpha", top_k=3)
+            assert raised.value.code == "DEADLINE_EXCEEDED"
+            blocking.release.set()
+            # The slot frees only when the expired call ends; the next call then succeeds.
+            with RetrievalClient(address) as client:
+                result = _retry_while_busy(lambda: client.search("alpha", top_k=3))
+            assert len(result) == 3
+            assert counting.searches == 1, "the expired call must stop before the FAISS search"
+            with pytest.raises(RetrievalRpcError) as tiny:
+                RetrievalClient(address, timeout_s=0.001).search("alpha", top_k=3)
+            assert tiny.value.code == "DEADLINE_EXCEEDED"
+    finally:
+        blocking.release.set()
+
+
+def _retry_while_busy(call):
+    for _ in range(100):
+        try:
+            return call()
+        except RetrievalRpcError as error:
+            if error.code != "RESOURCE_EXHAUSTED":
+                raise
+            threading.Event().wait(0.05)
+    raise AssertionError("the server stayed busy")
+
+
+def test_serve_forever_stops_gracefully(service: RetrievalService) -> None:
+    stop = threading.Event()
+    started: list[int] = []
+    ready = threading.Event()
+
+    def on_started(port: int) -> None:
+        started.append(port)
+        ready.set()
+
+    thread = threading.Thread(
+        target=serve_forever,
+        args=(service, LIMITS),
+        kwargs={"stop": stop, "on_started": on_started, "grace_s": 1.0},
+    )
+    thread.start()
+    try:
+        assert ready.wait(timeout=10)
+        with RetrievalClient(f"127.0.0.1:{started[0]}") as client:
+            client.wait_ready(timeout=5)
+            assert client.search("alpha", top_k=2)
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
+def test_committed_stubs_match_the_protos() -> None:
+    root = Path(__file__).resolve().parents[1]
+    check = subprocess.run(
+        [sys.executable, str(root / "scripts" / "gen_protos.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert check.returncode == 0, check.stderr
