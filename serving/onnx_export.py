@@ -7,6 +7,7 @@ and returns pooled, normalised `embeddings`; tokenisation stays in Python next t
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,6 @@ from towerline.encoder import TOWER_FILE, Tower
 from towerline.errors import ArtifactError
 from towerline.progress import status
 from towerline.towers import QUERY_DIR, read_dual_encoder
-
 
 # Varied lengths and vocabulary so parity covers padding and truncation.
 PARITY_TEXTS = [
@@ -47,7 +47,10 @@ def export_query_tower(tower: Tower, onnx_path: Path, opset: int) -> None:
     tower.eval()
     sample = tower.tokenize(PARITY_TEXTS[:2])
     batch, length = torch.export.Dim("batch"), torch.export.Dim("length")
-    with torch.inference_mode(False), torch.no_grad():
+    # The exporter's axis-renaming and pytree deprecation warnings say nothing actionable here.
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=UserWarning)
+        warnings.simplefilter("ignore", category=FutureWarning)
         torch.onnx.export(
             _ExportWrapper(tower),
             (sample["input_ids"], sample["attention_mask"]),

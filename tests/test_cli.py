@@ -6,8 +6,13 @@ import json
 import sqlite3
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
+
+from evaluation.metrics import score_run
+from towerline.beir import load_corpus, load_qrels, load_queries
+from towerline.towers import load_towers
 
 from towerline.cli import app
 from towerline.config import TowerlineConfig
@@ -41,7 +46,10 @@ def test_demo_runs_the_whole_slice(tiny_config: TowerlineConfig, tmp_path: Path)
     for label in ("zero_shot", "fine_tuned"):
         assert 0.0 <= summary[label]["ndcg@10"] <= 1.0
         assert summary[label]["queries"] > 0
-    assert summary["fine_tuned"]["ndcg@10"] > summary["zero_shot"]["ndcg@10"]
+    # What came back through gRPC (ONNX Runtime + FAISS) equals brute-force PyTorch retrieval.
+    in_process = _in_process_metrics(tiny_config.run_dir / "demo" / "encoder", tiny_config.data.dir)
+    assert abs(summary["fine_tuned"]["ndcg@10"] - in_process["ndcg@10"]) < 1e-3
+    assert abs(summary["fine_tuned"]["recall@100"] - in_process["recall@100"]) < 1e-3
     assert {"pairs", "train", "index.fine_tuned", "eval.fine_tuned"} <= set(summary["stage_seconds"])
     demo_root = tiny_config.run_dir / "demo"
     report = json.loads((demo_root / "eval-fine_tuned" / "manifest.json").read_text())
@@ -50,6 +58,20 @@ def test_demo_runs_the_whole_slice(tiny_config: TowerlineConfig, tmp_path: Path)
     with sqlite3.connect(db_path) as db:
         run_names = {row[0] for row in db.execute("select name from runs")}
     assert {"demo", "pairs", "train", "eval.fine_tuned"} <= run_names
+
+
+def _in_process_metrics(encoder_dir: Path, dataset: Path) -> dict[str, float]:
+    query_tower, doc_tower, _ = load_towers(encoder_dir)
+    corpus, queries, qrels = load_corpus(dataset), load_queries(dataset), load_qrels(dataset, "test")
+    doc_ids = list(corpus)
+    doc_matrix = doc_tower.encode([corpus[d].full_text for d in doc_ids])
+    query_ids = list(qrels)
+    scores = query_tower.encode([queries[q] for q in query_ids]) @ doc_matrix.T
+    run = {}
+    for row, query_id in enumerate(query_ids):
+        top = np.argsort(-scores[row])[:20]
+        run[query_id] = {doc_ids[i]: float(scores[row, i]) for i in top}
+    return score_run(qrels, run)
 
 
 def _error_line(outcome) -> str:
@@ -80,7 +102,10 @@ def test_malformed_jsonl_names_the_line(tiny_config: TowerlineConfig, tiny_datas
     (broken / "corpus.jsonl").write_text("\n".join(lines) + "\n")
     overrides = [*_overrides(tiny_config), f"data.dir={broken}"]
     runner.invoke(app, ["train", "--zero-shot", *overrides])
-    outcome = runner.invoke(app, ["index", "build", "--out", str(tmp_path / "index"), *overrides])
+    encoder_dir = tiny_config.run_dir / "encoder-zero-shot"
+    outcome = runner.invoke(
+        app, ["index", "build", "--encoder", str(encoder_dir), "--out", str(tmp_path / "index"), *overrides]
+    )
     assert "corpus.jsonl:7: malformed JSON" in _error_line(outcome)
     assert not (tmp_path / "index").exists()
     assert not any(p.name.startswith(".index") for p in tmp_path.iterdir())

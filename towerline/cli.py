@@ -59,7 +59,7 @@ def command(group: typer.Typer, name: str | None = None) -> Callable[[Callable[.
             try:
                 return function(*args, **kwargs)
             except TowerlineError as exc:
-                console.print(f"[bold red]error:[/] {escape(str(exc))}")
+                console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
                 raise typer.Exit(2) from None
 
         return group.command(name)(wrapper)

@@ -32,7 +32,7 @@ class Tracker:
 
     def metrics(self, values: dict[str, float], step: int | None = None) -> None:
         if self._mlflow is not None:
-            self._mlflow.log_metrics({k: float(v) for k, v in values.items()}, step=step)
+            self._mlflow.log_metrics({metric_name(k): float(v) for k, v in values.items()}, step=step)
 
     def params(self, values: dict[str, Any]) -> None:
         if self._mlflow is not None:
@@ -49,6 +49,11 @@ class Tracker:
     def tags(self, values: dict[str, str]) -> None:
         if self._mlflow is not None:
             self._mlflow.set_tags(values)
+
+
+def metric_name(name: str) -> str:
+    """MLflow refuses '@' in metric names: ndcg@10 is logged as ndcg_at_10."""
+    return name.replace("@", "_at_")
 
 
 def _param_text(value: Any) -> str:

@@ -1,0 +1,107 @@
+"""BM25 hard negatives: index the corpus once on the driver, retrieve per query in Spark workers.
+
+A hard negative is a document BM25 ranks high for a query but that is not judged relevant to
+it; those teach the towers more than random documents do. The index is built with `bm25s`
+(sparse scores precomputed, so retrieval is a cheap lookup) and shipped to workers as a
+broadcast variable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cache, partial
+from itertools import islice
+
+import bm25s
+import pandas as pd
+import Stemmer
+from pyspark import Broadcast
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from towerline.config import PairsConfig
+
+NEGATIVES_SCHEMA = "query_id string, negative_ids array<string>"
+
+
+@dataclass(frozen=True)
+class Bm25Index:
+    """A bm25s index and the doc id of each of its rows; picklable, for a Spark broadcast."""
+
+    doc_ids: list[str]
+    retriever: bm25s.BM25
+    stemmer: str
+
+
+@cache
+def _stemmer(name: str) -> Stemmer.Stemmer | None:
+    # PyStemmer objects do not pickle, so each worker process builds its own once.
+    return None if name == "none" else Stemmer.Stemmer(name)
+
+
+def tokenize(texts: list[str], stemmer: str) -> list[list[str]]:
+    """Lower-cased, English stop words removed, optionally stemmed; the same for docs and queries."""
+    return bm25s.tokenize(texts, stopwords="en", stemmer=_stemmer(stemmer), return_ids=False, show_progress=False)
+
+
+def build_index(doc_ids: list[str], doc_texts: list[str], stemmer: str) -> Bm25Index:
+    retriever = bm25s.BM25()
+    retriever.index(tokenize(doc_texts, stemmer), show_progress=False)
+    return Bm25Index(doc_ids=doc_ids, retriever=retriever, stemmer=stemmer)
+
+
+def pick_negatives(
+    hit_ids: list[str], hit_scores: list[float], positives: set[str], settings: PairsConfig
+) -> list[str]:
+    """Drop the top `skip_top` hits, hits with no term overlap, and judged positives; keep the first N."""
+    ranked = zip(hit_ids[settings.skip_top :], hit_scores[settings.skip_top :], strict=True)
+    # A zero score means no shared term: such a document is a random negative, not a hard one.
+    candidates = (doc_id for doc_id, score in ranked if score > 0 and doc_id not in positives)
+    return list(islice(candidates, settings.negatives_per_query))
+
+
+def mine_negatives(
+    index: Bm25Index, query_texts: list[str], positives: list[set[str]], settings: PairsConfig
+) -> list[list[str]]:
+    """Hard negatives for each query, in BM25 rank order."""
+    if not query_texts or settings.negatives_per_query == 0:
+        return [[] for _ in query_texts]
+    top_k = min(settings.bm25_top_k, len(index.doc_ids))
+    results = index.retriever.retrieve(tokenize(query_texts, index.stemmer), k=top_k, show_progress=False, n_threads=1)
+    return [
+        pick_negatives([index.doc_ids[row] for row in rows], list(scores), judged, settings)
+        for rows, scores, judged in zip(results.documents, results.scores, positives, strict=True)
+    ]
+
+
+def negatives_in_spark(judged_queries: DataFrame, index: Broadcast[Bm25Index], settings: PairsConfig) -> DataFrame:
+    """(query_id, negative_ids) for a DataFrame of (query_id, query_text, positive_ids)."""
+    batches = judged_queries.select("query_id", "query_text", "positive_ids")
+    return batches.mapInPandas(partial(_negatives_for_batches, index, settings), NEGATIVES_SCHEMA)
+
+
+def attach_texts(negatives: DataFrame, documents: DataFrame) -> DataFrame:
+    """Add negative_texts, aligned with negative_ids; a query without negatives keeps empty arrays."""
+    exploded = negatives.select("query_id", F.posexplode_outer("negative_ids").alias("rank", "doc_id"))
+    with_text = exploded.join(documents.select("doc_id", "doc_text"), on="doc_id", how="left")
+    hit = F.when(F.col("rank").isNotNull(), F.struct("rank", "doc_id", "doc_text"))
+    ranked = with_text.groupBy("query_id").agg(F.sort_array(F.collect_list(hit)).alias("hits"))
+    return ranked.select(
+        "query_id",
+        F.transform("hits", lambda hit: hit["doc_id"]).alias("negative_ids"),
+        F.transform("hits", lambda hit: hit["doc_text"]).alias("negative_texts"),
+    )
+
+
+def _negatives_for_batches(
+    index: Broadcast[Bm25Index], settings: PairsConfig, batches: Iterator[pd.DataFrame]
+) -> Iterator[pd.DataFrame]:
+    for batch in batches:
+        negatives = mine_negatives(
+            index.value,
+            batch["query_text"].tolist(),
+            [set(ids) for ids in batch["positive_ids"]],
+            settings,
+        )
+        yield pd.DataFrame({"query_id": batch["query_id"], "negative_ids": negatives})

@@ -1,0 +1,132 @@
+"""The pairs Spark job on real Spark (local): pairs, hard negatives, fail-fast and quarantine.
+
+One SparkSession serves the whole module (starting one costs tens of seconds), and each
+dataset variant is run through the job once and shared by the tests that inspect it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from pyspark.sql import SparkSession
+
+from pipelines.pairs import PAIR_COLUMNS, run_pairs
+from pipelines.spark import spark_session
+from towerline.artifacts import Manifest, read_manifest
+from towerline.config import TowerlineConfig, load_config
+from towerline.errors import DataError
+
+MALFORMED_LINE = 5
+UNKNOWN_DOC_QREL = "q0\tno-such-doc\t1"
+
+
+def pairs_config(dataset: Path, *overrides: str) -> TowerlineConfig:
+    return load_config(None, [f"data.dir={dataset}", "spark.master=local[1]", "spark.shuffle_partitions=2", *overrides])
+
+
+@pytest.fixture(scope="module")
+def spark(tiny_dataset: Path) -> Iterator[SparkSession]:
+    session = spark_session(pairs_config(tiny_dataset).spark, "towerline-tests")
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny_pairs(spark: SparkSession, tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    output = tmp_path_factory.mktemp("pairs") / "tiny-pairs"
+    run_pairs(pairs_config(tiny_dataset), output)
+    return output
+
+
+@pytest.fixture(scope="module")
+def damaged_dataset(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy with a malformed corpus line, gzipped queries and CRLF qrels with bad rows appended."""
+    root = tmp_path_factory.mktemp("damaged") / "tiny"
+    shutil.copytree(tiny_dataset, root)
+    corpus = (root / "corpus.jsonl").read_text().splitlines(keepends=True)
+    corpus[MALFORMED_LINE - 1] = '{"_id": "broken", "text": \n'
+    (root / "corpus.jsonl").write_text("".join(corpus))
+    queries = root / "queries.jsonl"
+    (root / "queries.jsonl.gz").write_bytes(gzip.compress(queries.read_bytes()))
+    queries.unlink()
+    qrels = (root / "qrels" / "train.tsv").read_text().splitlines()
+    bad_rows = [UNKNOWN_DOC_QREL, "q1\td1\tnot-a-number", "q1\td1", qrels[1]]
+    (root / "qrels" / "train.tsv").write_bytes("\r\n".join([*qrels, *bad_rows, ""]).encode())
+    return root
+
+
+@pytest.fixture(scope="module")
+def quarantined_run(
+    spark: SparkSession, damaged_dataset: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Manifest, pd.DataFrame]:
+    output = tmp_path_factory.mktemp("quarantine") / "pairs"
+    manifest = run_pairs(pairs_config(damaged_dataset, "pairs.on_malformed=quarantine"), output)
+    return manifest, pd.read_parquet(output / "quarantine.parquet")
+
+
+def train_positives(dataset: Path) -> dict[str, set[str]]:
+    positives: dict[str, set[str]] = {}
+    for row in (dataset / "qrels" / "train.tsv").read_text().splitlines()[1:]:
+        query_id, doc_id, _ = row.split("\t")
+        positives.setdefault(query_id, set()).add(doc_id)
+    return positives
+
+
+def test_pairs_have_bm25_negatives_that_are_never_positives(tiny_pairs: Path, tiny_dataset: Path) -> None:
+    manifest = read_manifest(tiny_pairs, "training-pairs", verify=True)
+    pairs = pd.read_parquet(tiny_pairs / "pairs.parquet")
+    positives = train_positives(tiny_dataset)
+
+    assert tuple(pairs.columns) == PAIR_COLUMNS
+    assert len(pairs) == sum(len(docs) for docs in positives.values()) == manifest.metadata["pairs"]
+    assert manifest.metadata["quarantined"] == 0
+    assert (tiny_pairs / "stats.json").is_file()
+    assert sum(len(ids) for ids in pairs["negative_ids"]) > len(pairs)  # most queries got negatives
+    for pair in pairs.itertuples():
+        assert pair.positive_id in positives[pair.query_id]
+        assert len(pair.negative_ids) <= 3
+        assert not set(pair.negative_ids) & positives[pair.query_id]
+        assert len(pair.negative_texts) == len(pair.negative_ids)
+        assert pair.query_text and pair.positive_text
+
+
+def test_malformed_json_fails_naming_the_line_and_writes_nothing(
+    spark: SparkSession, damaged_dataset: Path, tmp_path: Path
+) -> None:
+    output = tmp_path / "out" / "pairs"
+    output.parent.mkdir()
+    with pytest.raises(DataError, match=rf"corpus\.jsonl:{MALFORMED_LINE}: malformed JSON"):
+        run_pairs(pairs_config(damaged_dataset), output)
+    assert list(output.parent.iterdir()) == []  # neither the artifact nor its staging dir
+
+
+def test_quarantine_mode_keeps_the_malformed_line_and_goes_on(
+    quarantined_run: tuple[Manifest, pd.DataFrame], tiny_dataset: Path
+) -> None:
+    manifest, quarantine = quarantined_run
+    corpus_rows = quarantine[quarantine["source"] == "corpus.jsonl"]
+    assert corpus_rows[["line", "reason"]].values.tolist() == [[MALFORMED_LINE, "malformed JSON"]]
+    assert manifest.kind == "training-pairs"
+    # Gzipped queries and CRLF qrels read as usual: every judgment of an intact doc became a pair.
+    broken_doc = f"d{MALFORMED_LINE - 1}"
+    positives = train_positives(tiny_dataset)
+    assert manifest.metadata["pairs"] == sum(len(docs - {broken_doc}) for docs in positives.values())
+
+
+def test_bad_qrels_rows_are_quarantined_with_reasons(
+    quarantined_run: tuple[Manifest, pd.DataFrame], tiny_dataset: Path
+) -> None:
+    _, quarantine = quarantined_run
+    qrels_rows = quarantine[quarantine["source"] == "qrels/train.tsv"]
+    reasons = dict(zip(qrels_rows["raw"], qrels_rows["reason"], strict=True))
+    header_and_rows = len((tiny_dataset / "qrels" / "train.tsv").read_text().splitlines())
+    assert reasons[UNKNOWN_DOC_QREL] == "unknown doc id"
+    assert qrels_rows.loc[qrels_rows["raw"] == UNKNOWN_DOC_QREL, "line"].item() == header_and_rows + 1
+    assert reasons["q1\td1\tnot-a-number"] == "score 'not-a-number' is not an integer"
+    assert reasons["q1\td1"] == "expected 3 tab-separated columns, got 2"
+    assert "duplicate judgment" in reasons.values()
