@@ -16,7 +16,6 @@ $(BIN)/python:
 
 # One pip command: the cpu extra pins torch==2.13.0, the CPU build (other pins pull CUDA wheels).
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install -e ".[cpu,dev]"
 	touch $(STAMP)
 

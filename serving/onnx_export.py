@@ -6,6 +6,7 @@ and returns pooled, normalised `embeddings`; tokenisation stays in Python next t
 
 from __future__ import annotations
 
+import logging
 import shutil
 import warnings
 from pathlib import Path
@@ -47,7 +48,9 @@ def export_query_tower(tower: Tower, onnx_path: Path, opset: int) -> None:
     tower.eval()
     sample = tower.tokenize(PARITY_TEXTS[:2])
     batch, length = torch.export.Dim("batch"), torch.export.Dim("length")
-    # The exporter's axis-renaming and pytree deprecation warnings say nothing actionable here.
+    # The exporter's axis-renaming, pytree and "torchvision is not installed" messages say
+    # nothing actionable here.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", category=UserWarning)
         warnings.simplefilter("ignore", category=FutureWarning)

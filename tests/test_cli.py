@@ -12,10 +12,9 @@ from typer.testing import CliRunner
 
 from evaluation.metrics import score_run
 from towerline.beir import load_corpus, load_qrels, load_queries
-from towerline.towers import load_towers
-
 from towerline.cli import app
 from towerline.config import TowerlineConfig
+from towerline.towers import load_towers
 
 runner = CliRunner()
 

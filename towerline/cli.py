@@ -83,7 +83,6 @@ def _done(kind: str, path: Path) -> None:
 def pairs(config_file: ConfigOption = None, out: OutOption = None, overrides: Overrides = None) -> None:
     """Spark job: validate the dataset, quarantine bad rows, mine BM25 hard negatives → training pairs."""
     from pipelines.pairs import run_pairs
-
     from towerline.tracking import track
 
     config = _config(config_file, overrides)

@@ -6,6 +6,7 @@ working directory. `MLFLOW_TRACKING_URI` (or `tracking.uri`) points at a server 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -72,6 +73,9 @@ def track(config: TowerlineConfig, run_name: str, *, nested: bool = False) -> It
         yield Tracker(None)
         return
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # The sqlite store logs every schema migration at INFO; keep the console for our own output.
+    for logger_name in ("mlflow", "alembic"):
+        logging.getLogger(logger_name).setLevel(logging.WARNING)
     import mlflow
 
     uri = tracking_uri(config)

@@ -1,0 +1,43 @@
+"""ONNX export of the query tower: parity with PyTorch, the artifact, and refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serving.onnx_encoder import OnnxQueryEncoder
+from serving.onnx_export import run_export
+from towerline.config import TowerlineConfig
+from towerline.errors import ArtifactError
+from towerline.towers import load_towers
+from training.run import init_dual_encoder
+
+
+def test_export_matches_pytorch_and_carries_the_embedding_space(tiny_config: TowerlineConfig, tmp_path: Path) -> None:
+    encoder_manifest = init_dual_encoder(tiny_config, tmp_path / "encoder")
+    manifest = run_export(tiny_config, tmp_path / "encoder", tmp_path / "onnx")
+    assert manifest.kind == "onnx-query-encoder"
+    assert manifest.metadata["embedding_space"] == encoder_manifest.metadata["embedding_space"]
+    assert manifest.metadata["parity_max_abs_diff"] < tiny_config.export.parity_atol
+    onnx_encoder = OnnxQueryEncoder(tmp_path / "onnx")
+    query_tower = load_towers(tmp_path / "encoder")[0]
+    texts = ["one", "a query of several words", "x " * 40]  # the last one is truncated
+    assert np.abs(onnx_encoder.encode(texts) - query_tower.encode(texts)).max() < 1e-4
+
+
+def test_failed_parity_writes_nothing(tiny_config: TowerlineConfig, tmp_path: Path) -> None:
+    init_dual_encoder(tiny_config, tmp_path / "encoder")
+    config = tiny_config.model_copy(deep=True)
+    config.export.parity_atol = 1e-12
+    with pytest.raises(ArtifactError, match="parity check failed"):
+        run_export(config, tmp_path / "encoder", tmp_path / "onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["encoder"]
+
+
+def test_export_refuses_a_non_encoder(tiny_config: TowerlineConfig, tmp_path: Path) -> None:
+    init_dual_encoder(tiny_config, tmp_path / "encoder")
+    run_export(tiny_config, tmp_path / "encoder", tmp_path / "onnx")
+    with pytest.raises(ArtifactError, match="expected 'dual-encoder'"):
+        run_export(tiny_config, tmp_path / "onnx", tmp_path / "again")
