@@ -40,5 +40,5 @@ def test_prefix_changes_the_embedding(tiny_backbone: Path) -> None:
 
 
 def test_unknown_backbone_is_a_config_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="encoder.backbone"):
+    with pytest.raises(ConfigError, match=r"encoder\.backbone"):
         resolve_backbone(str(tmp_path / "missing"))
