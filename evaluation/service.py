@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from serving.client import RetrievalClient
-
 from evaluation.run import evaluate
+from serving.client import RetrievalClient
 from towerline.config import TowerlineConfig
 
 

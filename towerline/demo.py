@@ -59,10 +59,9 @@ def loopback_service(config: TowerlineConfig, index_dir: Path, onnx_dir: Path) -
 
 
 def run_demo(config: TowerlineConfig, results_path: Path) -> dict[str, Any]:
-    from pipelines.pairs import run_pairs
-
     from evaluation.service import evaluate_service
     from indexing.build import build_index
+    from pipelines.pairs import run_pairs
     from serving.onnx_export import run_export
     from training.run import init_dual_encoder, run_train
 
