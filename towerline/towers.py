@@ -8,6 +8,7 @@ trained query tower, its ONNX export, or a distilled student).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from towerline.artifacts import ArtifactWriter, Manifest, checksum_tree, fingerprint_of, read_manifest
 from towerline.config import EncoderConfig, TowerlineConfig
@@ -18,20 +19,13 @@ QUERY_DIR = "query"
 DOC_DIR = "doc"
 
 
-def query_spec(encoder: EncoderConfig) -> TowerSpec:
+def tower_spec(encoder: EncoderConfig, role: Literal["query", "doc"]) -> TowerSpec:
+    """The two towers differ only in prefix and length budget."""
+    is_query = role == "query"
     return TowerSpec(
         pooling=encoder.pooling,
-        prefix=encoder.query_prefix,
-        max_length=encoder.max_query_length,
-        normalize=encoder.normalize,
-    )
-
-
-def doc_spec(encoder: EncoderConfig) -> TowerSpec:
-    return TowerSpec(
-        pooling=encoder.pooling,
-        prefix=encoder.doc_prefix,
-        max_length=encoder.max_doc_length,
+        prefix=encoder.query_prefix if is_query else encoder.doc_prefix,
+        max_length=encoder.max_query_length if is_query else encoder.max_doc_length,
         normalize=encoder.normalize,
     )
 
@@ -39,8 +33,8 @@ def doc_spec(encoder: EncoderConfig) -> TowerSpec:
 def towers_from_backbone(encoder: EncoderConfig) -> tuple[Tower, Tower]:
     """Both towers start from the same checkpoint (ScalingNote stage 1)."""
     return (
-        Tower.from_backbone(encoder.backbone, query_spec(encoder)),
-        Tower.from_backbone(encoder.backbone, doc_spec(encoder)),
+        Tower.from_backbone(encoder.backbone, tower_spec(encoder, "query")),
+        Tower.from_backbone(encoder.backbone, tower_spec(encoder, "doc")),
     )
 
 
