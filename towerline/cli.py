@@ -28,6 +28,8 @@ app = typer.Typer(
 )
 index_app = typer.Typer(help="Build, publish and inspect FAISS index artifacts.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
+bench_app = typer.Typer(help="Benchmarks; each writes JSON under benchmarks/results/.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML config (see configs/); defaults apply without it.")
@@ -243,6 +245,41 @@ def demo(
 
     config = _config(config_file, [*(overrides or []), *([f"data.dir={data}"] if data else [])])
     run_demo(config, results)
+
+
+@command(bench_app, "serve")
+def bench_serve(
+    index: Annotated[Path, typer.Option(help="faiss-index artifact")] = Path("runs/demo/index-fine_tuned"),
+    onnx: Annotated[Path, typer.Option(help="onnx-query-encoder artifact")] = Path("runs/demo/onnx-fine_tuned"),
+    encoder: Annotated[Path, typer.Option(help="dual-encoder artifact the ONNX file came from")] = Path(
+        "runs/demo/encoder"
+    ),
+    requests: Annotated[int, typer.Option(min=1, help="Search calls in the gRPC load")] = 600,
+    concurrency: Annotated[int, typer.Option(min=1, help="client threads")] = 4,
+    results: Annotated[Path, typer.Option(help="output JSON")] = Path("benchmarks/results/serve.json"),
+    config_file: ConfigOption = None,
+    overrides: Overrides = None,
+) -> None:
+    """Query-encoder throughput (PyTorch vs ONNX Runtime) and gRPC Search latency/QPS on loopback.
+
+    Defaults point at the artifacts `towerline demo` leaves in runs/demo/.
+    """
+    from benchmarks.serve import run_serve_bench
+
+    config = _config(config_file, overrides)
+    run_serve_bench(config, index, onnx, encoder, results, requests=requests, concurrency=concurrency)
+
+
+@command(bench_app, "demo")
+def bench_demo(
+    results: Annotated[Path, typer.Option(help="output JSON")] = Path("benchmarks/results/demo.json"),
+    config_file: ConfigOption = None,
+    overrides: Overrides = None,
+) -> None:
+    """The demo as a benchmark: zero-shot vs fine-tuned quality through gRPC, with stage timings."""
+    from towerline.demo import run_demo
+
+    run_demo(_config(config_file, overrides), results)
 
 
 def main() -> None:

@@ -1,0 +1,125 @@
+"""`towerline bench serve`: query-encoder throughput (PyTorch vs ONNX Runtime) and gRPC latency.
+
+Every figure is measured in the same run on the same machine, so the ratios are what to read;
+absolute numbers move with the machine's load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from towerline.beir import load_qrels, load_queries, resolve_dataset_dir
+from towerline.config import TowerlineConfig
+from towerline.progress import console, status
+
+
+def _encoder_throughput(encoder: Any, texts: list[str], batch_size: int) -> float:
+    """Texts per second for `encoder.encode` over `texts` in batches of `batch_size` (after a warm-up)."""
+    encoder.encode(texts[:batch_size])
+    started = time.perf_counter()
+    for start in range(0, len(texts), batch_size):
+        encoder.encode(texts[start : start + batch_size])
+    return len(texts) / (time.perf_counter() - started)
+
+
+def _percentile(sorted_values: list[float], fraction: float) -> float:
+    index = min(len(sorted_values) - 1, round(fraction * (len(sorted_values) - 1)))
+    return sorted_values[index]
+
+
+def _grpc_load(address: str, texts: list[str], requests: int, concurrency: int, top_k: int) -> dict[str, float]:
+    """`requests` Search calls from `concurrency` client threads; a bounded, self-stopping loop."""
+    from serving.client import RetrievalClient
+
+    latencies_ms: list[float] = []
+    lock = threading.Lock()
+    per_worker = max(1, requests // concurrency)
+
+    def worker(offset: int) -> None:
+        with RetrievalClient(address, timeout_s=30) as client:
+            for i in range(per_worker):
+                started = time.perf_counter()
+                client.search(texts[(offset + i) % len(texts)], top_k)
+                elapsed = (time.perf_counter() - started) * 1000
+                with lock:
+                    latencies_ms.append(elapsed)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(worker, [n * per_worker for n in range(concurrency)]))
+    wall = time.perf_counter() - started
+    ordered = sorted(latencies_ms)
+    return {
+        "requests": len(ordered),
+        "concurrency": concurrency,
+        "qps": len(ordered) / wall,
+        "latency_ms_p50": _percentile(ordered, 0.50),
+        "latency_ms_p95": _percentile(ordered, 0.95),
+        "latency_ms_p99": _percentile(ordered, 0.99),
+        "latency_ms_mean": statistics.fmean(ordered),
+    }
+
+
+def run_serve_bench(
+    config: TowerlineConfig,
+    index_path: Path,
+    onnx_path: Path,
+    encoder_path: Path,
+    results_path: Path,
+    *,
+    requests: int,
+    concurrency: int,
+) -> dict[str, Any]:
+    from serving.app import build_service
+    from serving.onnx_encoder import OnnxQueryEncoder
+    from serving.server import start_server
+    from serving.torch_encoder import TorchQueryEncoder
+
+    dataset_dir = resolve_dataset_dir(config.data)
+    queries = load_queries(dataset_dir)
+    texts = [queries[qid] for qid in load_qrels(dataset_dir, config.eval.split) if qid in queries]
+    threads = config.serve.intra_op_threads
+    with status("measuring query-encoder throughput (PyTorch vs ONNX Runtime)"):
+        torch_encoder = TorchQueryEncoder.from_dual_encoder(encoder_path, threads=threads)
+        onnx_encoder = OnnxQueryEncoder(onnx_path, intra_op_threads=threads)
+        encoders: dict[str, dict[str, float]] = {}
+        for batch_size in (1, 32):
+            torch_rate = _encoder_throughput(torch_encoder, texts, batch_size)
+            onnx_rate = _encoder_throughput(onnx_encoder, texts, batch_size)
+            encoders[f"batch_{batch_size}"] = {
+                "torch_texts_per_s": torch_rate,
+                "onnx_texts_per_s": onnx_rate,
+                "onnx_over_torch": onnx_rate / torch_rate,
+            }
+    serve_config = config.serve.model_copy(update={"host": "127.0.0.1", "port": 0})
+    server, port = start_server(build_service(config, index_path, onnx_path), serve_config)
+    try:
+        with status(f"gRPC load: {requests} Search calls from {concurrency} client threads"):
+            grpc_figures = _grpc_load(f"127.0.0.1:{port}", texts, requests, concurrency, top_k=10)
+    finally:
+        server.stop(grace=2).wait()
+    summary = {
+        "benchmark": "serve",
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "dataset": str(dataset_dir),
+        "queries": len(texts),
+        "intra_op_threads": threads,
+        "onnx_provider": onnx_encoder.provider,
+        "index": str(index_path),
+        "query_encoder": encoders,
+        "grpc_search": grpc_figures,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+    }
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    results_path.write_text(json.dumps(summary, indent=2) + "\n")
+    console.print_json(data={"query_encoder": encoders, "grpc_search": grpc_figures})
+    return summary
