@@ -82,3 +82,20 @@ def test_training_refuses_wrong_artifact_kind(tiny_config: TowerlineConfig, tmp_
     with pytest.raises(ArtifactError, match="expected 'training-pairs'"):
         run_train(tiny_config, tmp_path / "enc", tmp_path / "out", Tracker(None))
     assert not (tmp_path / "out").exists()
+
+
+def test_lora_training_saves_a_plain_model(tiny_config: TowerlineConfig, tiny_dataset: Path, tmp_path: Path) -> None:
+    pairs = write_pairs_artifact(tiny_dataset, tmp_path / "pairs")
+    config = tiny_config.model_copy(deep=True)
+    config.train.lora = True
+    config.train.max_steps = 3
+    manifest = run_train(config, pairs, tmp_path / "lora", Tracker(None))
+    assert manifest.metadata["steps"] == 3
+    query_tower, doc_tower, _ = load_towers(tmp_path / "lora")
+    assert not any("lora" in name for name, _ in query_tower.backbone.named_parameters())
+    base_query_tower = load_towers(init_dual_encoder(config, tmp_path / "base") and tmp_path / "base")[0]
+    changed = [
+        not torch.equal(param, base_query_tower.backbone.state_dict()[name])
+        for name, param in query_tower.backbone.state_dict().items()
+    ]
+    assert any(changed) and not all(changed)  # LoRA touched the attention projections only

@@ -56,6 +56,7 @@ class EncoderConfig(Section):
 
 class TrainConfig(Section):
     epochs: float = Field(1.0, gt=0)
+    # When set, overrides epochs.
     max_steps: int | None = Field(None, ge=1)
     batch_size: int = Field(16, ge=2)
     learning_rate: float = Field(2e-5, gt=0)

@@ -74,8 +74,8 @@ class Trainer:
         )
 
     def total_steps(self, loader: DataLoader) -> int:
-        from_epochs = math.ceil(len(loader) * self.train_config.epochs)
-        return min(from_epochs, self.train_config.max_steps or from_epochs)
+        """train.max_steps, when set, overrides train.epochs (as in Hugging Face's Trainer)."""
+        return self.train_config.max_steps or math.ceil(len(loader) * self.train_config.epochs)
 
     def fit(self, examples: list[PairExample]) -> TrainResult:
         config = self.train_config
