@@ -69,3 +69,10 @@ def _log4j2_config() -> Path:
 def _user_id() -> int:
     # Per user, so one user's file never blocks another's; os.getuid is POSIX-only.
     return os.getuid() if hasattr(os, "getuid") else 0
+
+
+def stop_spark() -> None:
+    """Stop the active session, if any: frees the driver JVM before memory-hungry stages run."""
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        active.stop()

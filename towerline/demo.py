@@ -62,6 +62,7 @@ def run_demo(config: TowerlineConfig, results_path: Path) -> dict[str, Any]:
     from evaluation.service import evaluate_service
     from indexing.build import build_index
     from pipelines.pairs import run_pairs
+    from pipelines.spark import stop_spark
     from serving.onnx_export import run_export
     from training.run import init_dual_encoder, run_train
 
@@ -72,6 +73,7 @@ def run_demo(config: TowerlineConfig, results_path: Path) -> dict[str, Any]:
     scores: dict[str, dict[str, float]] = {}
     with track(config, "demo") as parent:
         clock.run("pairs", lambda t: run_pairs(config, root / "pairs"))
+        stop_spark()
         clock.run("train.zero_shot", lambda t: init_dual_encoder(config, root / "encoder-zero-shot"))
         clock.run("train", lambda t: run_train(config, root / "pairs", root / "encoder", t))
         for label, encoder_dir in (("zero_shot", root / "encoder-zero-shot"), ("fine_tuned", root / "encoder")):
