@@ -213,18 +213,30 @@ def search(
 @command(app, "eval")
 def evaluate(
     address: Annotated[str, typer.Option(help="host:port of the retrieval service to score")] = "127.0.0.1:50051",
+    index: Annotated[
+        Path | None, typer.Option(help="score this faiss-index artifact in-process instead of a live service")
+    ] = None,
+    encoder: Annotated[
+        Path | None, typer.Option(help="with --index: onnx-query-encoder or dual-encoder artifact")
+    ] = None,
     config_file: ConfigOption = None,
     out: OutOption = None,
     overrides: Overrides = None,
 ) -> None:
-    """Score a live retrieval service on the dataset's judged queries (nDCG@10, Recall@100, MRR@10)."""
-    from evaluation.service import evaluate_service
+    """Score a live retrieval service (or, with --index, artifacts in-process) on the judged queries.
+
+    Reports nDCG@10, Recall@100 and MRR@10 and writes an eval-report artifact.
+    """
+    from evaluation.service import evaluate_artifacts, evaluate_service
     from towerline.tracking import track
 
     config = _config(config_file, overrides)
     output = _out(out, config, "eval")
     with track(config, "eval") as tracker:
-        metrics = evaluate_service(config, address, output)
+        if index is not None:
+            metrics = evaluate_artifacts(config, index, encoder or config.run_dir / "onnx", output)
+        else:
+            metrics = evaluate_service(config, address, output)
         tracker.metrics({f"eval.{k}": v for k, v in metrics.items()})
         tracker.artifact_dir(output, "eval")
     for name, value in metrics.items():
