@@ -308,6 +308,8 @@ def test_deadline_is_honoured_and_the_search_skipped(encoder: TorchQueryEncoder,
                 result = _retry_while_busy(lambda: client.search("alpha", top_k=3))
             assert len(result) == 3
             assert counting.searches == 1, "the expired call must stop before the FAISS search"
+            # Hold the encoder again: a warm server can otherwise answer inside even a 1 ms deadline.
+            blocking.release.clear()
             with pytest.raises(RetrievalRpcError) as tiny:
                 RetrievalClient(address, timeout_s=0.001).search("alpha", top_k=3)
             assert tiny.value.code == "DEADLINE_EXCEEDED"

@@ -73,10 +73,12 @@ def track(config: TowerlineConfig, run_name: str, *, nested: bool = False) -> It
         yield Tracker(None)
         return
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
     # The sqlite store logs every schema migration at INFO; keep the console for our own output.
+    # (Set after the import: mlflow configures its logger when imported.)
     for logger_name in ("mlflow", "alembic"):
         logging.getLogger(logger_name).setLevel(logging.WARNING)
-    import mlflow
 
     uri = tracking_uri(config)
     mlflow.set_tracking_uri(uri)
