@@ -32,9 +32,13 @@ def test_eval_in_process_equals_eval_through_grpc(tiny_config: TowerlineConfig, 
     try:
         live = runner.invoke(app, ["eval", "--address", f"127.0.0.1:{port}", "--out", str(tmp_path / "live"),
                                    *overrides])
+        found = runner.invoke(app, ["search", "alpha beta", "--address", f"127.0.0.1:{port}", "-k", "3",
+                                    f"data.dir={tiny_config.data.dir}"])
     finally:
         server.stop(grace=1).wait()
     assert live.exit_code == 0, live.output
+    assert found.exit_code == 0, found.output
+    assert sum(line.startswith(("  1  ", "  2  ", "  3  ")) for line in found.output.splitlines()) == 3
 
     offline_metrics = json.loads((tmp_path / "offline" / "metrics.json").read_text())
     live_metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())

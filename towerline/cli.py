@@ -200,14 +200,22 @@ def search(
     query: Annotated[str, typer.Argument(help="query text")],
     address: Annotated[str, typer.Option(help="host:port of a running `towerline serve`")] = "127.0.0.1:50051",
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="hits to return")] = 10,
+    titles: Annotated[
+        bool, typer.Option(help="show titles from the configured dataset (data.dir / $TOWERLINE_DATA_DIR / bundled)")
+    ] = True,
+    config_file: ConfigOption = None,
+    overrides: Overrides = None,
 ) -> None:
     """Query a running retrieval service over gRPC and print the hits."""
     from serving.client import RetrievalClient
+    from towerline.beir import load_corpus, resolve_dataset_dir
+    from towerline.display import print_hits
 
+    config = _config(config_file, overrides)
     with RetrievalClient(address) as client:
         hits = client.search(query, top_k)
-    for rank, (doc_id, score) in enumerate(hits, start=1):
-        console.print(f"{rank:>3}  {score:8.4f}  {escape(doc_id)}")
+    corpus = load_corpus(resolve_dataset_dir(config.data)) if titles else None
+    print_hits(query, hits, corpus)
 
 
 @command(app, "eval")

@@ -85,6 +85,8 @@ def run_demo(config: TowerlineConfig, results_path: Path) -> dict[str, Any]:
                                 name: str = label) -> dict[str, float]:
                 with loopback_service(config, i, o) as address:
                     metrics = evaluate_service(config, address, root / f"eval-{name}")
+                    if name == "fine_tuned":
+                        _example_search(config, dataset_dir, address)
                 tracker.metrics({f"eval.{k}": v for k, v in metrics.items()})
                 return metrics
 
@@ -97,6 +99,19 @@ def run_demo(config: TowerlineConfig, results_path: Path) -> dict[str, Any]:
     results_path.write_text(json.dumps(summary, indent=2) + "\n")
     console.print(f"results written to [bold]{results_path}[/]; artifacts under [bold]{root}[/]")
     return summary
+
+
+def _example_search(config: TowerlineConfig, dataset_dir: Path, address: str) -> None:
+    """End on what a user of the service sees: one test query, its top hits, through gRPC."""
+    from serving.client import RetrievalClient
+    from towerline.beir import load_corpus, load_qrels, load_queries
+    from towerline.display import print_hits
+
+    query_id = next(iter(load_qrels(dataset_dir, config.eval.split)))
+    query = load_queries(dataset_dir)[query_id]
+    with RetrievalClient(address) as client:
+        hits = client.search(query, 5)
+    print_hits(query, hits, load_corpus(dataset_dir))
 
 
 def _summary(config: TowerlineConfig, dataset_dir: Path, scores: dict[str, dict[str, float]],
