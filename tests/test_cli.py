@@ -56,7 +56,12 @@ def test_demo_runs_the_whole_slice(tiny_config: TowerlineConfig, tmp_path: Path)
     db_path = str(tiny_config.tracking.uri).removeprefix("sqlite:///")
     with sqlite3.connect(db_path) as db:
         run_names = {row[0] for row in db.execute("select name from runs")}
+        versions = db.execute("select name, version from model_versions").fetchall()
+        space_tags = {row[0] for row in db.execute("select value from model_version_tags where key='embedding_space'")}
     assert {"demo", "pairs", "train", "eval.fine_tuned"} <= run_names
+    # Both exports are registered model versions, tagged with their (different) embedding spaces.
+    assert sorted(versions) == [("towerline-query-encoder", 1), ("towerline-query-encoder", 2)]
+    assert len(space_tags) == 2
 
 
 def _in_process_metrics(encoder_dir: Path, dataset: Path) -> dict[str, float]:

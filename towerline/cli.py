@@ -136,7 +136,12 @@ def export(
         manifest = run_export(config, encoder or config.run_dir / "encoder", output)
         tracker.metrics({"export.parity_max_abs_diff": manifest.metadata["parity_max_abs_diff"]})
         tracker.artifact_dir(output, "onnx")
+        version = None
+        if config.tracking.query_encoder_model:
+            version = tracker.register_model(output, config.tracking.query_encoder_model, manifest)
     _done("ONNX query encoder", output)
+    if version:
+        console.print(f"registered in MLflow as [bold]{config.tracking.query_encoder_model}[/] version {version}")
 
 
 @command(index_app, "build")

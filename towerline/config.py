@@ -114,6 +114,8 @@ class TrackingConfig(Section):
     # Unset: $MLFLOW_TRACKING_URI, else a sqlite file in the working directory.
     uri: str | None = None
     experiment: str = "towerline"
+    # `export` registers each ONNX query encoder as a new version of this MLflow model; "" disables.
+    query_encoder_model: str = "towerline-query-encoder"
 
 
 class TowerlineConfig(Section):

@@ -63,7 +63,6 @@ def run_demo(config: TowerlineConfig, results_path: Path) -> dict[str, Any]:
     from indexing.build import build_index
     from pipelines.pairs import run_pairs
     from pipelines.spark import stop_spark
-    from serving.onnx_export import run_export
     from training.run import init_dual_encoder, run_train
 
     dataset_dir = resolve_dataset_dir(config.data)  # fail on a bad data dir before any work
@@ -78,7 +77,7 @@ def run_demo(config: TowerlineConfig, results_path: Path) -> dict[str, Any]:
         clock.run("train", lambda t: run_train(config, root / "pairs", root / "encoder", t))
         for label, encoder_dir in (("zero_shot", root / "encoder-zero-shot"), ("fine_tuned", root / "encoder")):
             onnx_dir, index_dir = root / f"onnx-{label}", root / f"index-{label}"
-            clock.run(f"export.{label}", lambda t, e=encoder_dir, o=onnx_dir: run_export(config, e, o))
+            clock.run(f"export.{label}", lambda t, e=encoder_dir, o=onnx_dir: _export(config, e, o, t))
             clock.run(f"index.{label}", lambda t, e=encoder_dir, i=index_dir: build_index(config, e, i))
 
             def serve_and_score(tracker: Tracker, i: Path = index_dir, o: Path = onnx_dir,
@@ -99,6 +98,15 @@ def run_demo(config: TowerlineConfig, results_path: Path) -> dict[str, Any]:
     results_path.write_text(json.dumps(summary, indent=2) + "\n")
     console.print(f"results written to [bold]{results_path}[/]; artifacts under [bold]{root}[/]")
     return summary
+
+
+def _export(config: TowerlineConfig, encoder_dir: Path, onnx_dir: Path, tracker: Tracker) -> None:
+    """Export the query tower and register it in MLflow's model registry."""
+    from serving.onnx_export import run_export
+
+    manifest = run_export(config, encoder_dir, onnx_dir)
+    if config.tracking.query_encoder_model:
+        tracker.register_model(onnx_dir, config.tracking.query_encoder_model, manifest)
 
 
 def _example_search(config: TowerlineConfig, dataset_dir: Path, address: str) -> None:

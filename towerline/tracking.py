@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from towerline.artifacts import Manifest
 from towerline.config import TowerlineConfig
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -46,6 +47,30 @@ class Tracker:
         for file_name in ("manifest.json", "config.yaml", "metrics.json", "report.md"):
             if (path / file_name).is_file():
                 self._mlflow.log_artifact(str(path / file_name), artifact_path=name)
+
+    def register_model(self, artifact_dir: Path, model_name: str, manifest: Manifest) -> str | None:
+        """Log a whole artifact directory and register it as a new version of `model_name`.
+
+        The version's source is the logged copy, tagged with the artifact's kind, fingerprint and
+        embedding space, so a registry user can tell which index a query encoder belongs to.
+        """
+        if self._mlflow is None:
+            return None
+        from mlflow.exceptions import MlflowException
+
+        self._mlflow.log_artifacts(str(artifact_dir), artifact_path=manifest.kind)
+        client = self._mlflow.MlflowClient()
+        try:
+            client.get_registered_model(model_name)
+        except MlflowException:
+            client.create_registered_model(model_name)
+        tags = {"kind": manifest.kind, "fingerprint": manifest.fingerprint}
+        if "embedding_space" in manifest.metadata:
+            tags["embedding_space"] = str(manifest.metadata["embedding_space"])
+        version = client.create_model_version(
+            model_name, source=self._mlflow.get_artifact_uri(manifest.kind), run_id=self.run_id, tags=tags
+        )
+        return str(version.version)
 
     def tags(self, values: dict[str, str]) -> None:
         if self._mlflow is not None:
