@@ -37,7 +37,9 @@ ConfigOption = Annotated[
 Overrides = Annotated[
     list[str] | None, typer.Argument(help="Config overrides as key=value, e.g. train.epochs=2 index.type=hnsw.")
 ]
-OutOption = Annotated[Path | None, typer.Option("--out", "-o", help="Output artifact directory.")]
+OutOption = Annotated[
+    Path | None, typer.Option("--out", "-o", help="Output artifact directory (default: RUN_DIR/<stage>; run_dir=runs).")
+]
 
 
 def _offline_environment() -> None:
@@ -98,7 +100,9 @@ def pairs(config_file: ConfigOption = None, out: OutOption = None, overrides: Ov
 
 @command(app)
 def train(
-    pairs_path: Annotated[Path | None, typer.Option("--pairs", help="training-pairs artifact")] = None,
+    pairs_path: Annotated[
+        Path | None, typer.Option("--pairs", help="training-pairs artifact (default: RUN_DIR/pairs)")
+    ] = None,
     zero_shot: Annotated[bool, typer.Option(help="Write the untrained towers (baseline); no --pairs needed.")] = False,
     config_file: ConfigOption = None,
     out: OutOption = None,
@@ -121,7 +125,7 @@ def train(
 
 @command(app)
 def export(
-    encoder: Annotated[Path | None, typer.Option(help="dual-encoder artifact")] = None,
+    encoder: Annotated[Path | None, typer.Option(help="dual-encoder artifact (default: RUN_DIR/encoder)")] = None,
     config_file: ConfigOption = None,
     out: OutOption = None,
     overrides: Overrides = None,
@@ -146,7 +150,9 @@ def export(
 
 @command(index_app, "build")
 def index_build(
-    encoder: Annotated[Path | None, typer.Option(help="dual-encoder artifact (its doc tower embeds)")] = None,
+    encoder: Annotated[
+        Path | None, typer.Option(help="dual-encoder artifact; its doc tower embeds (default: RUN_DIR/encoder)")
+    ] = None,
     config_file: ConfigOption = None,
     out: OutOption = None,
     overrides: Overrides = None,
@@ -188,8 +194,8 @@ def index_info(index: Annotated[Path, typer.Argument(help="faiss-index artifact 
 
 @command(app)
 def serve(
-    index: Annotated[Path | None, typer.Option(help="faiss-index artifact")] = None,
-    onnx: Annotated[Path | None, typer.Option(help="onnx-query-encoder artifact")] = None,
+    index: Annotated[Path | None, typer.Option(help="faiss-index artifact (default: RUN_DIR/index)")] = None,
+    onnx: Annotated[Path | None, typer.Option(help="onnx-query-encoder artifact (default: RUN_DIR/onnx)")] = None,
     config_file: ConfigOption = None,
     overrides: Overrides = None,
 ) -> None:
