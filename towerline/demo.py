@@ -109,17 +109,20 @@ def _export(config: TowerlineConfig, encoder_dir: Path, onnx_dir: Path, tracker:
         tracker.register_model(onnx_dir, config.tracking.query_encoder_model, manifest)
 
 
-def _example_search(config: TowerlineConfig, dataset_dir: Path, address: str) -> None:
-    """End on what a user of the service sees: one test query, its top hits, through gRPC."""
+def _example_search(config: TowerlineConfig, dataset_dir: Path, address: str, examples: int = 3) -> None:
+    """End on what a user of the service sees: the first test queries, their top hits through gRPC,
+    with the judged-relevant documents marked."""
     from serving.client import RetrievalClient
     from towerline.beir import load_corpus, load_qrels, load_queries
     from towerline.display import print_hits
 
-    query_id = next(iter(load_qrels(dataset_dir, config.eval.split)))
-    query = load_queries(dataset_dir)[query_id]
+    qrels = load_qrels(dataset_dir, config.eval.split)
+    queries, corpus = load_queries(dataset_dir), load_corpus(dataset_dir)
+    console.print(f"[bold]Example searches through gRPC[/] (✓ = judged relevant in qrels/{config.eval.split})")
     with RetrievalClient(address) as client:
-        hits = client.search(query, 5)
-    print_hits(query, hits, load_corpus(dataset_dir))
+        for query_id in list(qrels)[:examples]:
+            relevant = {doc_id for doc_id, grade in qrels[query_id].items() if grade > 0}
+            print_hits(queries[query_id], client.search(queries[query_id], 5), corpus, relevant)
 
 
 def _summary(config: TowerlineConfig, dataset_dir: Path, scores: dict[str, dict[str, float]],
