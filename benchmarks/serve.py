@@ -6,20 +6,17 @@ absolute numbers move with the machine's load.
 
 from __future__ import annotations
 
-import json
-import os
-import platform
 import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from towerline.beir import load_qrels, load_queries, resolve_dataset_dir
 from towerline.config import TowerlineConfig
 from towerline.progress import console, status
+from towerline.results import result_header, write_results
 
 
 def _encoder_throughput(encoder: Any, texts: list[str], batch_size: int) -> float:
@@ -108,8 +105,7 @@ def run_serve_bench(
     finally:
         server.stop(grace=2).wait()
     summary = {
-        "benchmark": "serve",
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        **result_header("serve"),
         "dataset": str(dataset_dir),
         "queries": len(texts),
         "intra_op_threads": threads,
@@ -117,9 +113,7 @@ def run_serve_bench(
         "index": str(index_path),
         "query_encoder": encoders,
         "grpc_search": grpc_figures,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
     }
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    results_path.write_text(json.dumps(summary, indent=2) + "\n")
+    write_results(results_path, summary)
     console.print_json(data={"query_encoder": encoders, "grpc_search": grpc_figures})
     return summary

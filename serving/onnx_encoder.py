@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 from serving.onnx_format import ONNX_FILE, ONNX_KIND
 from towerline.artifacts import Manifest, read_manifest
-from towerline.encoder import load_tower_spec
+from towerline.encoder import load_tower_spec, prepare_texts
 
 
 class OnnxQueryEncoder:
@@ -39,9 +39,7 @@ class OnnxQueryEncoder:
         return int(self.manifest.metadata["dim"])
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        prefixed = [self.spec.prefix + text for text in texts]
-        if self.spec.pooling == "last_token" and self.tokenizer.eos_token:
-            prefixed = [text + self.tokenizer.eos_token for text in prefixed]
+        prefixed = prepare_texts(texts, self.spec, self.tokenizer.eos_token)
         with self._tokenizer_lock:
             batch = self.tokenizer(
                 prefixed, padding=True, truncation=True, max_length=self.spec.max_length, return_tensors="np"

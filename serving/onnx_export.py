@@ -19,8 +19,9 @@ from towerline.artifacts import ArtifactWriter, Manifest
 from towerline.config import TowerlineConfig
 from towerline.encoder import TOWER_FILE, Tower
 from towerline.errors import ArtifactError
-from towerline.progress import status
+from towerline.progress import console, status
 from towerline.towers import QUERY_DIR, read_dual_encoder
+from towerline.tracking import Tracker
 
 # Varied lengths and vocabulary so parity covers padding and truncation.
 PARITY_TEXTS = [
@@ -85,7 +86,8 @@ def parity_gap(tower: Tower, onnx_path: Path) -> float:
     return float(np.abs(actual - expected).max())
 
 
-def run_export(config: TowerlineConfig, encoder_path: Path, output: Path) -> Manifest:
+def run_export(config: TowerlineConfig, encoder_path: Path, output: Path, tracker: Tracker | None = None) -> Manifest:
+    """Export and parity-check the query tower; with a tracker, also register it in MLflow's model registry."""
     encoder_manifest = read_dual_encoder(encoder_path)
     tower = Tower.load(encoder_path / QUERY_DIR)
     with ArtifactWriter(output, ONNX_KIND, producer="export", inputs={"encoder": encoder_manifest},
@@ -109,4 +111,8 @@ def run_export(config: TowerlineConfig, encoder_path: Path, output: Path) -> Man
             backbone=encoder_manifest.metadata.get("backbone"),
         )
     assert staged.manifest is not None
+    if tracker is not None and config.tracking.query_encoder_model:
+        version = tracker.register_model(output, config.tracking.query_encoder_model, staged.manifest)
+        if version:
+            console.print(f"registered as MLflow model {config.tracking.query_encoder_model} version {version}")
     return staged.manifest

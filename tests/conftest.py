@@ -54,25 +54,27 @@ def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture()
-def tiny_config(tmp_path: Path, tiny_dataset: Path, tiny_backbone: Path) -> TowerlineConfig:
-    """Config for fast runs on the tiny dataset, with MLflow in a sqlite file under tmp_path."""
-    return load_config(
-        None,
-        [
-            f"run_dir={tmp_path / 'runs'}",
-            f"data.dir={tiny_dataset}",
-            f"encoder.backbone={tiny_backbone}",
-            "encoder.max_query_length=16",
-            "encoder.max_doc_length=48",
-            "spark.master=local[1]",
-            "spark.shuffle_partitions=2",
-            "train.batch_size=8",
-            "train.epochs=1",
-            "train.learning_rate=1e-3",
-            "eval.top_k=20",
-            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        ],
-    )
+def tiny_overrides(tmp_path: Path, tiny_dataset: Path, tiny_backbone: Path) -> list[str]:
+    """Command-line overrides for fast runs on the tiny dataset, with MLflow in a sqlite file under tmp_path."""
+    return [
+        f"run_dir={tmp_path / 'runs'}",
+        f"data.dir={tiny_dataset}",
+        f"encoder.backbone={tiny_backbone}",
+        "encoder.max_query_length=16",
+        "encoder.max_doc_length=48",
+        "spark.master=local[1]",
+        "spark.shuffle_partitions=2",
+        "train.batch_size=8",
+        "train.epochs=1",
+        "train.learning_rate=1e-3",
+        "eval.top_k=20",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+    ]
+
+
+@pytest.fixture()
+def tiny_config(tiny_overrides: list[str]) -> TowerlineConfig:
+    return load_config(None, tiny_overrides)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -19,27 +19,10 @@ from towerline.towers import load_towers
 runner = CliRunner()
 
 
-def _overrides(config: TowerlineConfig) -> list[str]:
-    return [
-        f"run_dir={config.run_dir}",
-        f"data.dir={config.data.dir}",
-        f"encoder.backbone={config.encoder.backbone}",
-        "encoder.max_query_length=16",
-        "encoder.max_doc_length=48",
-        "spark.master=local[1]",
-        "spark.shuffle_partitions=2",
-        "train.batch_size=8",
-        "train.epochs=10",
-        "train.learning_rate=1e-3",
-        "eval.top_k=20",
-        f"tracking.uri={config.tracking.uri}",
-    ]
-
-
-def test_demo_runs_the_whole_slice(tiny_config: TowerlineConfig, tmp_path: Path) -> None:
+def test_demo_runs_the_whole_slice(tiny_config: TowerlineConfig, tiny_overrides: list[str], tmp_path: Path) -> None:
     """Real Spark (local), tiny random towers, ONNX Runtime, FAISS, gRPC on loopback, MLflow sqlite."""
     results = tmp_path / "demo.json"
-    outcome = runner.invoke(app, ["demo", "--results", str(results), *_overrides(tiny_config)])
+    outcome = runner.invoke(app, ["demo", "--results", str(results), *tiny_overrides, "train.epochs=10"])
     assert outcome.exit_code == 0, outcome.output
     summary = json.loads(results.read_text())
     for label in ("zero_shot", "fine_tuned"):
@@ -90,13 +73,15 @@ def test_config_typo_is_one_line(tmp_path: Path) -> None:
     assert "unknown config key 'train.lerning_rate'" in line
 
 
-def test_missing_data_dir_is_one_line(tiny_config: TowerlineConfig, tmp_path: Path) -> None:
+def test_missing_data_dir_is_one_line(tmp_path: Path) -> None:
     outcome = runner.invoke(app, ["demo", f"data.dir={tmp_path / 'nope'}", f"run_dir={tmp_path / 'runs'}"])
     assert "data dir not found" in _error_line(outcome)
     assert not (tmp_path / "runs").exists()
 
 
-def test_malformed_jsonl_names_the_line(tiny_config: TowerlineConfig, tiny_dataset: Path, tmp_path: Path) -> None:
+def test_malformed_jsonl_names_the_line(
+    tiny_config: TowerlineConfig, tiny_overrides: list[str], tiny_dataset: Path, tmp_path: Path
+) -> None:
     broken = tmp_path / "broken"
     broken.mkdir()
     for name in ("queries.jsonl", "qrels"):
@@ -104,7 +89,7 @@ def test_malformed_jsonl_names_the_line(tiny_config: TowerlineConfig, tiny_datas
     lines = (tiny_dataset / "corpus.jsonl").read_text().splitlines()
     lines[6] = '{"_id": "d6", "text": oops'
     (broken / "corpus.jsonl").write_text("\n".join(lines) + "\n")
-    overrides = [*_overrides(tiny_config), f"data.dir={broken}"]
+    overrides = [*tiny_overrides, f"data.dir={broken}"]
     runner.invoke(app, ["train", "--zero-shot", *overrides])
     encoder_dir = tiny_config.run_dir / "encoder-zero-shot"
     outcome = runner.invoke(
@@ -115,8 +100,10 @@ def test_malformed_jsonl_names_the_line(tiny_config: TowerlineConfig, tiny_datas
     assert not any(p.name.startswith(".index") for p in tmp_path.iterdir())
 
 
-def test_wrong_artifact_kind_is_one_line(tiny_config: TowerlineConfig, tmp_path: Path) -> None:
-    overrides = _overrides(tiny_config)
+def test_wrong_artifact_kind_is_one_line(
+    tiny_config: TowerlineConfig, tiny_overrides: list[str], tmp_path: Path
+) -> None:
+    overrides = tiny_overrides
     assert runner.invoke(app, ["train", "--zero-shot", *overrides]).exit_code == 0
     encoder_dir = tiny_config.run_dir / "encoder-zero-shot"
     outcome = runner.invoke(app, ["export", "--encoder", str(tmp_path), "--out", str(tmp_path / "x"), *overrides])

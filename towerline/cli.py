@@ -11,14 +11,18 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
 
+from towerline.artifacts import Manifest
 from towerline.config import TowerlineConfig, load_config
 from towerline.errors import TowerlineError
 from towerline.progress import console
+
+if TYPE_CHECKING:
+    from towerline.tracking import Tracker
 
 app = typer.Typer(
     help="Towerline: dense retrieval and recommendation pipeline (Spark → towers → ONNX → FAISS → gRPC).",
@@ -79,23 +83,33 @@ def _out(out: Path | None, config: TowerlineConfig, default_name: str) -> Path:
     return out if out is not None else config.run_dir / default_name
 
 
-def _done(kind: str, path: Path) -> None:
-    console.print(f"[green]✓[/] {kind} written to [bold]{escape(str(path))}[/]")
+def _produce(
+    config: TowerlineConfig, stage: str, output: Path, label: str, produce: Callable[[Tracker], Manifest | None]
+) -> None:
+    """Run one artifact-producing stage in its MLflow run: the manifest's numbers become metrics."""
+    from towerline.tracking import track
+
+    with track(config, stage) as tracker:
+        manifest = produce(tracker)
+        if manifest is not None:
+            numbers = {
+                f"{stage}.{key}": value
+                for key, value in manifest.metadata.items()
+                if isinstance(value, int | float) and not isinstance(value, bool)
+            }
+            tracker.metrics(numbers)
+        tracker.artifact_dir(output, stage)
+    console.print(f"[green]✓[/] {label} written to [bold]{escape(str(output))}[/]")
 
 
 @command(app)
 def pairs(config_file: ConfigOption = None, out: OutOption = None, overrides: Overrides = None) -> None:
     """Spark job: validate the dataset, quarantine bad rows, mine BM25 hard negatives → training pairs."""
     from pipelines.pairs import run_pairs
-    from towerline.tracking import track
 
     config = _config(config_file, overrides)
     output = _out(out, config, "pairs")
-    with track(config, "pairs") as tracker:
-        manifest = run_pairs(config, output)
-        tracker.metrics({k: v for k, v in manifest.metadata.items() if isinstance(v, int | float)})
-        tracker.artifact_dir(output, "pairs")
-    _done("training pairs", output)
+    _produce(config, "pairs", output, "training pairs", lambda tracker: run_pairs(config, output))
 
 
 @command(app)
@@ -109,18 +123,17 @@ def train(
     overrides: Overrides = None,
 ) -> None:
     """ScalingNote stage 1: train query and doc towers (same initial checkpoint) with InfoNCE."""
-    from towerline.tracking import track
     from training.run import init_dual_encoder, run_train
 
     config = _config(config_file, overrides)
     output = _out(out, config, "encoder-zero-shot" if zero_shot else "encoder")
-    with track(config, "train") as tracker:
+
+    def produce(tracker: Tracker) -> Manifest | None:
         if zero_shot:
-            init_dual_encoder(config, output)
-        else:
-            run_train(config, pairs_path or config.run_dir / "pairs", output, tracker)
-        tracker.artifact_dir(output, "encoder")
-    _done("dual encoder", output)
+            return init_dual_encoder(config, output)
+        return run_train(config, pairs_path or config.run_dir / "pairs", output, tracker)
+
+    _produce(config, "train", output, "dual encoder", produce)
 
 
 @command(app)
@@ -132,20 +145,12 @@ def export(
 ) -> None:
     """Export the query tower to ONNX and check parity with PyTorch."""
     from serving.onnx_export import run_export
-    from towerline.tracking import track
 
     config = _config(config_file, overrides)
     output = _out(out, config, "onnx")
-    with track(config, "export") as tracker:
-        manifest = run_export(config, encoder or config.run_dir / "encoder", output)
-        tracker.metrics({"export.parity_max_abs_diff": manifest.metadata["parity_max_abs_diff"]})
-        tracker.artifact_dir(output, "onnx")
-        version = None
-        if config.tracking.query_encoder_model:
-            version = tracker.register_model(output, config.tracking.query_encoder_model, manifest)
-    _done("ONNX query encoder", output)
-    if version:
-        console.print(f"registered in MLflow as [bold]{config.tracking.query_encoder_model}[/] version {version}")
+    encoder_path = encoder or config.run_dir / "encoder"
+    _produce(config, "export", output, "ONNX query encoder",
+             lambda tracker: run_export(config, encoder_path, output, tracker))
 
 
 @command(index_app, "build")
@@ -159,15 +164,11 @@ def index_build(
 ) -> None:
     """Embed the corpus with the doc tower and build a FAISS index artifact."""
     from indexing.build import build_index
-    from towerline.tracking import track
 
     config = _config(config_file, overrides)
     output = _out(out, config, "index")
-    with track(config, "index") as tracker:
-        manifest = build_index(config, encoder or config.run_dir / "encoder", output)
-        tracker.metrics({k: v for k, v in manifest.metadata.items() if isinstance(v, int | float)})
-        tracker.artifact_dir(output, "index")
-    _done("FAISS index", output)
+    encoder_path = encoder or config.run_dir / "encoder"
+    _produce(config, "index", output, "FAISS index", lambda tracker: build_index(config, encoder_path, output))
 
 
 @command(index_app, "publish")
@@ -180,7 +181,7 @@ def index_publish(
     from indexing.publish import publish_index
 
     version_dir = publish_index(index, registry, name)
-    _done("published index", version_dir)
+    console.print(f"[green]✓[/] published index at [bold]{escape(str(version_dir))}[/]")
 
 
 @command(index_app, "info")

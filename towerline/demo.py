@@ -7,13 +7,9 @@ loopback, scored by the offline evaluation client.
 
 from __future__ import annotations
 
-import json
-import os
-import platform
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,6 +18,7 @@ from rich.table import Table
 from towerline.beir import resolve_dataset_dir
 from towerline.config import TowerlineConfig
 from towerline.progress import console
+from towerline.results import result_header, write_results
 from towerline.tracking import Tracker, track
 
 T = TypeVar("T")
@@ -63,6 +60,7 @@ def run_demo(config: TowerlineConfig, results_path: Path) -> dict[str, Any]:
     from indexing.build import build_index
     from pipelines.pairs import run_pairs
     from pipelines.spark import stop_spark
+    from serving.onnx_export import run_export
     from training.run import init_dual_encoder, run_train
 
     dataset_dir = resolve_dataset_dir(config.data)  # fail on a bad data dir before any work
@@ -77,7 +75,7 @@ def run_demo(config: TowerlineConfig, results_path: Path) -> dict[str, Any]:
         clock.run("train", lambda t: run_train(config, root / "pairs", root / "encoder", t))
         for label, encoder_dir in (("zero_shot", root / "encoder-zero-shot"), ("fine_tuned", root / "encoder")):
             onnx_dir, index_dir = root / f"onnx-{label}", root / f"index-{label}"
-            clock.run(f"export.{label}", lambda t, e=encoder_dir, o=onnx_dir: _export(config, e, o, t))
+            clock.run(f"export.{label}", lambda t, e=encoder_dir, o=onnx_dir: run_export(config, e, o, t))
             clock.run(f"index.{label}", lambda t, e=encoder_dir, i=index_dir: build_index(config, e, i))
 
             def serve_and_score(tracker: Tracker, i: Path = index_dir, o: Path = onnx_dir,
@@ -94,19 +92,9 @@ def run_demo(config: TowerlineConfig, results_path: Path) -> dict[str, Any]:
         summary["mlflow_run_id"] = parent.run_id
         parent.metrics({f"{label}.{k}": v for label, m in scores.items() for k, v in m.items()})
     _print_table(scores)
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    results_path.write_text(json.dumps(summary, indent=2) + "\n")
+    write_results(results_path, summary)
     console.print(f"results written to [bold]{results_path}[/]; artifacts under [bold]{root}[/]")
     return summary
-
-
-def _export(config: TowerlineConfig, encoder_dir: Path, onnx_dir: Path, tracker: Tracker) -> None:
-    """Export the query tower and register it in MLflow's model registry."""
-    from serving.onnx_export import run_export
-
-    manifest = run_export(config, encoder_dir, onnx_dir)
-    if config.tracking.query_encoder_model:
-        tracker.register_model(onnx_dir, config.tracking.query_encoder_model, manifest)
 
 
 def _example_search(config: TowerlineConfig, dataset_dir: Path, address: str, examples: int = 3) -> None:
@@ -128,8 +116,7 @@ def _example_search(config: TowerlineConfig, dataset_dir: Path, address: str, ex
 def _summary(config: TowerlineConfig, dataset_dir: Path, scores: dict[str, dict[str, float]],
              stage_seconds: dict[str, float], total_seconds: float) -> dict[str, Any]:
     return {
-        "benchmark": "demo",
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        **result_header("demo"),
         "dataset": str(dataset_dir),
         "split": config.eval.split,
         "backbone": config.encoder.backbone,
@@ -140,7 +127,6 @@ def _summary(config: TowerlineConfig, dataset_dir: Path, scores: dict[str, dict[
         "fine_tuned_beats_zero_shot": scores["fine_tuned"]["ndcg@10"] > scores["zero_shot"]["ndcg@10"],
         "stage_seconds": stage_seconds,
         "total_seconds": round(total_seconds, 2),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "config": config.flat(),
     }
 

@@ -74,6 +74,15 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: Pooling) -
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
 
 
+def prepare_texts(texts: list[str], spec: TowerSpec, eos_token: str | None) -> list[str]:
+    """The text a tower tokenises: prefix first; for last-token pooling, EOS appended, because
+    decoder LLMs summarise the sequence in that position. Shared by PyTorch and ONNX encoders."""
+    prefixed = [spec.prefix + text for text in texts]
+    if spec.pooling == "last_token" and eos_token:
+        prefixed = [text + eos_token for text in prefixed]
+    return prefixed
+
+
 class Tower(torch.nn.Module):
     def __init__(self, backbone: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: TowerSpec):
         super().__init__()
@@ -106,12 +115,8 @@ class Tower(torch.nn.Module):
         return int(self.backbone.config.hidden_size)
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        prefixed = [self.spec.prefix + text for text in texts]
-        if self.spec.pooling == "last_token" and self.tokenizer.eos_token:
-            # Decoder LLMs summarise the sequence in the EOS position.
-            prefixed = [text + self.tokenizer.eos_token for text in prefixed]
         batch = self.tokenizer(
-            prefixed,
+            prepare_texts(texts, self.spec, self.tokenizer.eos_token),
             padding=True,
             truncation=True,
             max_length=self.spec.max_length,
