@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 from evaluation.run import evaluate
 from serving.client import RetrievalClient
 from towerline.config import TowerlineConfig
-
-
-def _describe(info: Any) -> Any:
-    return asdict(info) if is_dataclass(info) and not isinstance(info, type) else info
 
 
 def evaluate_service(config: TowerlineConfig, address: str, output: Path) -> dict[str, float]:
@@ -20,7 +15,7 @@ def evaluate_service(config: TowerlineConfig, address: str, output: Path) -> dic
         client.wait_ready(timeout=30)
         info = client.info()
         metrics, _ = evaluate(config, client.batch_search, output,
-                              target={"address": address, "service": _describe(info)})
+                              target={"address": address, "service": asdict(info)})
     return metrics
 
 
@@ -35,5 +30,5 @@ def evaluate_artifacts(config: TowerlineConfig, index_path: Path, encoder_path: 
 
     metrics, _ = evaluate(config, batch_search, output,
                           target={"index": str(index_path), "encoder": str(encoder_path),
-                                  "service": _describe(service.info())})
+                                  "service": asdict(service.info())})
     return metrics
