@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from towerline.beir import load_qrels, load_queries, resolve_dataset_dir
+from towerline.beir import load_dataset
 from towerline.config import TowerlineConfig
 from towerline.progress import console, status
 from towerline.results import result_header, write_results
@@ -81,9 +81,8 @@ def run_serve_bench(
     from serving.server import start_server
     from serving.torch_encoder import TorchQueryEncoder
 
-    dataset_dir = resolve_dataset_dir(config.data)
-    queries = load_queries(dataset_dir)
-    texts = [queries[qid] for qid in load_qrels(dataset_dir, config.eval.split) if qid in queries]
+    dataset = load_dataset(config.data, [config.eval.split])
+    texts = [dataset.queries[qid] for qid in dataset.split(config.eval.split)]
     threads = config.serve.intra_op_threads
     with status("measuring query-encoder throughput (PyTorch vs ONNX Runtime)"):
         torch_encoder = TorchQueryEncoder.from_dual_encoder(encoder_path, threads=threads)
@@ -106,7 +105,7 @@ def run_serve_bench(
         server.stop(grace=2).wait()
     summary = {
         **result_header("serve"),
-        "dataset": str(dataset_dir),
+        "dataset": dataset.files.identity(),
         "queries": len(texts),
         "intra_op_threads": threads,
         "onnx_provider": onnx_encoder.provider,

@@ -17,13 +17,25 @@ def truncate(run: Run, depth: int) -> Run:
     }
 
 
-def score_run(qrels: Qrels, run: Run) -> dict[str, float]:
-    """Mean metrics over every judged query; a query with no hits counts as zero."""
-    judged = {qid: docs for qid, docs in qrels.items() if any(rel > 0 for rel in docs.values())}
+def score_run(qrels: Qrels, run: Run, positive_min: int = 1) -> dict[str, float]:
+    """Mean metrics over every query with a positive (score >= positive_min); no hits counts as zero.
+
+    nDCG uses the graded scores as gains (negative grades count as 0); Recall and MRR count a
+    document as relevant from `positive_min` up.
+    """
+    judged = {
+        qid: {doc_id: max(grade, 0) for doc_id, grade in docs.items()}
+        for qid, docs in qrels.items()
+        if any(grade >= positive_min for grade in docs.values())
+    }
     complete_run = {qid: run.get(qid) or {"__none__": 0.0} for qid in judged}
-    per_query = pytrec_eval.RelevanceEvaluator(judged, {"ndcg_cut.10", "recall.100"}).evaluate(complete_run)
+    per_query = pytrec_eval.RelevanceEvaluator(
+        judged, {"ndcg_cut.10", "recall.100"}, relevance_level=positive_min
+    ).evaluate(complete_run)
     # pytrec_eval's recip_rank has no cutoff: MRR@10 is recip_rank over the top 10 only.
-    reciprocal = pytrec_eval.RelevanceEvaluator(judged, {"recip_rank"}).evaluate(truncate(complete_run, 10))
+    reciprocal = pytrec_eval.RelevanceEvaluator(
+        judged, {"recip_rank"}, relevance_level=positive_min
+    ).evaluate(truncate(complete_run, 10))
     count = max(len(judged), 1)
     return {
         "ndcg@10": sum(scores["ndcg_cut_10"] for scores in per_query.values()) / count,

@@ -9,10 +9,10 @@ from typing import Any
 
 from evaluation.metrics import Run, score_run
 from towerline.artifacts import ArtifactWriter, Manifest
-from towerline.beir import load_qrels, load_queries, resolve_dataset_dir
+from towerline.beir import BeirDataset, load_dataset, positives, source_name
 from towerline.config import TowerlineConfig
 from towerline.errors import DataError
-from towerline.progress import progress_bar
+from towerline.progress import console, progress_bar
 
 EVAL_KIND = "eval-report"
 # (query texts, top_k) -> per query, hits as (doc id, score), best first.
@@ -42,22 +42,29 @@ def evaluate(
     target: dict[str, Any],
 ) -> tuple[dict[str, float], Manifest]:
     """Run the split's judged queries through `search` and write an eval-report artifact."""
-    dataset_dir = resolve_dataset_dir(config.data)
-    qrels = load_qrels(dataset_dir, config.eval.split)
-    all_queries = load_queries(dataset_dir)
-    missing = [qid for qid in qrels if qid not in all_queries]
-    if missing:
-        raise DataError(f"{dataset_dir}: qrels/{config.eval.split} names unknown query ids, e.g. {missing[0]!r}")
-    queries = {qid: all_queries[qid] for qid in qrels}
+    split, positive_min = config.eval.split, config.data.positive_min
+    dataset = load_dataset(config.data, [split])  # checked before the first query is sent
+    qrels = dataset.split(split)
+    dropped = _dropped_judgments(dataset, split)
+    if dropped:
+        console.print(f"[yellow]qrels/{split}: {dropped} judgment(s) dropped (unknown query or doc id, or repeated)")
+    queries = {qid: dataset.queries[qid] for qid, docs in qrels.items() if positives(docs, positive_min)}
+    if not queries:
+        raise DataError(f"qrels/{split}: no query has a judgment with score >= data.positive_min={positive_min}")
     run = collect_run(search, queries, config.eval.top_k, config.eval.batch_size)
-    metrics = score_run(qrels, run)
+    metrics = score_run(qrels, run, positive_min)
     with ArtifactWriter(output, EVAL_KIND, producer="eval", config=config) as staged:
         (staged.path / "metrics.json").write_text(json.dumps(metrics, indent=2))
         _write_trec_run(staged.path / "run.trec", run)
-        staged.metadata.update(metrics=metrics, target=target, split=config.eval.split,
-                               dataset=str(dataset_dir))
+        staged.metadata.update(metrics=metrics, target=target, split=split, positive_min=positive_min,
+                               dataset=dataset.files.identity(), dropped_judgments=dropped)
     assert staged.manifest is not None
     return metrics, staged.manifest
+
+
+def _dropped_judgments(dataset: BeirDataset, split: str) -> int:
+    qrels_source = source_name(dataset.files.split_file(split))
+    return sum(1 for rejection in dataset.rejections if rejection.source == qrels_source)
 
 
 def _write_trec_run(path: Path, run: Run) -> None:

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from indexing.factory import create_index, search_params
 from indexing.layout import INDEX_FILE, INDEX_KIND, METRIC, write_doc_ids
 from towerline.artifacts import ArtifactWriter, Manifest
-from towerline.beir import load_corpus, resolve_dataset_dir
+from towerline.beir import load_dataset
 from towerline.config import IndexConfig, TowerlineConfig
 from towerline.encoder import Tower
 from towerline.errors import DataError
@@ -22,9 +22,9 @@ from towerline.towers import load_towers
 
 def build_index(config: TowerlineConfig, encoder_path: Path, output: Path) -> Manifest:
     """Embed `config.data`'s corpus with the doc tower of `encoder_path` and write an index artifact."""
+    dataset = load_dataset(config.data)  # checked before the towers load or anything is embedded
+    corpus = dataset.corpus
     _, doc_tower, encoder_manifest = load_towers(encoder_path)
-    dataset_dir = resolve_dataset_dir(config.data)
-    corpus = load_corpus(dataset_dir)
     doc_ids = list(corpus)
     doc_embeddings = embed_texts(doc_tower, [corpus[doc_id].full_text for doc_id in doc_ids], config.index)
     return build_index_from_embeddings(
@@ -35,7 +35,11 @@ def build_index(config: TowerlineConfig, encoder_path: Path, output: Path) -> Ma
         embedding_space=encoder_manifest.metadata["embedding_space"],
         inputs={"encoder": encoder_manifest},
         config=config,
-        metadata={"dataset": str(dataset_dir), "encoder": str(encoder_path)},
+        metadata={
+            "dataset": dataset.files.identity(),
+            "quarantined_documents": sum(1 for r in dataset.rejections if r.path == dataset.files.corpus),
+            "encoder": str(encoder_path),
+        },
     )
 
 

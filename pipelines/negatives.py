@@ -23,6 +23,8 @@ from pyspark.sql import functions as F
 from towerline.config import PairsConfig
 
 NEGATIVES_SCHEMA = "query_id string, negative_ids array<string>"
+# (query_id, query_text, positive_ids, known_negative_ids): what negatives are mined for.
+MINING_COLUMNS = ("query_id", "query_text", "positive_ids", "known_negative_ids")
 
 
 @dataclass(frozen=True)
@@ -52,32 +54,40 @@ def build_index(doc_ids: list[str], doc_texts: list[str], stemmer: str) -> Bm25I
 
 
 def pick_negatives(
-    hit_ids: list[str], hit_scores: list[float], positives: set[str], settings: PairsConfig
+    hit_ids: list[str], hit_scores: list[float], positives: set[str], known: list[str], settings: PairsConfig
 ) -> list[str]:
-    """Drop the top `skip_top` hits, hits with no term overlap, and judged positives; keep the first N."""
+    """Judged non-relevant docs first; then BM25 hits past the top `skip_top` that share a term with
+    the query and are neither positives nor already picked; N in all."""
+    wanted = settings.negatives_per_query
+    picked = [doc_id for doc_id in known if doc_id not in positives][:wanted]
     ranked = zip(hit_ids[settings.skip_top :], hit_scores[settings.skip_top :], strict=True)
     # A zero score means no shared term: such a document is a random negative, not a hard one.
-    candidates = (doc_id for doc_id, score in ranked if score > 0 and doc_id not in positives)
-    return list(islice(candidates, settings.negatives_per_query))
+    excluded = positives | set(picked)
+    candidates = (doc_id for doc_id, score in ranked if score > 0 and doc_id not in excluded)
+    return picked + list(islice(candidates, wanted - len(picked)))
 
 
 def mine_negatives(
-    index: Bm25Index, query_texts: list[str], positives: list[set[str]], settings: PairsConfig
+    index: Bm25Index,
+    query_texts: list[str],
+    positives: list[set[str]],
+    known: list[list[str]],
+    settings: PairsConfig,
 ) -> list[list[str]]:
-    """Hard negatives for each query, in BM25 rank order."""
+    """Negatives for each query: its judged non-relevant docs, then BM25 hard negatives in rank order."""
     if not query_texts or settings.negatives_per_query == 0:
         return [[] for _ in query_texts]
     top_k = min(settings.bm25_top_k, len(index.doc_ids))
     results = index.retriever.retrieve(tokenize(query_texts, index.stemmer), k=top_k, show_progress=False, n_threads=1)
     return [
-        pick_negatives([index.doc_ids[row] for row in rows], list(scores), judged, settings)
-        for rows, scores, judged in zip(results.documents, results.scores, positives, strict=True)
+        pick_negatives([index.doc_ids[row] for row in rows], list(scores), judged, known_ids, settings)
+        for rows, scores, judged, known_ids in zip(results.documents, results.scores, positives, known, strict=True)
     ]
 
 
 def negatives_in_spark(judged_queries: DataFrame, index: Broadcast[Bm25Index], settings: PairsConfig) -> DataFrame:
-    """(query_id, negative_ids) for a DataFrame of (query_id, query_text, positive_ids)."""
-    batches = judged_queries.select("query_id", "query_text", "positive_ids")
+    """(query_id, negative_ids) for a DataFrame with MINING_COLUMNS."""
+    batches = judged_queries.select(*MINING_COLUMNS)
     return batches.mapInPandas(partial(_negatives_for_batches, index, settings), NEGATIVES_SCHEMA)
 
 
@@ -102,6 +112,7 @@ def _negatives_for_batches(
             index.value,
             batch["query_text"].tolist(),
             [set(ids) for ids in batch["positive_ids"]],
+            [list(ids) for ids in batch["known_negative_ids"]],
             settings,
         )
         yield pd.DataFrame({"query_id": batch["query_id"], "negative_ids": negatives})

@@ -1,9 +1,11 @@
 """`towerline pairs`: a BEIR dataset → training pairs with BM25 hard negatives, as a Spark job.
 
-Reads the corpus, the queries and one qrels split; validates and dedupes every row (rejects go
-to quarantine with a reason, except malformed JSON under `pairs.on_malformed=fail`, which stops
-the run before anything is written); mines hard negatives; and writes a `training-pairs`
-artifact:
+Checks the dataset first with the shared reader (`towerline/beir.py`: under
+`data.on_malformed=fail` a malformed row stops the run before Spark starts), then reads the
+corpus, the queries and one qrels split in Spark with the same line parsers; rejects go to
+quarantine with their reason. Judgments scored at least `data.positive_min` become pairs; lower
+scores are judged non-relevant documents and become the query's first negatives, before BM25
+hard negatives fill up to `pairs.negatives_per_query`. Writes a `training-pairs` artifact:
 
     pairs.parquet/       one row per (query, positive): query_id, query_text, positive_id,
                          positive_text, negative_ids, negative_texts
@@ -25,7 +27,6 @@ from pyspark.sql import functions as F
 
 from pipelines.negatives import Bm25Index, attach_texts, build_index, negatives_in_spark
 from pipelines.records import (
-    first_json_error,
     quarantined_rows,
     read_documents,
     read_qrels,
@@ -34,7 +35,7 @@ from pipelines.records import (
 )
 from pipelines.spark import spark_session
 from towerline.artifacts import ArtifactWriter, Manifest
-from towerline.beir import dataset_file, resolve_dataset_dir
+from towerline.beir import BeirDataset, DatasetFiles, load_dataset, positives, source_name
 from towerline.config import PairsConfig, TowerlineConfig
 from towerline.errors import DataError
 from towerline.progress import status
@@ -46,20 +47,7 @@ STATS_FILE = "stats.json"
 PAIR_COLUMNS = ("query_id", "query_text", "positive_id", "positive_text", "negative_ids", "negative_texts")
 QUARANTINE_COLUMNS = ("source", "line", "reason", "raw")
 # stats.json keys copied into the manifest, so `index info`-style readers need not open stats.json.
-METADATA_KEYS = ("pairs", "queries", "negatives", "quarantined", "dataset_dir", "split", "bm25")
-
-
-@dataclass(frozen=True)
-class InputFiles:
-    """The three BEIR files of one split; `source` names a file relative to the dataset dir."""
-
-    root: Path
-    corpus: Path
-    queries: Path
-    qrels: Path
-
-    def source(self, path: Path) -> str:
-        return path.relative_to(self.root).as_posix()
+METADATA_KEYS = ("pairs", "queries", "negatives", "quarantined", "dataset", "split", "bm25")
 
 
 @dataclass(frozen=True)
@@ -80,48 +68,56 @@ class Inputs:
 
 def run_pairs(config: TowerlineConfig, output: Path) -> Manifest:
     """Build the training-pairs artifact at `output`; DataError on unusable input, nothing written then."""
-    files = input_files(resolve_dataset_dir(config.data), config.pairs.split)
-    with status(f"pairs: mining BM25 hard negatives for {config.data.dataset}/{config.pairs.split} with Spark"):
+    split = config.pairs.split
+    # The dataset check runs before Spark starts: a malformed row fails in seconds, under the same
+    # policy as every other stage; the Spark job then quarantines with the same parsers.
+    checked = load_dataset(config.data, [split])
+    require_positives(checked, split, config.data.positive_min)
+    files = PairsInputs(checked.files, split)
+    with status(f"pairs: mining BM25 hard negatives for {files.dataset.name}/{split} with Spark"):
         spark = spark_session(config.spark, "towerline-pairs")
         inputs = read_inputs(spark, files)
         try:
-            counts = check_inputs(inputs, files, config.pairs)
+            counts = count_rows(inputs)
             return publish_pairs(spark, inputs, counts, files, config, Path(output))
         finally:
             inputs.unpersist()
 
 
-def input_files(root: Path, split: str) -> InputFiles:
-    """Locate the files up front, so a missing split fails before Spark starts."""
-    return InputFiles(
-        root=root,
-        corpus=dataset_file(root, "corpus.jsonl"),
-        queries=dataset_file(root, "queries.jsonl"),
-        qrels=dataset_file(root / "qrels", f"{split}.tsv"),
-    )
+@dataclass(frozen=True)
+class PairsInputs:
+    """The dataset and the qrels split the pairs come from."""
+
+    dataset: DatasetFiles
+    split: str
+
+    @property
+    def qrels(self) -> Path:
+        return self.dataset.split_file(self.split)
 
 
-def read_inputs(spark: SparkSession, files: InputFiles) -> Inputs:
-    documents = read_documents(spark, str(files.corpus), files.source(files.corpus)).cache()
-    queries = read_queries(spark, str(files.queries), files.source(files.queries)).cache()
-    qrels = read_qrels(spark, str(files.qrels), files.source(files.qrels), documents, queries).cache()
-    return Inputs(documents=documents, queries=queries, qrels=qrels)
+def require_positives(dataset: BeirDataset, split: str, positive_min: int) -> None:
+    """Refuse a split that would yield no pairs: an empty artifact would only fail later, in training."""
+    if not any(positives(judged, positive_min) for judged in dataset.split(split).values()):
+        raise DataError(
+            f"{dataset.files.split_file(split)}: no usable positive judgments "
+            f"(score >= data.positive_min={positive_min} for a known query and document)"
+        )
 
 
-def check_inputs(inputs: Inputs, files: InputFiles, settings: PairsConfig) -> dict[str, dict[str, int]]:
-    """Refuse unusable input before the artifact's staging dir exists; returns the row counts."""
-    if settings.on_malformed == "fail":
-        fail_on_malformed(inputs, files)
-    counts = count_rows(inputs)
-    require_usable(inputs, counts, files)
-    return counts
+def read_inputs(spark: SparkSession, files: PairsInputs) -> Inputs:
+    corpus, queries = files.dataset.corpus, files.dataset.queries
+    documents = read_documents(spark, str(corpus), source_name(corpus)).cache()
+    query_rows = read_queries(spark, str(queries), source_name(queries)).cache()
+    qrels = read_qrels(spark, str(files.qrels), source_name(files.qrels), documents, query_rows).cache()
+    return Inputs(documents=documents, queries=query_rows, qrels=qrels)
 
 
 def publish_pairs(
     spark: SparkSession,
     inputs: Inputs,
     counts: dict[str, dict[str, int]],
-    files: InputFiles,
+    files: PairsInputs,
     config: TowerlineConfig,
     output: Path,
 ) -> Manifest:
@@ -129,22 +125,16 @@ def publish_pairs(
     index = spark.sparkContext.broadcast(index_corpus(inputs.documents, config.pairs.stemmer))
     try:
         with ArtifactWriter(output, KIND, producer="pairs", config=config) as staged:
-            write_parquet(build_pairs(inputs, index, config.pairs), staged.path / PAIRS_FILE, PAIR_COLUMNS, ["line"])
+            pairs = build_pairs(inputs, index, config.pairs, config.data.positive_min)
+            write_parquet(pairs, staged.path / PAIRS_FILE, PAIR_COLUMNS, ["line"])
             write_parquet(quarantine(inputs), staged.path / QUARANTINE_FILE, QUARANTINE_COLUMNS, ["source", "line"])
-            stats = collect_stats(spark, staged.path, counts, files, config.pairs)
+            stats = collect_stats(spark, staged.path, counts, files, config)
             (staged.path / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
             staged.metadata.update({key: stats[key] for key in METADATA_KEYS})
     finally:
         index.destroy()
     assert staged.manifest is not None  # set by ArtifactWriter on a clean exit
     return staged.manifest
-
-
-def fail_on_malformed(inputs: Inputs, files: InputFiles) -> None:
-    for rows, path in ((inputs.documents, files.corpus), (inputs.queries, files.queries)):
-        error = first_json_error(rows)
-        if error is not None:
-            raise DataError(f"{path}:{error['line']}: {error['reason']}")
 
 
 def count_rows(inputs: Inputs) -> dict[str, dict[str, int]]:
@@ -161,31 +151,31 @@ def count_rows(inputs: Inputs) -> dict[str, dict[str, int]]:
     return counts
 
 
-def require_usable(inputs: Inputs, counts: dict[str, dict[str, int]], files: InputFiles) -> None:
-    """Refuse input that would yield no pairs: an empty artifact would only fail later, in training."""
-    if counts["corpus"]["valid"] == 0:
-        raise DataError(f"{files.corpus}: no valid documents ({counts['corpus']['rows']} rows)")
-    if counts["qrels"]["valid"] == 0:
-        first = inputs.qrels.filter(F.col("reason").isNotNull()).orderBy("line").first()
-        example = f"; e.g. line {first['line']}: {first['reason']}" if first else ""
-        raise DataError(f"{files.qrels}: no usable positive judgments ({counts['qrels']['rows']} rows{example})")
-
-
 def index_corpus(documents: DataFrame, stemmer: str) -> Bm25Index:
     """Collect the valid corpus to the driver and index it; bm25s needs the whole corpus at once."""
     corpus = valid_rows(documents).orderBy("line").select("doc_id", "doc_text").toPandas()
     return build_index(corpus["doc_id"].tolist(), corpus["doc_text"].tolist(), stemmer)
 
 
-def build_pairs(inputs: Inputs, index: Broadcast[Bm25Index], settings: PairsConfig) -> DataFrame:
-    """One row per valid judgment, with the query's hard negatives; `line` is the qrels line."""
+def build_pairs(
+    inputs: Inputs, index: Broadcast[Bm25Index], settings: PairsConfig, positive_min: int
+) -> DataFrame:
+    """One row per positive judgment, with the query's negatives; `line` is the qrels line."""
     documents = valid_rows(inputs.documents)
     queries = valid_rows(inputs.queries).drop("line")
-    positives = valid_rows(inputs.qrels).select("line", "query_id", F.col("doc_id").alias("positive_id"))
-    # Every positive of a query is excluded from its negatives, not only the pair's own.
+    judgments = valid_rows(inputs.qrels)
+    is_positive = F.col("score") >= positive_min
+    positives = judgments.filter(is_positive).select("line", "query_id", F.col("doc_id").alias("positive_id"))
+    # Every positive of a query is excluded from its negatives, not only the pair's own; its judged
+    # non-relevant documents (in qrels line order) are negatives known for certain.
     judged_queries = (
-        positives.groupBy("query_id")
-        .agg(F.collect_set("positive_id").alias("positive_ids"))
+        judgments.groupBy("query_id")
+        .agg(
+            F.collect_set(F.when(is_positive, F.col("doc_id"))).alias("positive_ids"),
+            F.sort_array(F.collect_list(F.when(~is_positive, F.struct("line", "doc_id")))).alias("known"),
+        )
+        .filter(F.size("positive_ids") > 0)
+        .select("query_id", "positive_ids", F.transform("known", lambda row: row["doc_id"]).alias("known_negative_ids"))
         .join(queries, on="query_id")
     )
     negatives = attach_texts(negatives_in_spark(judged_queries, index, settings), documents)
@@ -219,10 +209,11 @@ def collect_stats(
     spark: SparkSession,
     staged: Path,
     counts: dict[str, dict[str, int]],
-    files: InputFiles,
-    settings: PairsConfig,
+    files: PairsInputs,
+    config: TowerlineConfig,
 ) -> dict[str, Any]:
     """Counts read back from the written files, so they describe exactly what was published."""
+    settings = config.pairs
     pairs = spark.read.parquet(str(staged / PAIRS_FILE))
     negatives = F.size("negative_ids")
     totals = pairs.agg(
@@ -234,8 +225,9 @@ def collect_stats(
     assert totals is not None  # a global aggregate always yields one row
     reasons = spark.read.parquet(str(staged / QUARANTINE_FILE)).groupBy("source", "reason").count()
     return {
-        "dataset_dir": str(files.root),
-        "split": settings.split,
+        "dataset": files.dataset.identity(),
+        "split": files.split,
+        "positive_min": config.data.positive_min,
         "pairs": totals["pairs"],
         "queries": totals["queries"],
         "negatives": totals["negatives"],

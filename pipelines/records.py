@@ -1,25 +1,32 @@
 """BEIR files as Spark DataFrames of validated rows, each traceable to its file and line.
 
 Every row keeps its source name, 1-based line number and raw text, plus a `reason` column that
-is null for a row that passed validation. Rejected rows are never dropped silently: they are
-quarantined as-is with their reason, so a bad upstream export can be found and fixed.
+is null for a row that passed validation. Lines are parsed by the same functions as the local
+reader (`towerline/beir.py`), so a row means the same thing in Spark and in every other stage.
+Rejected rows are never dropped silently: they are quarantined as-is with their reason.
 """
 
 from __future__ import annotations
 
-import json
 from functools import partial
 from typing import Any
 
 from pyspark import RDD
-from pyspark.sql import DataFrame, Row, SparkSession, Window
+from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from towerline.beir import Document
-
-MALFORMED_JSON = "malformed JSON"
-NOT_AN_OBJECT = "malformed JSON (not an object)"
-JSON_ERRORS = (MALFORMED_JSON, NOT_AN_OBJECT)
+from towerline.beir import (
+    DUPLICATE_DOC,
+    DUPLICATE_JUDGMENT,
+    DUPLICATE_QUERY,
+    UNKNOWN_DOC,
+    UNKNOWN_QUERY,
+    RowRejected,
+    is_qrels_header,
+    parse_document,
+    parse_judgment,
+    parse_query,
+)
 
 DOC_SCHEMA = "source string, line long, raw string, doc_id string, doc_text string, reason string"
 QUERY_SCHEMA = "source string, line long, raw string, query_id string, query_text string, reason string"
@@ -40,24 +47,24 @@ def numbered_lines(spark: SparkSession, path: str) -> RDD[NumberedLine]:
 
 
 def read_documents(spark: SparkSession, path: str, source: str) -> DataFrame:
-    """Corpus rows: doc_id and doc_text (title + " " + text), first occurrence of an id wins."""
-    rows = numbered_lines(spark, path).map(partial(_jsonl_row, source, True))
-    return flag_duplicates(spark.createDataFrame(rows, DOC_SCHEMA), ["doc_id"], "duplicate doc id")
+    """Corpus rows: doc_id and doc_text (title and text), first valid occurrence of an id wins."""
+    rows = numbered_lines(spark, path).map(partial(_document_row, source))
+    return flag_duplicates(spark.createDataFrame(rows, DOC_SCHEMA), ["doc_id"], DUPLICATE_DOC)
 
 
 def read_queries(spark: SparkSession, path: str, source: str) -> DataFrame:
-    """Query rows: query_id and query_text, first occurrence of an id wins."""
-    rows = numbered_lines(spark, path).map(partial(_jsonl_row, source, False))
-    return flag_duplicates(spark.createDataFrame(rows, QUERY_SCHEMA), ["query_id"], "duplicate query id")
+    """Query rows: query_id and query_text, first valid occurrence of an id wins."""
+    rows = numbered_lines(spark, path).map(partial(_query_row, source))
+    return flag_duplicates(spark.createDataFrame(rows, QUERY_SCHEMA), ["query_id"], DUPLICATE_QUERY)
 
 
 def read_qrels(spark: SparkSession, path: str, source: str, documents: DataFrame, queries: DataFrame) -> DataFrame:
-    """Judgment rows checked for shape, a positive score, known ids; duplicates after the first flagged."""
-    rows = numbered_lines(spark, path).filter(lambda numbered: not _is_qrels_header(numbered))
+    """Judgment rows checked for shape and known ids (query first, then doc); repeats after the first flagged."""
+    rows = numbered_lines(spark, path).filter(lambda numbered: not is_qrels_header(*numbered))
     qrels = spark.createDataFrame(rows.map(partial(_qrel_row, source)), QREL_SCHEMA)
-    qrels = flag_unknown(qrels, "query_id", valid_rows(queries).select("query_id"), "unknown query id")
-    qrels = flag_unknown(qrels, "doc_id", valid_rows(documents).select("doc_id"), "unknown doc id")
-    return flag_duplicates(qrels, ["query_id", "doc_id"], "duplicate judgment")
+    qrels = flag_unknown(qrels, "query_id", valid_rows(queries).select("query_id"), UNKNOWN_QUERY)
+    qrels = flag_unknown(qrels, "doc_id", valid_rows(documents).select("doc_id"), UNKNOWN_DOC)
+    return flag_duplicates(qrels, ["query_id", "doc_id"], DUPLICATE_JUDGMENT)
 
 
 def valid_rows(rows: DataFrame) -> DataFrame:
@@ -69,11 +76,6 @@ def quarantined_rows(rows: DataFrame) -> DataFrame:
     return rows.filter(F.col("reason").isNotNull()).select(
         "source", F.col("line").cast("int").alias("line"), "reason", "raw"
     )
-
-
-def first_json_error(rows: DataFrame) -> Row | None:
-    """The earliest line that is not a JSON object, for fail-fast mode."""
-    return rows.filter(F.col("reason").isin(*JSON_ERRORS)).orderBy("line").select("line", "reason").first()
 
 
 def flag_duplicates(rows: DataFrame, keys: list[str], reason: str) -> DataFrame:
@@ -93,50 +95,30 @@ def flag_unknown(rows: DataFrame, column: str, known_ids: DataFrame, reason: str
     return flagged.select(*rows.columns)
 
 
-def _jsonl_row(source: str, with_title: bool, numbered: NumberedLine) -> tuple[Any, ...]:
-    """(source, line, raw, id, text, reason) for one JSONL line; docs get title + " " + text."""
+def _document_row(source: str, numbered: NumberedLine) -> tuple[Any, ...]:
+    """(source, line, raw, doc_id, doc_text, reason): the shared parser decides, as in every stage."""
     line, raw = numbered
     try:
-        record = json.loads(raw)
-    except ValueError:
-        return (source, line, raw, None, None, MALFORMED_JSON)
-    if not isinstance(record, dict):
-        return (source, line, raw, None, None, NOT_AN_OBJECT)
-    record_id, text = _string(record.get("_id")), _string(record.get("text"))
-    if not record_id or not record_id.strip():
-        return (source, line, raw, None, None, "missing or empty _id")
-    if not text or not text.strip():
-        return (source, line, raw, record_id, None, "missing or empty text")
-    if with_title:
-        text = Document(doc_id=record_id, title=_string(record.get("title")) or "", text=text).full_text
-    return (source, line, raw, record_id, text, None)
+        document = parse_document(raw)
+    except RowRejected as rejected:
+        return (source, line, raw, None, None, rejected.reason)
+    return (source, line, raw, document.doc_id, document.full_text, None)
 
 
-def _string(value: object) -> str | None:
-    # BEIR exports sometimes write numeric ids; they are ids all the same.
-    if isinstance(value, str):
-        return value
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    return None
-
-
-def _is_qrels_header(numbered: NumberedLine) -> bool:
+def _query_row(source: str, numbered: NumberedLine) -> tuple[Any, ...]:
     line, raw = numbered
-    return line == 1 and raw.split("\t", 1)[0].strip() == QREL_HEADER
+    try:
+        query_id, text = parse_query(raw)
+    except RowRejected as rejected:
+        return (source, line, raw, None, None, rejected.reason)
+    return (source, line, raw, query_id, text, None)
 
 
 def _qrel_row(source: str, numbered: NumberedLine) -> tuple[Any, ...]:
-    """(source, line, raw, query_id, doc_id, score, reason) for one TSV line; CRLF tolerated."""
+    """(source, line, raw, query_id, doc_id, score, reason); graded scores kept, 0 included."""
     line, raw = numbered
-    cells = [cell.strip() for cell in raw.rstrip("\r\n").split("\t")]
-    if len(cells) != 3:
-        return (source, line, raw, None, None, None, f"expected 3 tab-separated columns, got {len(cells)}")
-    query_id, doc_id, score_text = cells
     try:
-        score = int(score_text)
-    except ValueError:
-        return (source, line, raw, query_id, doc_id, None, f"score {score_text!r} is not an integer")
-    # Only positives become pairs; a 0 ("judged not relevant") is reported rather than guessed at.
-    reason = None if score > 0 else f"score {score} is not a positive judgment"
-    return (source, line, raw, query_id, doc_id, score, reason)
+        query_id, doc_id, score = parse_judgment(raw)
+    except RowRejected as rejected:
+        return (source, line, raw, None, None, None, rejected.reason)
+    return (source, line, raw, query_id, doc_id, score, None)

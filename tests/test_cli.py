@@ -11,9 +11,9 @@ import pytest
 from typer.testing import CliRunner
 
 from evaluation.metrics import score_run
-from towerline.beir import load_corpus, load_qrels, load_queries
+from towerline.beir import load_dataset
 from towerline.cli import app
-from towerline.config import TowerlineConfig
+from towerline.config import DataConfig, TowerlineConfig
 from towerline.towers import load_towers
 
 runner = CliRunner()
@@ -49,7 +49,8 @@ def test_demo_runs_the_whole_slice(tiny_config: TowerlineConfig, tiny_overrides:
 
 def _in_process_metrics(encoder_dir: Path, dataset: Path) -> dict[str, float]:
     query_tower, doc_tower, _ = load_towers(encoder_dir)
-    corpus, queries, qrels = load_corpus(dataset), load_queries(dataset), load_qrels(dataset, "test")
+    beir = load_dataset(DataConfig(dir=dataset), ["test"])
+    corpus, queries, qrels = beir.corpus, beir.queries, beir.split("test")
     doc_ids = list(corpus)
     doc_matrix = doc_tower.encode([corpus[d].full_text for d in doc_ids])
     query_ids = list(qrels)

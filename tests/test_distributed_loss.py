@@ -27,6 +27,8 @@ def _rank_main(rank: int, init_file: str, out_dir: str) -> None:
     loss = InfoNCELoss(temperature=0.1, learnable=False)(queries, docs)
     loss.backward()
     torch.save({"loss": loss.detach(), "doc_grad": docs.grad}, f"{out_dir}/rank{rank}.pt")
+    # Without it a rank can exit while gloo still serves the other one, which aborts that process.
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -36,11 +38,16 @@ def test_gathered_loss_matches_one_big_batch(tmp_path: Path) -> None:
     # Reference: one process sees every query and the concatenation of every rank's docs.
     parts = [_embeddings(rank) for rank in range(WORLD)]
     all_queries = torch.cat([queries for queries, _ in parts])
-    all_docs = torch.cat([docs for _, docs in parts])
+    all_docs = torch.cat([docs for _, docs in parts]).requires_grad_(True)
     docs_per_rank = BATCH * (1 + HARD)
     labels = torch.cat([torch.arange(BATCH) + rank * docs_per_rank for rank in range(WORLD)])
     reference = torch.nn.functional.cross_entropy(all_queries @ all_docs.T / 0.1, labels)
+    reference.backward()
     mean_rank_loss = torch.stack([result["loss"] for result in per_rank]).mean()
     assert torch.allclose(mean_rank_loss, reference, atol=1e-5)
-    # Other ranks' queries push on this rank's docs: gradients flow back through the gather.
-    assert all(result["doc_grad"] is not None and result["doc_grad"].abs().sum() > 0 for result in per_rank)
+    # Every rank's queries push on this rank's docs: the gather's backward sums the ranks' gradients,
+    # so each rank holds WORLD x the big batch's gradient for its docs. Without the gather (only local
+    # queries reaching local docs) the gradient differs.
+    for rank, result in enumerate(per_rank):
+        expected = all_docs.grad[rank * docs_per_rank : (rank + 1) * docs_per_rank] * WORLD
+        assert torch.allclose(result["doc_grad"], expected, atol=1e-5)

@@ -13,7 +13,7 @@ from indexing.layout import INDEX_FILE
 from indexing.load import load_index
 from indexing.publish import CURRENT_FILE, index_info, list_versions, publish_index, resolve_published
 from towerline.artifacts import ArtifactWriter
-from towerline.beir import load_corpus
+from towerline.beir import load_dataset, locate_dataset
 from towerline.config import IndexConfig, TowerlineConfig
 from towerline.errors import ArtifactError, ConfigError, DataError
 from towerline.towers import save_dual_encoder, towers_from_backbone
@@ -54,10 +54,11 @@ def test_built_index_finds_each_doc_as_its_own_top_hit(
     assert manifest.metadata["count"] == 80
     assert manifest.metadata["index_type"] == "flat"
     assert manifest.metadata["metric"] == "ip"
-    assert manifest.metadata["dataset"] == str(tiny_dataset)
+    assert manifest.metadata["dataset"] == locate_dataset(tiny_config.data).identity()
+    assert manifest.metadata["dataset"]["name"] == tiny_dataset.name
     loaded = load_index(tmp_path / "index")
     assert (loaded.size, loaded.dim, loaded.embedding_space) == (80, 32, manifest.metadata["embedding_space"])
-    corpus = load_corpus(tiny_dataset)
+    corpus = load_dataset(tiny_config.data).corpus
     doc_embeddings = doc_tower.encode(
         [doc.full_text for doc in corpus.values()], batch_size=tiny_config.index.batch_size
     )

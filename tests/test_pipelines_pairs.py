@@ -65,7 +65,7 @@ def quarantined_run(
     spark: SparkSession, damaged_dataset: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Manifest, pd.DataFrame]:
     output = tmp_path_factory.mktemp("quarantine") / "pairs"
-    manifest = run_pairs(pairs_config(damaged_dataset, "pairs.on_malformed=quarantine"), output)
+    manifest = run_pairs(pairs_config(damaged_dataset, "data.on_malformed=quarantine"), output)
     return manifest, pd.read_parquet(output / "quarantine.parquet")
 
 

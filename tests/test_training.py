@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from towerline.artifacts import ArtifactWriter, read_manifest
-from towerline.beir import load_corpus, load_qrels, load_queries
-from towerline.config import TowerlineConfig
+from towerline.beir import load_dataset
+from towerline.config import DataConfig, TowerlineConfig
 from towerline.errors import ArtifactError
 from towerline.towers import load_towers
 from towerline.tracking import Tracker
@@ -23,10 +23,11 @@ from training.run import init_dual_encoder, run_train
 
 def write_pairs_artifact(dataset: Path, dest: Path) -> Path:
     """A training-pairs artifact built in Python (the Spark job has its own tests)."""
-    corpus, queries = load_corpus(dataset), load_queries(dataset)
+    beir = load_dataset(DataConfig(dir=dataset), ["train"])
+    corpus, queries = beir.corpus, beir.queries
     doc_ids = sorted(corpus)
     rows = []
-    for query_id, judged in load_qrels(dataset, "train").items():
+    for query_id, judged in beir.split("train").items():
         for doc_id in judged:
             negatives = [d for d in doc_ids[:40] if d not in judged][:2]
             rows.append({
@@ -48,8 +49,8 @@ def test_infonce_prefers_the_matching_document() -> None:
 
 
 def _mrr(query_tower, doc_tower, dataset: Path) -> float:
-    corpus, queries = load_corpus(dataset), load_queries(dataset)
-    qrels = load_qrels(dataset, "train")
+    beir = load_dataset(DataConfig(dir=dataset), ["train"])
+    corpus, queries, qrels = beir.corpus, beir.queries, beir.split("train")
     doc_ids = sorted(corpus)
     doc_matrix = doc_tower.encode([corpus[d].full_text for d in doc_ids])
     query_ids = sorted(qrels)

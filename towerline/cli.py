@@ -32,6 +32,9 @@ app = typer.Typer(
 )
 index_app = typer.Typer(help="Build, publish and inspect FAISS index artifacts.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
+data_app = typer.Typer(help="Check BEIR-format datasets and split them; every stage reads data the same way.",
+                       no_args_is_help=True)
+app.add_typer(data_app, name="data")
 bench_app = typer.Typer(help="Benchmarks; each writes JSON under benchmarks/results/.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
@@ -75,8 +78,24 @@ def command(group: typer.Typer, name: str | None = None) -> Callable[[Callable[.
     return register
 
 
-def _config(config_file: Path | None, overrides: list[str] | None) -> TowerlineConfig:
-    return load_config(config_file, overrides or [])
+DatasetArgument = Annotated[
+    Path | None, typer.Argument(help="BEIR-format dataset dir (default: the configured dataset)")
+]
+PositiveMin = Annotated[
+    int | None,
+    typer.Option("--positive-min", min=1, help="Qrels score that counts as relevant (data.positive_min, default 1); "
+                 "lower scores, 0 included, are judged non-relevant."),
+]
+
+
+def _config(
+    config_file: Path | None, overrides: list[str] | None, data: Path | None = None, positive_min: int | None = None
+) -> TowerlineConfig:
+    """Config from defaults, file and overrides; `--data`/`--positive-min` options win over both."""
+    shortcuts = [f"data.dir={data}"] if data else []
+    if positive_min is not None:
+        shortcuts.append(f"data.positive_min={positive_min}")
+    return load_config(config_file, [*(overrides or []), *shortcuts])
 
 
 def _out(out: Path | None, config: TowerlineConfig, default_name: str) -> Path:
@@ -220,13 +239,13 @@ def search(
 ) -> None:
     """Query a running retrieval service over gRPC and print the hits."""
     from serving.client import RetrievalClient
-    from towerline.beir import load_corpus, resolve_dataset_dir
+    from towerline.beir import load_dataset
     from towerline.display import print_hits
 
     config = _config(config_file, overrides)
     with RetrievalClient(address) as client:
         hits = client.search(query, top_k)
-    corpus = load_corpus(resolve_dataset_dir(config.data)) if titles else None
+    corpus = load_dataset(config.data).corpus if titles else None
     print_hits(query, hits, corpus)
 
 
@@ -266,17 +285,82 @@ def evaluate(
 @command(app)
 def demo(
     data: Annotated[Path | None, typer.Option(help="BEIR-format dataset dir (default: bundled SciFact)")] = None,
+    split_test_queries: Annotated[
+        float | None,
+        typer.Option(min=0.0, max=1.0, help="For a dataset without train qrels: fine-tune on this seeded fraction of "
+                     "the eval queries and evaluate on the rest (reported as not the official protocol)."),
+    ] = None,
+    split_seed: Annotated[int, typer.Option(help="seed of --split-test-queries")] = 13,
+    positive_min: PositiveMin = None,
     results: Annotated[Path, typer.Option(help="where the demo writes its benchmark JSON")] = Path(
         "benchmarks/results/demo.json"
     ),
     config_file: ConfigOption = None,
     overrides: Overrides = None,
 ) -> None:
-    """Whole pipeline on the bundled default: pairs → train → export → index → gRPC → eval (zero-shot vs fine-tuned)."""
+    """Whole pipeline: data check → pairs → train → export → index → gRPC → eval (zero-shot vs fine-tuned).
+
+    Starts with `data check`, so a bad dataset fails in seconds. Without train qrels it evaluates
+    zero-shot only, unless --split-test-queries is given.
+    """
     from towerline.demo import run_demo
 
-    config = _config(config_file, [*(overrides or []), *([f"data.dir={data}"] if data else [])])
-    run_demo(config, results)
+    config = _config(config_file, overrides, data, positive_min)
+    run_demo(config, results, split_test_queries=split_test_queries, split_seed=split_seed)
+
+
+@command(data_app, "check")
+def data_check(
+    data: DatasetArgument = None,
+    positive_min: PositiveMin = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON instead of tables")] = False,
+    config_file: ConfigOption = None,
+    overrides: Overrides = None,
+) -> None:
+    """Validate corpus, queries and every qrels split; print counts, rejected rows by reason, lengths, splits.
+
+    Exits 2 naming the first malformed row under data.on_malformed=fail (the default);
+    data.on_malformed=quarantine reports such rows and passes.
+    """
+    import json
+
+    from rich.console import Console
+
+    from towerline.datacheck import check_dataset, print_report
+
+    config = _config(config_file, overrides, data, positive_min)
+    _, report = check_dataset(config.data)
+    stdout = Console(soft_wrap=True)
+    if as_json:
+        stdout.print_json(json.dumps(report.to_json()))
+    else:
+        print_report(report, stdout)
+    if not report.ok:
+        raise TowerlineError(f"{report.first_fatal} (data.on_malformed=quarantine drops such rows)")
+
+
+@command(data_app, "split")
+def data_split(
+    data: DatasetArgument = None,
+    fraction: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="fraction of the eval queries to train on")
+    ] = 0.5,
+    seed: Annotated[int, typer.Option(help="shuffle seed")] = 13,
+    positive_min: PositiveMin = None,
+    config_file: ConfigOption = None,
+    out: OutOption = None,
+    overrides: Overrides = None,
+) -> None:
+    """Seeded train/eval split of the eval split's queries (qrels/test by default), for datasets without train qrels.
+
+    Writes a qrels-split artifact; point the stages at it with data.qrels_dir=OUT/qrels.
+    """
+    from towerline.splits import split_eval_queries
+
+    config = _config(config_file, overrides, data, positive_min)
+    output = _out(out, config, "split")
+    _produce(config, "split", output, "qrels split",
+             lambda tracker: split_eval_queries(config, fraction, seed, output))
 
 
 @command(bench_app, "serve")

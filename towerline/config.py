@@ -24,6 +24,13 @@ class DataConfig(Section):
     dataset: str = "scifact"
     # A BEIR-layout directory; when unset, $TOWERLINE_DATA_DIR/<dataset>, then the bundled copy.
     dir: Path | None = None
+    # A directory of <split>.tsv qrels used instead of DIR/qrels (e.g. a `data split` artifact's qrels/).
+    qrels_dir: Path | None = None
+    # Malformed rows (bad JSON, no id, empty document, duplicate id, bad qrels line) in every stage:
+    # fail naming the file and line, or quarantine them and go on.
+    on_malformed: Literal["fail", "quarantine"] = "fail"
+    # Qrels scores at or above this are positives; below it (0 included) are judged non-relevant.
+    positive_min: int = Field(1, ge=1)
 
 
 class SparkConfig(Section):
@@ -40,7 +47,6 @@ class PairsConfig(Section):
     # Skip the very top BM25 hits: they are often unjudged positives (false negatives).
     skip_top: int = Field(0, ge=0)
     stemmer: Literal["english", "none"] = "english"
-    on_malformed: Literal["fail", "quarantine"] = "fail"
 
 
 class EncoderConfig(Section):

@@ -1,7 +1,9 @@
-"""`towerline demo`: chain every stage on the bundled dataset and compare zero-shot vs fine-tuned.
+"""`towerline demo`: chain every stage on a BEIR dataset and compare zero-shot vs fine-tuned.
 
-The demo only wires stage functions together; each stage is also its own command. Both models
-are measured the same way: ONNX query encoder + FAISS index behind a real gRPC server on
+The demo only wires stage functions together; each stage is also its own command. It starts with
+the dataset check, so a bad dataset fails in seconds. A dataset without train qrels is evaluated
+zero-shot only, unless `--split-test-queries` asks for a seeded split of the eval queries. Every
+model is measured the same way: ONNX query encoder + FAISS index behind a real gRPC server on
 loopback, scored by the offline evaluation client.
 """
 
@@ -15,10 +17,13 @@ from typing import Any, TypeVar
 
 from rich.table import Table
 
-from towerline.beir import resolve_dataset_dir
+from towerline.beir import QRELS_DIR, load_dataset, positives
 from towerline.config import TowerlineConfig
+from towerline.datacheck import DatasetReport, check_dataset, print_report
+from towerline.errors import DataError
 from towerline.progress import console
 from towerline.results import result_header, write_results
+from towerline.splits import split_eval_queries, split_summary
 from towerline.tracking import Tracker, track
 
 T = TypeVar("T")
@@ -55,7 +60,9 @@ def loopback_service(config: TowerlineConfig, index_dir: Path, onnx_dir: Path) -
         server.stop(grace=2).wait()
 
 
-def run_demo(config: TowerlineConfig, results_path: Path) -> dict[str, Any]:
+def run_demo(
+    config: TowerlineConfig, results_path: Path, *, split_test_queries: float | None = None, split_seed: int = 13
+) -> dict[str, Any]:
     from evaluation.service import evaluate_service
     from indexing.build import build_index
     from pipelines.pairs import run_pairs
@@ -63,79 +70,139 @@ def run_demo(config: TowerlineConfig, results_path: Path) -> dict[str, Any]:
     from serving.onnx_export import run_export
     from training.run import init_dual_encoder, run_train
 
-    dataset_dir = resolve_dataset_dir(config.data)  # fail on a bad data dir before any work
+    report = check_demo_dataset(config)  # a bad dataset fails here, in seconds, before any work
     root = config.run_dir / "demo"
     clock = StageClock(config)
     started = time.perf_counter()
     scores: dict[str, dict[str, float]] = {}
     with track(config, "demo") as parent:
-        clock.run("pairs", lambda t: run_pairs(config, root / "pairs"))
-        stop_spark()
-        clock.run("train.zero_shot", lambda t: init_dual_encoder(config, root / "encoder-zero-shot"))
-        clock.run("train", lambda t: run_train(config, root / "pairs", root / "encoder", t))
-        for label, encoder_dir in (("zero_shot", root / "encoder-zero-shot"), ("fine_tuned", root / "encoder")):
+        config, protocol = _training_plan(config, report, clock, root, split_test_queries, split_seed)
+        if protocol["fine_tunes"]:
+            clock.run("pairs", lambda t: run_pairs(config, root / "pairs"))
+            stop_spark()
+        encoders = {"zero_shot": root / "encoder-zero-shot"}
+        clock.run("train.zero_shot", lambda t: init_dual_encoder(config, encoders["zero_shot"]))
+        if protocol["fine_tunes"]:
+            encoders["fine_tuned"] = root / "encoder"
+            clock.run("train", lambda t: run_train(config, root / "pairs", encoders["fine_tuned"], t))
+        for label, encoder_dir in encoders.items():
             onnx_dir, index_dir = root / f"onnx-{label}", root / f"index-{label}"
             clock.run(f"export.{label}", lambda t, e=encoder_dir, o=onnx_dir: run_export(config, e, o, t))
             clock.run(f"index.{label}", lambda t, e=encoder_dir, i=index_dir: build_index(config, e, i))
+            last = label == list(encoders)[-1]
 
             def serve_and_score(tracker: Tracker, i: Path = index_dir, o: Path = onnx_dir,
-                                name: str = label) -> dict[str, float]:
+                                name: str = label, show_examples: bool = last) -> dict[str, float]:
                 with loopback_service(config, i, o) as address:
                     metrics = evaluate_service(config, address, root / f"eval-{name}")
-                    if name == "fine_tuned":
-                        _example_search(config, dataset_dir, address)
+                    if show_examples:
+                        _example_search(config, address)
                 tracker.metrics({f"eval.{k}": v for k, v in metrics.items()})
                 return metrics
 
             scores[label] = clock.run(f"eval.{label}", serve_and_score)
-        summary = _summary(config, dataset_dir, scores, clock.seconds, time.perf_counter() - started)
+        summary = _summary(config, report, protocol, scores, clock.seconds, time.perf_counter() - started)
         summary["mlflow_run_id"] = parent.run_id
         parent.metrics({f"{label}.{k}": v for label, m in scores.items() for k, v in m.items()})
-    _print_table(scores)
+    _print_table(report, config.eval.split, scores)
     write_results(results_path, summary)
     console.print(f"results written to [bold]{results_path}[/]; artifacts under [bold]{root}[/]")
     return summary
 
 
-def _example_search(config: TowerlineConfig, dataset_dir: Path, address: str, examples: int = 3) -> None:
+def check_demo_dataset(config: TowerlineConfig) -> DatasetReport:
+    """`data check` on the demo's dataset: the policy applied, the eval split present, the report shown."""
+    _, report = check_dataset(config.data)
+    if not report.ok:
+        raise DataError(str(report.first_fatal))
+    if config.eval.split not in report.splits:
+        found = ", ".join(report.splits) or "none"
+        raise DataError(f"{report.name}: no qrels/{config.eval.split}.tsv to evaluate on (splits present: {found}); "
+                        "set eval.split=SPLIT")
+    console.rule("[bold]data check")
+    print_report(report, console)
+    return report
+
+
+def _training_plan(
+    config: TowerlineConfig,
+    report: DatasetReport,
+    clock: StageClock,
+    root: Path,
+    split_test_queries: float | None,
+    split_seed: int,
+) -> tuple[TowerlineConfig, dict[str, Any]]:
+    """Train on the dataset's train split; else on a seeded part of the eval queries when asked; else not at all."""
+    train_split, eval_split = config.pairs.split, config.eval.split
+    if split_test_queries is not None:
+        manifest = clock.run("split", lambda t: split_eval_queries(config, split_test_queries, split_seed,
+                                                                   root / "split"))
+        split_config = config.model_copy(deep=True)
+        split_config.data.qrels_dir = root / "split" / QRELS_DIR
+        console.print(f"[yellow]{manifest.metadata['protocol']}")
+        return split_config, {"fine_tunes": True, "kind": "split-test-queries", **split_summary(manifest)}
+    if train_split in report.splits:
+        return config, {"fine_tunes": True, "kind": "official",
+                        "protocol": f"trained on qrels/{train_split}, evaluated on qrels/{eval_split}"}
+    console.print(
+        f"[yellow]{report.name} has no qrels/{train_split}.tsv: zero-shot evaluation only "
+        f"(--split-test-queries FRACTION fine-tunes on a seeded part of the {eval_split} queries)"
+    )
+    return config, {"fine_tunes": False, "kind": "zero-shot only",
+                    "protocol": f"no qrels/{train_split}; zero-shot on qrels/{eval_split}"}
+
+
+def _example_search(config: TowerlineConfig, address: str, examples: int = 3) -> None:
     """End on what a user of the service sees: the first test queries, their top hits through gRPC,
     with the judged-relevant documents marked."""
     from serving.client import RetrievalClient
-    from towerline.beir import load_corpus, load_qrels, load_queries
     from towerline.display import print_hits
 
-    qrels = load_qrels(dataset_dir, config.eval.split)
-    queries, corpus = load_queries(dataset_dir), load_corpus(dataset_dir)
+    dataset = load_dataset(config.data, [config.eval.split])
+    qrels = dataset.split(config.eval.split)
+    judged = [qid for qid, docs in qrels.items() if positives(docs, config.data.positive_min)]
     console.print(f"[bold]Example searches through gRPC[/] (✓ = judged relevant in qrels/{config.eval.split})")
     with RetrievalClient(address) as client:
-        for query_id in list(qrels)[:examples]:
-            relevant = {doc_id for doc_id, grade in qrels[query_id].items() if grade > 0}
-            print_hits(queries[query_id], client.search(queries[query_id], 5), corpus, relevant)
+        for query_id in judged[:examples]:
+            relevant = positives(qrels[query_id], config.data.positive_min)
+            query = dataset.queries[query_id]
+            print_hits(query, client.search(query, 5), dataset.corpus, relevant)
 
 
-def _summary(config: TowerlineConfig, dataset_dir: Path, scores: dict[str, dict[str, float]],
-             stage_seconds: dict[str, float], total_seconds: float) -> dict[str, Any]:
+def _summary(config: TowerlineConfig, report: DatasetReport, protocol: dict[str, Any],
+             scores: dict[str, dict[str, float]], stage_seconds: dict[str, float],
+             total_seconds: float) -> dict[str, Any]:
+    fine_tuned = scores.get("fine_tuned")
+    gain = fine_tuned["ndcg@10"] - scores["zero_shot"]["ndcg@10"] if fine_tuned else None
     return {
         **result_header("demo"),
-        "dataset": str(dataset_dir),
+        "dataset": {
+            "name": report.name,
+            "fingerprint": report.fingerprint,
+            "documents": report.documents,
+            "queries": report.queries,
+            "splits": list(report.splits),
+            "rejected": report.rejected,
+        },
         "split": config.eval.split,
+        "protocol": {key: value for key, value in protocol.items() if key != "fine_tunes"},
         "backbone": config.encoder.backbone,
         "measured_through": "gRPC (ONNX Runtime query encoder + FAISS) on loopback",
         "zero_shot": scores["zero_shot"],
-        "fine_tuned": scores["fine_tuned"],
-        "ndcg@10_gain": scores["fine_tuned"]["ndcg@10"] - scores["zero_shot"]["ndcg@10"],
-        "fine_tuned_beats_zero_shot": scores["fine_tuned"]["ndcg@10"] > scores["zero_shot"]["ndcg@10"],
+        "fine_tuned": fine_tuned,
+        "ndcg@10_gain": gain,
+        "fine_tuned_beats_zero_shot": gain > 0 if gain is not None else None,
         "stage_seconds": stage_seconds,
         "total_seconds": round(total_seconds, 2),
         "config": config.flat(),
     }
 
 
-def _print_table(scores: dict[str, dict[str, float]]) -> None:
-    table = Table(title="SciFact-style evaluation through gRPC")
-    table.add_column("model")
+def _print_table(report: DatasetReport, split: str, scores: dict[str, dict[str, float]]) -> None:
+    table = Table(title=f"{report.name} (fingerprint {report.fingerprint[:12]}), qrels/{split}, through gRPC")
     for metric in ("ndcg@10", "recall@100", "mrr@10"):
         table.add_column(metric, justify="right")
+    table.add_column("model", justify="left")
     for label, metrics in scores.items():
-        table.add_row(label.replace("_", "-"), *(f"{metrics[m]:.4f}" for m in ("ndcg@10", "recall@100", "mrr@10")))
+        table.add_row(*(f"{metrics[m]:.4f}" for m in ("ndcg@10", "recall@100", "mrr@10")), label.replace("_", "-"))
     console.print(table)
