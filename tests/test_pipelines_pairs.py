@@ -18,7 +18,8 @@ from pyspark.sql import SparkSession
 from pipelines.pairs import PAIR_COLUMNS, run_pairs
 from pipelines.spark import spark_session
 from towerline.artifacts import Manifest, read_manifest
-from towerline.config import TowerlineConfig, load_config
+from towerline.beir import locate_dataset, read_dataset
+from towerline.config import DataConfig, TowerlineConfig, load_config
 from towerline.errors import DataError
 
 MALFORMED_LINE = 5
@@ -130,3 +131,14 @@ def test_bad_qrels_rows_are_quarantined_with_reasons(
     assert reasons["q1\td1\tnot-a-number"] == "score 'not-a-number' is not an integer"
     assert reasons["q1\td1"] == "expected 3 tab-separated columns, got 2"
     assert "duplicate judgment" in reasons.values()
+
+
+def test_spark_quarantines_exactly_what_the_shared_reader_rejects(
+    quarantined_run: tuple[Manifest, pd.DataFrame], damaged_dataset: Path
+) -> None:
+    """One policy: the Spark job and every local stage reject the same rows for the same reasons."""
+    _, quarantine = quarantined_run
+    local = read_dataset(locate_dataset(DataConfig(dir=damaged_dataset)), ["train"])
+    expected = sorted((r.source, r.line, r.reason) for r in local.rejections)
+    assert sorted(zip(quarantine["source"], quarantine["line"], quarantine["reason"], strict=True)) == expected
+    assert len(expected) >= 5

@@ -133,7 +133,7 @@ def print_report(report: DatasetReport, console: Console) -> None:
     console.print(_split_table(report))
     console.print(_length_table(report))
     if report.rejected:
-        console.print(_rejected_table(report))
+        _print_rejected(report, console)
     else:
         console.print("  no rows rejected")
 
@@ -158,11 +158,9 @@ def _length_table(report: DatasetReport) -> Table:
     return table
 
 
-def _rejected_table(report: DatasetReport) -> Table:
-    table = Table(title="rejected rows (malformed: fail or quarantine per data.on_malformed)", title_justify="left")
-    for column in ("file", "reason", "kind", "rows"):
-        table.add_column(column, justify="right" if column == "rows" else "left")
+def _print_rejected(report: DatasetReport, console: Console) -> None:
+    # One line per (file, reason), not a table: reasons stay whole and greppable at any width.
+    console.print("rejected rows (malformed: fail or quarantine per data.on_malformed; others dropped and reported):")
     for row in report.rejected:
         kind = "malformed" if row["fatal"] else "dropped, reported"
-        table.add_row(row["source"], escape(row["reason"]), kind, str(row["rows"]))
-    return table
+        console.print(f"  {row['rows']:>7}  {escape(row['source'])}: {escape(row['reason'])} ({kind})")
