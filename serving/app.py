@@ -12,7 +12,7 @@ from serving.service import RetrievalService
 from towerline.artifacts import read_manifest
 from towerline.config import ServeConfig, TowerlineConfig
 from towerline.progress import console, status
-from towerline.towers import DUAL_ENCODER_KIND
+from towerline.tower_spec import DUAL_ENCODER_KIND
 
 
 def load_query_encoder(path: Path, serve: ServeConfig) -> QueryEncoder:

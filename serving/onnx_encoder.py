@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 from serving.onnx_format import ONNX_FILE, ONNX_KIND
 from towerline.artifacts import Manifest, read_manifest
-from towerline.encoder import load_tower_spec, prepare_texts
+from towerline.tower_spec import load_tower_spec, tokenize_texts
 
 
 class OnnxQueryEncoder:
@@ -39,14 +39,7 @@ class OnnxQueryEncoder:
         return int(self.manifest.metadata["dim"])
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        prefixed = prepare_texts(texts, self.spec, self.tokenizer.eos_token)
         with self._tokenizer_lock:
-            batch = self.tokenizer(
-                prefixed, padding=True, truncation=True, max_length=self.spec.max_length, return_tensors="np"
-            )
-        feeds = {
-            "input_ids": batch["input_ids"].astype(np.int64),
-            "attention_mask": batch["attention_mask"].astype(np.int64),
-        }
+            feeds = tokenize_texts(self.tokenizer, texts, self.spec)
         (embeddings,) = self.session.run(["embeddings"], feeds)
         return embeddings.astype(np.float32, copy=False)

@@ -17,9 +17,10 @@ import torch
 from serving.onnx_format import ONNX_FILE, ONNX_KIND
 from towerline.artifacts import ArtifactWriter, Manifest
 from towerline.config import TowerlineConfig
-from towerline.encoder import TOWER_FILE, Tower
+from towerline.encoder import Tower
 from towerline.errors import ArtifactError
 from towerline.progress import console, status
+from towerline.tower_spec import TOWER_FILE
 from towerline.towers import QUERY_DIR, read_dual_encoder
 from towerline.tracking import Tracker
 

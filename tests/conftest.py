@@ -42,6 +42,29 @@ def build_tiny_backbone(directory: Path, extra_words: list[str]) -> Path:
     return directory
 
 
+def build_tiny_decoder(directory: Path, extra_words: list[str]) -> Path:
+    """A 2-layer, 32-wide Llama with a word-level tokenizer that has EOS and PAD: a decoder LLM in miniature."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = ["<pad>", "<unk>", "<s>", "</s>", *sorted(set(extra_words))]
+    word_level = Tokenizer(models.WordLevel({token: i for i, token in enumerate(vocab)}, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_level, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+    config = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+    )
+    torch.manual_seed(0)
+    LlamaModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_synthetic_beir(tmp_path_factory.mktemp("beir") / "tiny", docs=80, queries=40)
@@ -51,6 +74,12 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
     words = [word for topic in vocabulary(0) for word in topic]
     return build_tiny_backbone(tmp_path_factory.mktemp("models") / "tiny-bert", words)
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    words = [word for topic in vocabulary(0) for word in topic]
+    return build_tiny_decoder(tmp_path_factory.mktemp("models") / "tiny-llama", words)
 
 
 @pytest.fixture()

@@ -42,3 +42,38 @@ def test_prefix_changes_the_embedding(tiny_backbone: Path) -> None:
 def test_unknown_backbone_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"encoder\.backbone"):
         resolve_backbone(str(tmp_path / "missing"))
+
+
+def test_last_token_pooling_keeps_eos_after_truncation(tiny_decoder: Path) -> None:
+    tower = Tower.from_backbone(str(tiny_decoder), TowerSpec(pooling="last_token", max_length=6))
+    eos = tower.tokenizer.eos_token_id
+    batch = tower.tokenize(["one two three four five six seven eight nine", "short"])
+    for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
+        real = ids[mask.bool()].tolist()
+        assert real[-1] == eos and len(real) <= 6
+    assert batch["input_ids"].shape[1] == 6
+
+
+def test_last_token_pooling_is_the_same_with_left_or_right_padding(tiny_decoder: Path) -> None:
+    texts = ["a long text with many words in it", "short", "three words here"]
+    embeddings = {}
+    for side in ("right", "left"):
+        tower = Tower.from_backbone(str(tiny_decoder), TowerSpec(pooling="last_token", max_length=16))
+        tower.tokenizer.padding_side = side
+        embeddings[side] = tower.encode(texts, batch_size=3)
+        alone = np.stack([tower.encode([text])[0] for text in texts])
+        assert np.allclose(embeddings[side], alone, atol=1e-5)
+    assert np.allclose(embeddings["left"], embeddings["right"], atol=1e-5)
+
+
+def test_the_serving_path_never_imports_torch(tmp_path: Path) -> None:
+    """The gRPC service, its ONNX encoder and the index loader import without torch installed."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import serving.app, serving.onnx_encoder, serving.server, indexing.load, evaluation.service\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

@@ -41,3 +41,17 @@ def test_export_refuses_a_non_encoder(tiny_config: TowerlineConfig, tmp_path: Pa
     run_export(tiny_config, tmp_path / "encoder", tmp_path / "onnx")
     with pytest.raises(ArtifactError, match="expected 'dual-encoder'"):
         run_export(tiny_config, tmp_path / "onnx", tmp_path / "again")
+
+
+def test_a_decoder_llm_tower_exports_with_last_token_pooling(
+    tiny_config: TowerlineConfig, tiny_decoder: Path, tmp_path: Path
+) -> None:
+    config = tiny_config.model_copy(deep=True)
+    config.encoder.backbone = str(tiny_decoder)
+    config.encoder.pooling = "last_token"
+    init_dual_encoder(config, tmp_path / "encoder")
+    manifest = run_export(config, tmp_path / "encoder", tmp_path / "onnx")
+    assert manifest.metadata["parity_max_abs_diff"] < config.export.parity_atol
+    texts = ["one", "a query of several words", "x " * 40]  # the last one is truncated and keeps its EOS
+    onnx_encoder = OnnxQueryEncoder(tmp_path / "onnx")
+    assert np.abs(onnx_encoder.encode(texts) - load_towers(tmp_path / "encoder")[0].encode(texts)).max() < 1e-4

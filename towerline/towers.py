@@ -12,11 +12,8 @@ from typing import Literal
 
 from towerline.artifacts import ArtifactWriter, Manifest, checksum_tree, fingerprint_of, read_manifest
 from towerline.config import EncoderConfig, TowerlineConfig
-from towerline.encoder import Tower, TowerSpec
-
-DUAL_ENCODER_KIND = "dual-encoder"
-QUERY_DIR = "query"
-DOC_DIR = "doc"
+from towerline.encoder import Tower
+from towerline.tower_spec import DOC_DIR, DUAL_ENCODER_KIND, QUERY_DIR, TowerSpec
 
 
 def tower_spec(encoder: EncoderConfig, role: Literal["query", "doc"]) -> TowerSpec:
