@@ -51,3 +51,45 @@ def test_gathered_loss_matches_one_big_batch(tmp_path: Path) -> None:
     for rank, result in enumerate(per_rank):
         expected = all_docs.grad[rank * docs_per_rank : (rank + 1) * docs_per_rank] * WORLD
         assert torch.allclose(result["doc_grad"], expected, atol=1e-5)
+
+
+def _uneven_rank_main(rank: int, init_file: str, out_dir: str) -> None:
+    """Rank 1 holds a query without hard negatives (fewer docs), and its positive is rank 0's query 0's positive."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    queries, docs, keys, positive_keys = _uneven_inputs(rank)
+    loss = InfoNCELoss(temperature=0.1, learnable=False)(queries, docs, keys, positive_keys)
+    torch.save({"loss": loss.detach()}, f"{out_dir}/uneven{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _uneven_inputs(rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from training.collator import doc_key
+
+    queries, docs = _embeddings(rank)
+    doc_ids = [f"d{rank * 10 + i}" for i in range(docs.size(0))]
+    if rank == 1:
+        docs, doc_ids = docs[:BATCH], doc_ids[:BATCH]  # no hard negatives on this rank
+        docs[0] = _embeddings(0)[1][0]  # the same document as rank 0's first positive
+        doc_ids[0] = "d0"
+    keys = torch.tensor([doc_key(doc_id) for doc_id in doc_ids])
+    positive_keys = torch.tensor([[doc_key(doc_id)] for doc_id in doc_ids[:BATCH]])
+    return queries, docs, keys, positive_keys
+
+
+def test_uneven_ranks_gather_and_a_repeated_positive_is_masked_across_ranks(tmp_path: Path) -> None:
+    mp.spawn(_uneven_rank_main, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    per_rank = [torch.load(tmp_path / f"uneven{rank}.pt")["loss"] for rank in range(WORLD)]
+    parts = [_uneven_inputs(rank) for rank in range(WORLD)]
+    all_docs = torch.cat([docs for _, docs, _, _ in parts])
+    offsets = [0, parts[0][1].size(0)]
+    expected = []
+    for rank, (queries, _, _, _) in enumerate(parts):
+        scores = queries @ all_docs.T / 0.1
+        labels = torch.arange(BATCH) + offsets[rank]
+        # "d0" sits at column 0 (rank 0) and at column offsets[1] (rank 1): each copy is masked for the other.
+        twin = {0: offsets[1], 1: 0}[rank]
+        row = 0
+        scores[row, twin] = float("-inf")
+        expected.append(torch.nn.functional.cross_entropy(scores, labels))
+    assert torch.allclose(torch.stack(per_rank), torch.stack(expected), atol=1e-5)

@@ -13,7 +13,7 @@ import torch
 from towerline.artifacts import ArtifactWriter, read_manifest
 from towerline.beir import load_dataset
 from towerline.config import DataConfig, TowerlineConfig
-from towerline.errors import ArtifactError
+from towerline.errors import ArtifactError, ConfigError
 from towerline.towers import load_towers
 from towerline.tracking import Tracker
 from training.dataset import PAIRS_FILE, PAIRS_KIND
@@ -85,10 +85,15 @@ def test_training_refuses_wrong_artifact_kind(tiny_config: TowerlineConfig, tmp_
     assert not (tmp_path / "out").exists()
 
 
-def test_lora_training_saves_a_plain_model(tiny_config: TowerlineConfig, tiny_dataset: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_lora_training_saves_a_plain_model(
+    tiny_config: TowerlineConfig, tiny_dataset: Path, tmp_path: Path, checkpointing: bool
+) -> None:
+    """With gradient checkpointing too: the adapters must still receive gradients and train."""
     pairs = write_pairs_artifact(tiny_dataset, tmp_path / "pairs")
     config = tiny_config.model_copy(deep=True)
     config.train.lora = True
+    config.train.gradient_checkpointing = checkpointing
     config.train.max_steps = 3
     manifest = run_train(config, pairs, tmp_path / "lora", Tracker(None))
     assert manifest.metadata["steps"] == 3
@@ -101,3 +106,109 @@ def test_lora_training_saves_a_plain_model(tiny_config: TowerlineConfig, tiny_da
         for name, param in query_tower.backbone.state_dict().items()
     ]
     assert any(changed) and not all(changed)  # LoRA touched the attention projections only
+
+
+def _weights(tower) -> dict[str, torch.Tensor]:
+    return {name: tensor.clone() for name, tensor in tower.backbone.state_dict().items()}
+
+
+def test_shared_towers_with_lora_save_one_merged_backbone_twice(
+    tiny_config: TowerlineConfig, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    pairs = write_pairs_artifact(tiny_dataset, tmp_path / "pairs")
+    config = tiny_config.model_copy(deep=True)
+    config.train.shared_towers = True
+    config.train.lora = True
+    config.train.max_steps = 3
+    run_train(config, pairs, tmp_path / "shared", Tracker(None))
+    query_tower, doc_tower, _ = load_towers(tmp_path / "shared")
+    query_weights, doc_weights = _weights(query_tower), _weights(doc_tower)
+    assert query_weights.keys() == doc_weights.keys()
+    assert all(torch.equal(query_weights[name], doc_weights[name]) for name in query_weights)
+    init_dual_encoder(config, tmp_path / "base")
+    base = _weights(load_towers(tmp_path / "base")[1])
+    assert any(not torch.equal(doc_weights[name], base[name]) for name in base)  # the doc tower trained too
+
+
+def test_resume_after_a_crash_ends_with_the_weights_of_an_uninterrupted_run(
+    tiny_config: TowerlineConfig, tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from training.trainer import ProgressAndTracking
+
+    pairs = write_pairs_artifact(tiny_dataset, tmp_path / "pairs")
+    config = tiny_config.model_copy(deep=True)
+    config.train.max_steps = 6
+    config.train.save_steps = 3
+    run_train(config, pairs, tmp_path / "straight", Tracker(None))
+
+    original = ProgressAndTracking.on_step_end
+
+    def crash_at_step_4(self, args, state, control, **kwargs):
+        original(self, args, state, control, **kwargs)
+        if state.global_step == 4:
+            raise KeyboardInterrupt("simulated kill after checkpoint-3")
+
+    monkeypatch.setattr(ProgressAndTracking, "on_step_end", crash_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(config, pairs, tmp_path / "resumed", Tracker(None))
+    assert not (tmp_path / "resumed").exists()
+    assert (tmp_path / "resumed.checkpoints" / "checkpoint-3").is_dir()
+    monkeypatch.setattr(ProgressAndTracking, "on_step_end", original)
+    manifest = run_train(config, pairs, tmp_path / "resumed", Tracker(None), resume=True)
+    assert manifest.metadata["steps"] == 6 and manifest.metadata["resumed"]
+    for straight, resumed in zip(load_towers(tmp_path / "straight")[:2], load_towers(tmp_path / "resumed")[:2],
+                                 strict=True):
+        expected, actual = _weights(straight), _weights(resumed)
+        assert all(torch.allclose(expected[name], actual[name], atol=1e-6) for name in expected)
+
+
+def test_fp16_on_cpu_is_refused_rather_than_trained_without_a_scaler() -> None:
+    from training.trainer import mixed_precision
+
+    if torch.cuda.is_available():
+        assert mixed_precision("fp16") == {"bf16": False, "fp16": True}
+    else:
+        with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+            mixed_precision("fp16")
+    assert mixed_precision("fp32") == {"bf16": False, "fp16": False}
+
+
+def test_a_repeated_positive_is_never_its_own_negative() -> None:
+    """Query 0's positive shows up again as query 1's hard negative: masked for query 0, a negative for query 1."""
+    from training.collator import doc_key
+
+    loss = InfoNCELoss(temperature=0.1, learnable=False)
+    queries = torch.nn.functional.normalize(torch.randn(2, 8, generator=torch.Generator().manual_seed(1)), dim=-1)
+    docs = torch.nn.functional.normalize(torch.randn(3, 8, generator=torch.Generator().manual_seed(2)), dim=-1)
+    docs[2] = docs[0]  # doc "a" again, as query 1's negative
+    keys = torch.tensor([doc_key("a"), doc_key("b"), doc_key("a")])
+    positive_keys = torch.tensor([[doc_key("a")], [doc_key("b")]])
+    masked = loss(queries, docs, keys, positive_keys)
+    scores = queries @ docs.T / 0.1
+    expected = (torch.nn.functional.cross_entropy(scores[0:1, :2], torch.tensor([0]))
+                + torch.nn.functional.cross_entropy(scores[1:2], torch.tensor([1]))) / 2
+    assert torch.allclose(masked, expected, atol=1e-6)
+    assert not torch.allclose(loss(queries, docs), expected, atol=1e-4)
+
+
+def test_batches_never_repeat_a_query() -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from training.batching import arrange, epoch_batches
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.lists(st.integers(0, 12), min_size=4, max_size=60), st.integers(2, 6), st.integers(0, 99))
+    def check(query_numbers: list[int], batch_size: int, seed: int) -> None:
+        import random
+
+        query_ids = [f"q{n}" for n in query_numbers]
+        batches = epoch_batches(query_ids, batch_size, random.Random(seed))
+        used = [index for batch in batches for index in batch]
+        assert len(used) == len(set(used))
+        for batch in batches:
+            assert len(batch) == batch_size and len({query_ids[i] for i in batch}) == batch_size
+        if len(set(query_ids)) >= batch_size:
+            assert len(arrange(query_ids, batch_size, 1.0, seed)) % batch_size == 0
+
+    check()

@@ -137,11 +137,18 @@ def train(
         Path | None, typer.Option("--pairs", help="training-pairs artifact (default: RUN_DIR/pairs)")
     ] = None,
     zero_shot: Annotated[bool, typer.Option(help="Write the untrained towers (baseline); no --pairs needed.")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from the last checkpoint (train.save_steps) of an interrupted run.")
+    ] = False,
     config_file: ConfigOption = None,
     out: OutOption = None,
     overrides: Overrides = None,
 ) -> None:
-    """ScalingNote stage 1: train query and doc towers (same initial checkpoint) with InfoNCE."""
+    """ScalingNote stage 1: train query and doc towers (same initial checkpoint) with InfoNCE.
+
+    Runs on transformers' Trainer: checkpoints every train.save_steps, exact --resume, bf16/fp16,
+    gradient accumulation, DDP under torchrun (infra/torchrun.sh).
+    """
     from training.run import init_dual_encoder, run_train
 
     config = _config(config_file, overrides)
@@ -150,7 +157,7 @@ def train(
     def produce(tracker: Tracker) -> Manifest | None:
         if zero_shot:
             return init_dual_encoder(config, output)
-        return run_train(config, pairs_path or config.run_dir / "pairs", output, tracker)
+        return run_train(config, pairs_path or config.run_dir / "pairs", output, tracker, resume=resume)
 
     _produce(config, "train", output, "dual encoder", produce)
 

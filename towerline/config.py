@@ -76,10 +76,18 @@ class TrainConfig(Section):
     lora: bool = False
     lora_rank: int = Field(8, ge=1)
     gradient_checkpointing: bool = False
+    # Note: each accumulated micro-batch is its own contrastive batch (fewer in-batch negatives).
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    # fp16 trains with a grad scaler and needs a GPU; auto: bf16 (or fp16) on GPU, fp32 on CPU.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     seed: int = 13
     torch_threads: int | None = Field(None, ge=1)
     log_every: int = Field(10, ge=1)
+    # Checkpoint every N optimizer steps (0: none) for `towerline train --resume`.
+    save_steps: int = Field(0, ge=0)
+    save_total_limit: int = Field(2, ge=1)
+    # Default: OUTPUT.checkpoints beside the artifact.
+    checkpoint_dir: Path | None = None
 
 
 class ExportConfig(Section):

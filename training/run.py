@@ -8,12 +8,15 @@ import torch
 
 from towerline.artifacts import Manifest
 from towerline.config import TowerlineConfig
+from towerline.encoder import Tower
+from towerline.errors import ConfigError
 from towerline.towers import save_dual_encoder, towers_from_backbone
 from towerline.tracking import Tracker
+from training.batching import arrange
 from training.collator import PairCollator
-from training.dataset import load_pairs
-from training.model import DualEncoderModel, apply_lora, merge_lora
-from training.trainer import Trainer
+from training.dataset import ArrangedPairs, load_pairs
+from training.model import DualEncoderModel, merge_lora, prepare_backbone
+from training.trainer import DualEncoderTrainer, ProgressAndTracking, last_checkpoint, training_arguments
 
 
 def init_dual_encoder(config: TowerlineConfig, output: Path) -> Manifest:
@@ -25,45 +28,82 @@ def init_dual_encoder(config: TowerlineConfig, output: Path) -> Manifest:
     )
 
 
-def run_train(config: TowerlineConfig, pairs_path: Path, output: Path, tracker: Tracker) -> Manifest | None:
+def checkpoint_dir(config: TowerlineConfig, output: Path) -> Path:
+    return config.train.checkpoint_dir or output.parent / f"{output.name}.checkpoints"
+
+
+def run_train(
+    config: TowerlineConfig, pairs_path: Path, output: Path, tracker: Tracker, *, resume: bool = False
+) -> Manifest | None:
     """Train and write the dual encoder; under DDP only rank 0 writes (and returns) the manifest."""
     train = config.train
     if train.torch_threads:
         torch.set_num_threads(train.torch_threads)
-    examples, pairs_manifest = load_pairs(pairs_path)
-    query_tower, doc_tower = towers_from_backbone(config.encoder)
-    if train.lora:
-        apply_lora(query_tower, train.lora_rank)
-        apply_lora(doc_tower, train.lora_rank)
-    if train.gradient_checkpointing:
-        for tower in (query_tower, doc_tower):
-            tower.backbone.gradient_checkpointing_enable()
-    model = DualEncoderModel(query_tower, doc_tower, train)
-    collator = PairCollator(model.query_tower, model.doc_tower, train.hard_negatives, train.seed)
-    trainer = Trainer(model, collator, train, tracker)
-    result = trainer.fit(examples)
-    tracker.metrics({"train.final_loss": result.final_loss, "train.seconds": result.seconds,
-                     "train.examples_per_second": result.examples_per_second})
-    if trainer.rank != 0:
+    pairs, pairs_manifest = load_pairs(pairs_path)
+    accumulation = train.gradient_accumulation_steps
+    try:
+        order = arrange([e.query_id for e in pairs.examples], train.batch_size, train.epochs, train.seed,
+                        train.max_steps * accumulation if train.max_steps else None)
+    except ValueError as exc:
+        raise ConfigError(f"train.batch_size={train.batch_size}: {exc}; lower train.batch_size") from None
+    total_steps = max(1, len(order) // train.batch_size // accumulation)
+    torch.manual_seed(train.seed)  # LoRA adapters start from the same random init every run
+    model = build_model(config)
+    collator = PairCollator(model.query_tower, model.doc_tower, train.hard_negatives, pairs.known_positives,
+                            train.seed)
+    progress = ProgressAndTracking(tracker, total_steps)
+    checkpoints = checkpoint_dir(config, output)
+    trainer = DualEncoderTrainer(
+        model=model,
+        args=training_arguments(train, checkpoints, total_steps),
+        data_collator=collator,
+        train_dataset=ArrangedPairs(pairs.examples, order),
+        callbacks=[progress],
+    )
+    outcome = trainer.train(resume_from_checkpoint=last_checkpoint(checkpoints) if resume else None)
+    seconds = outcome.metrics.get("train_runtime", 0.0)
+    tracker.metrics({"train.final_loss": progress.losses[-1] if progress.losses else outcome.training_loss,
+                     "train.seconds": seconds,
+                     "train.examples_per_second": outcome.metrics.get("train_samples_per_second", 0.0)})
+    if not trainer.is_world_process_zero():
         return None
-    model.to("cpu")
-    if train.lora:
-        merge_lora(model.query_tower)
-        if not train.shared_towers:
-            merge_lora(model.doc_tower)
+    query_tower, doc_tower = finished_towers(model.to("cpu"), config)
     return save_dual_encoder(
-        model.query_tower,
-        model.doc_tower,
+        query_tower,
+        doc_tower,
         output,
         producer="train",
         config=config,
         inputs={"pairs": pairs_manifest},
         metadata={
             "trained": True,
-            "steps": result.steps,
-            "final_loss": result.final_loss,
-            "mean_loss": result.mean_loss,
-            "train_seconds": round(result.seconds, 2),
+            "steps": outcome.global_step,
+            "final_loss": progress.losses[-1] if progress.losses else outcome.training_loss,
+            "mean_loss": outcome.training_loss,
+            "train_seconds": round(seconds, 2),
             "temperature": model.loss.temperature,
+            "resumed": resume,
         },
     )
+
+
+def build_model(config: TowerlineConfig) -> DualEncoderModel:
+    train = config.train
+    query_tower, doc_tower = towers_from_backbone(config.encoder)
+    lora_rank = train.lora_rank if train.lora else None
+    prepare_backbone(query_tower, lora_rank, train.gradient_checkpointing)
+    if not train.shared_towers:
+        prepare_backbone(doc_tower, lora_rank, train.gradient_checkpointing)
+    return DualEncoderModel(query_tower, doc_tower, train)
+
+
+def finished_towers(model: DualEncoderModel, config: TowerlineConfig) -> tuple[Tower, Tower]:
+    """LoRA folded into plain models; shared towers saved as two copies of the one merged backbone."""
+    query_tower, doc_tower = model.query_tower, model.doc_tower
+    if config.train.lora:
+        merge_lora(query_tower)
+        if not config.train.shared_towers:
+            merge_lora(doc_tower)
+    if config.train.shared_towers:
+        doc_tower = Tower(query_tower.backbone, doc_tower.tokenizer, doc_tower.spec)
+    return query_tower, doc_tower

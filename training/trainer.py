@@ -1,23 +1,23 @@
-"""The one training loop: AdamW + linear warmup/decay, autocast on GPU, DDP when launched by torchrun."""
+"""Stage 1 on transformers' Trainer (as Tevatron and FlagEmbedding do): our model, loss and
+collator; the library's loop for checkpoints and exact resume (model, optimizer, scheduler, RNG,
+data position), mixed precision with a grad scaler for fp16, weight-decay groups, gradient
+accumulation and DDP under torchrun."""
 
 from __future__ import annotations
 
-import math
-import os
-import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
-import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
-from transformers import get_linear_schedule_with_warmup
+from torch.utils.data import Dataset, SequentialSampler
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 
 from towerline.config import TrainConfig
+from towerline.errors import ConfigError
 from towerline.progress import progress_bar
 from towerline.tracking import Tracker
-from training.collator import PairCollator
-from training.dataset import PairExample
-from training.model import DualEncoderModel
 
 
 @dataclass
@@ -29,124 +29,94 @@ class TrainResult:
     examples_per_second: float
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return None
-    if precision == "fp16":
-        return torch.float16
-    return torch.bfloat16
+class DualEncoderTrainer(Trainer):
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        outputs = model(**inputs)
+        return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
+
+    def _get_train_sampler(self, train_dataset: Dataset | None = None) -> SequentialSampler:
+        # The batches are laid out in the dataset already (distinct queries per batch, per epoch).
+        return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
-    """Returns (rank, world size, device); initialises the process group under torchrun."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        return rank, world_size, torch.device("cuda", local_rank)
-    return rank, world_size, torch.device("cpu")
+class ProgressAndTracking(TrainerCallback):
+    """Our rich progress bar and MLflow tracker, fed from the Trainer's own events."""
 
-
-class Trainer:
-    def __init__(self, model: DualEncoderModel, collator: PairCollator, train: TrainConfig, tracker: Tracker):
-        self.model = model
-        self.collator = collator
-        self.train_config = train
+    def __init__(self, tracker: Tracker, total_steps: int) -> None:
         self.tracker = tracker
-        self.rank, self.world_size, self.device = init_distributed()
+        self.total_steps = total_steps
+        self.losses: list[float] = []
+        self._bar_context: Any = None
+        self._bar: Any = None
 
-    def _loader(self, examples: list[PairExample]) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.train_config.seed)
-        sampler = (
-            DistributedSampler(examples, seed=self.train_config.seed)
-            if self.world_size > 1
-            else RandomSampler(examples, generator=generator)
-        )
-        return DataLoader(
-            examples,
-            batch_size=self.train_config.batch_size,
-            sampler=sampler,
-            collate_fn=self.collator,
-            drop_last=len(examples) >= self.train_config.batch_size,
-        )
+    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            self._bar_context = progress_bar("train", self.total_steps)
+            self._bar = self._bar_context.__enter__()
+            self._bar.update(0, completed=state.global_step)
 
-    def total_steps(self, loader: DataLoader) -> int:
-        """train.max_steps, when set, overrides train.epochs (as in Hugging Face's Trainer)."""
-        return self.train_config.max_steps or math.ceil(len(loader) * self.train_config.epochs)
+    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._bar is not None:
+            self._bar.update(0, completed=state.global_step)
 
-    def fit(self, examples: list[PairExample]) -> TrainResult:
-        config = self.train_config
-        torch.manual_seed(config.seed)
-        loader = self._loader(examples)
-        steps = self.total_steps(loader)
-        self.model.to(self.device).train()
-        module = self._wrap_ddp()
-        optimizer = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad],
-            lr=config.learning_rate,
-            weight_decay=config.weight_decay,
-        )
-        schedule = get_linear_schedule_with_warmup(optimizer, int(steps * config.warmup_ratio), steps)
-        amp_dtype = autocast_dtype(config.precision, self.device)
-        losses: list[float] = []
-        started = time.perf_counter()
-        with progress_bar("train", steps) as bar:
-            for step, batch in enumerate(self._batches(loader, steps), start=1):
-                with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    loss = module(self._to_device(batch))
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(float(loss.detach()))
-                bar.advance(0, 1)
-                if step % config.log_every == 0 or step == steps:
-                    self._log(step, losses, schedule.get_last_lr()[0])
-        seconds = time.perf_counter() - started
-        return TrainResult(
-            steps=len(losses),
-            final_loss=losses[-1] if losses else float("nan"),
-            mean_loss=sum(losses) / max(len(losses), 1),
-            seconds=seconds,
-            examples_per_second=len(losses) * config.batch_size / max(seconds, 1e-9),
-        )
-
-    def _wrap_ddp(self) -> torch.nn.Module:
-        if self.world_size == 1:
-            return self.model
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
-
-    def _batches(self, loader: DataLoader, steps: int):
-        done, epoch = 0, 0
-        while done < steps:
-            if isinstance(loader.sampler, DistributedSampler):
-                loader.sampler.set_epoch(epoch)
-            for batch in loader:
-                yield batch
-                done += 1
-                if done >= steps:
-                    return
-            epoch += 1
-
-    def _to_device(self, batch):
-        batch.queries = {k: v.to(self.device) for k, v in batch.queries.items()}
-        batch.docs = {k: v.to(self.device) for k, v in batch.docs.items()}
-        return batch
-
-    def _log(self, step: int, losses: list[float], learning_rate: float) -> None:
-        if self.rank != 0:
+    def on_log(self, args: TrainingArguments, state: Any, control: Any, logs: dict | None = None,
+               **kwargs: Any) -> None:
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
             return
-        window = losses[-self.train_config.log_every :]
-        self.tracker.metrics(
-            {
-                "train.loss": sum(window) / len(window),
-                "train.learning_rate": learning_rate,
-                "train.temperature": self.model.loss.temperature,
-            },
-            step=step,
-        )
+        self.losses.append(float(logs["loss"]))
+        model = kwargs.get("model")
+        metrics = {"train.loss": float(logs["loss"]), "train.learning_rate": float(logs.get("learning_rate", 0.0))}
+        if model is not None and hasattr(model, "loss"):
+            metrics["train.temperature"] = model.loss.temperature
+        self.tracker.metrics(metrics, step=state.global_step)
+
+    def on_train_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._bar_context is not None:
+            self._bar_context.__exit__(None, None, None)
+            self._bar_context = self._bar = None
+
+
+def mixed_precision(precision: str) -> dict[str, bool]:
+    """Trainer flags for train.precision: bf16 autocast, or fp16 with the library's grad scaler (GPU only)."""
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+    if precision == "fp16" and not cuda:
+        raise ConfigError("train.precision=fp16 needs a CUDA GPU (fp16 trains with a grad scaler); "
+                          "use bf16 or fp32 on CPU")
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def training_arguments(train: TrainConfig, checkpoint_dir: Path, total_steps: int) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(checkpoint_dir),
+        max_steps=total_steps,
+        per_device_train_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        learning_rate=train.learning_rate,
+        weight_decay=train.weight_decay,  # the Trainer exempts biases and norm weights
+        warmup_steps=int(total_steps * train.warmup_ratio),
+        lr_scheduler_type="linear",
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        logging_steps=train.log_every,
+        save_strategy="steps" if train.save_steps else "no",
+        save_steps=train.save_steps or total_steps,
+        save_total_limit=train.save_total_limit,
+        seed=train.seed,
+        use_cpu=not torch.cuda.is_available(),
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+        **mixed_precision(train.precision),
+    )
+
+
+def last_checkpoint(checkpoint_dir: Path) -> str:
+    found = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+    if found is None:
+        raise ConfigError(f"--resume: no checkpoint-N directory under {checkpoint_dir} (set train.save_steps)")
+    return found
