@@ -77,3 +77,15 @@ def test_the_serving_path_never_imports_torch(tmp_path: Path) -> None:
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_saved_tower_also_loads_with_sentence_transformers(tiny_backbone: Path, tmp_path: Path) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    tower = Tower.from_backbone(str(tiny_backbone), TowerSpec(prefix="query: ", max_length=16))
+    tower.save(tmp_path / "tower")
+    texts = ["a query about topics", "short", "x " * 30]
+    ours = Tower.load(tmp_path / "tower").encode(texts)
+    assert np.allclose(ours, tower.encode(texts), atol=1e-6)
+    theirs = SentenceTransformer(str(tmp_path / "tower"), device="cpu").encode(texts)
+    assert np.allclose(theirs, ours, atol=1e-5)

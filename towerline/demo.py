@@ -200,9 +200,9 @@ def _summary(config: TowerlineConfig, report: DatasetReport, protocol: dict[str,
 
 def _print_table(report: DatasetReport, split: str, scores: dict[str, dict[str, float]]) -> None:
     table = Table(title=f"{report.name} (fingerprint {report.fingerprint[:12]}), qrels/{split}, through gRPC")
+    table.add_column("model")
     for metric in ("ndcg@10", "recall@100", "mrr@10"):
         table.add_column(metric, justify="right")
-    table.add_column("model", justify="left")
     for label, metrics in scores.items():
-        table.add_row(*(f"{metrics[m]:.4f}" for m in ("ndcg@10", "recall@100", "mrr@10")), label.replace("_", "-"))
+        table.add_row(label.replace("_", "-"), *(f"{metrics[m]:.4f}" for m in ("ndcg@10", "recall@100", "mrr@10")))
     console.print(table)

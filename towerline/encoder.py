@@ -85,9 +85,13 @@ class Tower(torch.nn.Module):
         return cls(AutoModel.from_pretrained(directory), AutoTokenizer.from_pretrained(directory), spec)
 
     def save(self, directory: Path) -> None:
+        """HF model + tokenizer + tower.json; also loadable with `SentenceTransformer(directory)`."""
+        from towerline.st_format import write_sentence_transformers_files
+
         directory.mkdir(parents=True, exist_ok=True)
         self.backbone.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
+        write_sentence_transformers_files(directory, self.spec)
         (directory / TOWER_FILE).write_text(self.spec.model_dump_json(indent=2))
 
     @property
