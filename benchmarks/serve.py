@@ -13,24 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from evaluation.latency import encoder_throughput, percentile
 from towerline.beir import load_dataset
 from towerline.config import TowerlineConfig
 from towerline.progress import console, status
 from towerline.results import result_header, write_results
-
-
-def _encoder_throughput(encoder: Any, texts: list[str], batch_size: int) -> float:
-    """Texts per second for `encoder.encode` over `texts` in batches of `batch_size` (after a warm-up)."""
-    encoder.encode(texts[:batch_size])
-    started = time.perf_counter()
-    for start in range(0, len(texts), batch_size):
-        encoder.encode(texts[start : start + batch_size])
-    return len(texts) / (time.perf_counter() - started)
-
-
-def _percentile(sorted_values: list[float], fraction: float) -> float:
-    index = min(len(sorted_values) - 1, round(fraction * (len(sorted_values) - 1)))
-    return sorted_values[index]
 
 
 def _grpc_load(address: str, texts: list[str], requests: int, concurrency: int, top_k: int) -> dict[str, float]:
@@ -59,9 +46,9 @@ def _grpc_load(address: str, texts: list[str], requests: int, concurrency: int, 
         "requests": len(ordered),
         "concurrency": concurrency,
         "qps": len(ordered) / wall,
-        "latency_ms_p50": _percentile(ordered, 0.50),
-        "latency_ms_p95": _percentile(ordered, 0.95),
-        "latency_ms_p99": _percentile(ordered, 0.99),
+        "latency_ms_p50": percentile(ordered, 0.50),
+        "latency_ms_p95": percentile(ordered, 0.95),
+        "latency_ms_p99": percentile(ordered, 0.99),
         "latency_ms_mean": statistics.fmean(ordered),
     }
 
@@ -89,8 +76,8 @@ def run_serve_bench(
         onnx_encoder = OnnxQueryEncoder(onnx_path, intra_op_threads=threads)
         encoders: dict[str, dict[str, float]] = {}
         for batch_size in (1, 32):
-            torch_rate = _encoder_throughput(torch_encoder, texts, batch_size)
-            onnx_rate = _encoder_throughput(onnx_encoder, texts, batch_size)
+            torch_rate = encoder_throughput(torch_encoder, texts, batch_size)
+            onnx_rate = encoder_throughput(onnx_encoder, texts, batch_size)
             encoders[f"batch_{batch_size}"] = {
                 "torch_texts_per_s": torch_rate,
                 "onnx_texts_per_s": onnx_rate,

@@ -28,7 +28,10 @@ from towerline.beir import (
     parse_query,
 )
 
-DOC_SCHEMA = "source string, line long, raw string, doc_id string, doc_text string, reason string"
+DOC_SCHEMA = (
+    "source string, line long, raw string, doc_id string, doc_text string, doc_title string, doc_body string, "
+    "reason string"
+)
 QUERY_SCHEMA = "source string, line long, raw string, query_id string, query_text string, reason string"
 QREL_SCHEMA = "source string, line long, raw string, query_id string, doc_id string, score long, reason string"
 QREL_HEADER = "query-id"
@@ -96,13 +99,14 @@ def flag_unknown(rows: DataFrame, column: str, known_ids: DataFrame, reason: str
 
 
 def _document_row(source: str, numbered: NumberedLine) -> tuple[Any, ...]:
-    """(source, line, raw, doc_id, doc_text, reason): the shared parser decides, as in every stage."""
+    """(source, line, raw, doc_id, doc_text, doc_title, doc_body, reason): the shared parser decides,
+    as in every stage; doc_text is what the towers read (title and text)."""
     line, raw = numbered
     try:
         document = parse_document(raw)
     except RowRejected as rejected:
-        return (source, line, raw, None, None, rejected.reason)
-    return (source, line, raw, document.doc_id, document.full_text, None)
+        return (source, line, raw, None, None, None, None, rejected.reason)
+    return (source, line, raw, document.doc_id, document.full_text, document.title, document.text, None)
 
 
 def _query_row(source: str, numbered: NumberedLine) -> tuple[Any, ...]:

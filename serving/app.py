@@ -12,12 +12,13 @@ from serving.service import RetrievalService
 from towerline.artifacts import read_manifest
 from towerline.config import ServeConfig, TowerlineConfig
 from towerline.progress import console, status
-from towerline.tower_spec import DUAL_ENCODER_KIND
+from towerline.tower_spec import QUERY_TOWER_KINDS
 
 
 def load_query_encoder(path: Path, serve: ServeConfig) -> QueryEncoder:
-    """An ONNX export serves through ONNX Runtime; a dual-encoder artifact through its PyTorch query tower."""
-    manifest = read_manifest(path, (ONNX_KIND, DUAL_ENCODER_KIND))
+    """An ONNX export serves through ONNX Runtime; a dual encoder or a distilled student through its
+    PyTorch query tower."""
+    manifest = read_manifest(path, (ONNX_KIND, *QUERY_TOWER_KINDS))
     if manifest.kind == ONNX_KIND:
         from serving.onnx_encoder import OnnxQueryEncoder
 

@@ -15,13 +15,12 @@ import numpy as np
 import torch
 
 from serving.onnx_format import ONNX_FILE, ONNX_KIND
-from towerline.artifacts import ArtifactWriter, Manifest
+from towerline.artifacts import ArtifactWriter, Manifest, read_manifest
 from towerline.config import TowerlineConfig
 from towerline.encoder import Tower
 from towerline.errors import ArtifactError
 from towerline.progress import console, status
-from towerline.tower_spec import TOWER_FILE
-from towerline.towers import QUERY_DIR, read_dual_encoder
+from towerline.tower_spec import QUERY_DIR, QUERY_TOWER_KINDS, TOWER_FILE
 from towerline.tracking import Tracker
 
 # Varied lengths and vocabulary so parity covers padding and truncation.
@@ -89,7 +88,7 @@ def parity_gap(tower: Tower, onnx_path: Path) -> float:
 
 def run_export(config: TowerlineConfig, encoder_path: Path, output: Path, tracker: Tracker | None = None) -> Manifest:
     """Export and parity-check the query tower; with a tracker, also register it in MLflow's model registry."""
-    encoder_manifest = read_dual_encoder(encoder_path)
+    encoder_manifest = read_manifest(encoder_path, QUERY_TOWER_KINDS)  # a dual encoder or a distilled student
     tower = Tower.load(encoder_path / QUERY_DIR)
     with ArtifactWriter(output, ONNX_KIND, producer="export", inputs={"encoder": encoder_manifest},
                         config=config) as staged:

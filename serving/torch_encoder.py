@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from towerline.artifacts import read_manifest
 from towerline.encoder import Tower
-from towerline.towers import QUERY_DIR, read_dual_encoder
+from towerline.tower_spec import QUERY_DIR, QUERY_TOWER_KINDS
 
 
 class TorchQueryEncoder:
@@ -24,8 +25,8 @@ class TorchQueryEncoder:
 
     @classmethod
     def from_dual_encoder(cls, path: Path, threads: int | None = None) -> TorchQueryEncoder:
-        """Load only the query tower of a dual-encoder artifact; `threads` sets torch's intra-op pool."""
-        manifest = read_dual_encoder(path)
+        """Load the query tower of a dual encoder or distilled student; `threads` sets torch's intra-op pool."""
+        manifest = read_manifest(path, QUERY_TOWER_KINDS)
         if threads is not None:
             torch.set_num_threads(threads)
         tower = Tower.load(Path(path) / QUERY_DIR)

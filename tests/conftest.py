@@ -97,6 +97,9 @@ def tiny_overrides(tmp_path: Path, tiny_dataset: Path, tiny_backbone: Path) -> l
         "train.epochs=1",
         "train.learning_rate=1e-3",
         "eval.top_k=20",
+        "distill.student=layers:1",
+        "distill.batch_size=8",
+        "distill.dev_queries=5",
         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
     ]
 

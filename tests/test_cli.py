@@ -42,9 +42,15 @@ def test_demo_runs_the_whole_slice(tiny_config: TowerlineConfig, tiny_overrides:
         versions = db.execute("select name, version from model_versions").fetchall()
         space_tags = {row[0] for row in db.execute("select value from model_version_tags where key='embedding_space'")}
     assert {"demo", "pairs", "train", "eval.fine_tuned"} <= run_names
-    # Both exports are registered model versions, tagged with their (different) embedding spaces.
-    assert sorted(versions) == [("towerline-query-encoder", 1), ("towerline-query-encoder", 2)]
+    # Every export is a registered model version; the distilled student shares the fine-tuned teacher's space.
+    assert sorted(versions) == [("towerline-query-encoder", version) for version in (1, 2, 3)]
     assert len(space_tags) == 2
+    # Stage 2: the student served against the fine-tuned index, with its speed measured beside it.
+    assert summary["distilled"]["queries"] == summary["fine_tuned"]["queries"]
+    assert summary["distilled_over_teacher"]["ndcg@10"] > 0
+    assert {"distill", "export.distilled", "eval.distilled"} <= set(summary["stage_seconds"])
+    assert "index.distilled" not in summary["stage_seconds"]  # the teacher's index is reused as it is
+    assert all(summary[label]["p50_ms_batch1"] > 0 for label in ("zero_shot", "fine_tuned", "distilled"))
 
 
 def _in_process_metrics(encoder_dir: Path, dataset: Path) -> dict[str, float]:

@@ -89,3 +89,17 @@ def test_a_saved_tower_also_loads_with_sentence_transformers(tiny_backbone: Path
     assert np.allclose(ours, tower.encode(texts), atol=1e-6)
     theirs = SentenceTransformer(str(tmp_path / "tower"), device="cpu").encode(texts)
     assert np.allclose(theirs, ours, atol=1e-5)
+
+
+def test_a_projected_student_saves_loads_and_loads_in_sentence_transformers(tiny_backbone: Path, tmp_path: Path):
+    from sentence_transformers import SentenceTransformer
+
+    tower = Tower.from_backbone(str(tiny_backbone), TowerSpec(max_length=16, projection_dim=48), num_hidden_layers=1)
+    assert tower.dim == 48 and tower.backbone.config.num_hidden_layers == 1
+    tower.save(tmp_path / "student")
+    texts = ["a query about topics", "short"]
+    reloaded = Tower.load(tmp_path / "student")
+    assert reloaded.encode(texts).shape == (2, 48)
+    assert np.allclose(reloaded.encode(texts), tower.encode(texts), atol=1e-6)
+    theirs = SentenceTransformer(str(tmp_path / "student"), device="cpu").encode(texts)
+    assert np.allclose(theirs, tower.encode(texts), atol=1e-5)

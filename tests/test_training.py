@@ -133,7 +133,7 @@ def test_shared_towers_with_lora_save_one_merged_backbone_twice(
 def test_resume_after_a_crash_ends_with_the_weights_of_an_uninterrupted_run(
     tiny_config: TowerlineConfig, tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from training.trainer import ProgressAndTracking
+    from towerline.hf_trainer import ProgressAndTracking
 
     pairs = write_pairs_artifact(tiny_dataset, tmp_path / "pairs")
     config = tiny_config.model_copy(deep=True)
@@ -163,7 +163,7 @@ def test_resume_after_a_crash_ends_with_the_weights_of_an_uninterrupted_run(
 
 
 def test_fp16_on_cpu_is_refused_rather_than_trained_without_a_scaler() -> None:
-    from training.trainer import mixed_precision
+    from towerline.hf_trainer import mixed_precision
 
     if torch.cuda.is_available():
         assert mixed_precision("fp16") == {"bf16": False, "fp16": True}

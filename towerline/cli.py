@@ -162,9 +162,54 @@ def train(
     _produce(config, "train", output, "dual encoder", produce)
 
 
+@command(app, "pseudo-queries")
+def pseudo_queries(config_file: ConfigOption = None, out: OutOption = None, overrides: Overrides = None) -> None:
+    """Spark job: unlabeled query texts (titles, sentences) drawn from the corpus, for `distill`."""
+    from pipelines.pseudo_queries import run_pseudo_queries
+
+    config = _config(config_file, overrides)
+    output = _out(out, config, "pseudo-queries")
+    _produce(config, "pseudo-queries", output, "pseudo-queries", lambda tracker: run_pseudo_queries(config, output))
+
+
+@command(app)
+def distill(
+    encoder: Annotated[
+        Path | None, typer.Option(help="teacher dual-encoder artifact (default: RUN_DIR/encoder)")
+    ] = None,
+    index: Annotated[
+        Path | None, typer.Option(help="the teacher doc tower's faiss-index artifact, for dev retrieval (default: "
+                                       "RUN_DIR/index)")
+    ] = None,
+    pseudo: Annotated[
+        Path | None, typer.Option("--pseudo-queries", help="pseudo-queries artifact to learn from as well")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="continue from the last checkpoint (distill.save_steps)")] = False,
+    config_file: ConfigOption = None,
+    out: OutOption = None,
+    overrides: Overrides = None,
+) -> None:
+    """ScalingNote stage 2: distil the query tower into a small student (MSE + cosine to the teacher).
+
+    Documents keep the teacher's embeddings: the student searches the teacher's index as it is,
+    and carries its embedding space. distill.student=layers:N keeps the teacher's lower N layers;
+    any backbone works, with a projection when widths differ.
+    """
+    from distill.run import run_distill
+
+    config = _config(config_file, overrides)
+    output = _out(out, config, "student")
+    _produce(config, "distill", output, "distilled query encoder",
+             lambda tracker: run_distill(config, encoder or config.run_dir / "encoder",
+                                         index or config.run_dir / "index", output, tracker,
+                                         pseudo_queries=pseudo, resume=resume))
+
+
 @command(app)
 def export(
-    encoder: Annotated[Path | None, typer.Option(help="dual-encoder artifact (default: RUN_DIR/encoder)")] = None,
+    encoder: Annotated[
+        Path | None, typer.Option(help="dual-encoder or distilled query-encoder artifact (default: RUN_DIR/encoder)")
+    ] = None,
     config_file: ConfigOption = None,
     out: OutOption = None,
     overrides: Overrides = None,

@@ -90,6 +90,37 @@ class TrainConfig(Section):
     checkpoint_dir: Path | None = None
 
 
+class DistillConfig(Section):
+    """ScalingNote stage 2: a small query tower learns the frozen teacher query tower's embeddings."""
+
+    # "layers:N": the teacher query tower's lower N layers; else a registered backbone or HF model
+    # directory (with a linear projection when its width differs from the teacher's).
+    student: str = "layers:3"
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(32, ge=2)
+    learning_rate: float = Field(1e-4, gt=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    # loss = mse_weight * |s - t|^2 + cosine_weight * (1 - cos(s, t)), per query, averaged.
+    mse_weight: float = Field(1.0, ge=0)
+    cosine_weight: float = Field(1.0, ge=0)
+    # Judged train queries held out to score the student by retrieval against the teacher's index.
+    dev_queries: int = Field(100, ge=1)
+    # Pseudo-queries per document: its title (when it has pseudo_min_words) and N sentences.
+    pseudo_sentences_per_doc: int = Field(1, ge=0)
+    pseudo_min_words: int = Field(4, ge=1)
+    pseudo_max_words: int = Field(40, ge=1)
+    # A text file of extra unlabeled queries (a query log), one per line.
+    query_log: Path | None = None
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    seed: int = 13
+    log_every: int = Field(10, ge=1)
+    save_steps: int = Field(0, ge=0)
+    save_total_limit: int = Field(2, ge=1)
+
+
 class ExportConfig(Section):
     opset: int = Field(18, ge=14)
     parity_atol: float = Field(1e-4, gt=0)
@@ -139,6 +170,7 @@ class TowerlineConfig(Section):
     pairs: PairsConfig = PairsConfig()
     encoder: EncoderConfig = EncoderConfig()
     train: TrainConfig = TrainConfig()
+    distill: DistillConfig = DistillConfig()
     export: ExportConfig = ExportConfig()
     index: IndexConfig = IndexConfig()
     serve: ServeConfig = ServeConfig()

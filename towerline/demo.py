@@ -63,9 +63,10 @@ def loopback_service(config: TowerlineConfig, index_dir: Path, onnx_dir: Path) -
 def run_demo(
     config: TowerlineConfig, results_path: Path, *, split_test_queries: float | None = None, split_seed: int = 13
 ) -> dict[str, Any]:
-    from evaluation.service import evaluate_service
+    from distill.run import run_distill
     from indexing.build import build_index
     from pipelines.pairs import run_pairs
+    from pipelines.pseudo_queries import run_pseudo_queries
     from pipelines.spark import stop_spark
     from serving.onnx_export import run_export
     from training.run import init_dual_encoder, run_train
@@ -77,30 +78,32 @@ def run_demo(
     scores: dict[str, dict[str, float]] = {}
     with track(config, "demo") as parent:
         config, protocol = _training_plan(config, report, clock, root, split_test_queries, split_seed)
-        if protocol["fine_tunes"]:
+        fine_tunes = protocol["fine_tunes"]
+        if fine_tunes:
             clock.run("pairs", lambda t: run_pairs(config, root / "pairs"))
+            clock.run("pseudo_queries", lambda t: run_pseudo_queries(config, root / "pseudo-queries"))
             stop_spark()
-        encoders = {"zero_shot": root / "encoder-zero-shot"}
-        clock.run("train.zero_shot", lambda t: init_dual_encoder(config, encoders["zero_shot"]))
-        if protocol["fine_tunes"]:
-            encoders["fine_tuned"] = root / "encoder"
-            clock.run("train", lambda t: run_train(config, root / "pairs", encoders["fine_tuned"], t))
-        for label, encoder_dir in encoders.items():
-            onnx_dir, index_dir = root / f"onnx-{label}", root / f"index-{label}"
+        # label -> (artifact holding the query tower, the dual encoder whose doc tower built the index)
+        models = {"zero_shot": (root / "encoder-zero-shot", "zero_shot")}
+        clock.run("train.zero_shot", lambda t: init_dual_encoder(config, models["zero_shot"][0]))
+        if fine_tunes:
+            models["fine_tuned"] = (root / "encoder", "fine_tuned")
+            clock.run("train", lambda t: run_train(config, root / "pairs", root / "encoder", t))
+            # ScalingNote stage 2: only the query tower shrinks; the fine-tuned index is reused as it is.
+            models["distilled"] = (root / "student", "fine_tuned")
+        for label, (encoder_dir, index_label) in models.items():
+            onnx_dir, index_dir = root / f"onnx-{label}", root / f"index-{index_label}"
+            if label == "distilled":
+                clock.run("distill", lambda t, i=index_dir, e=encoder_dir: run_distill(
+                    config, root / "encoder", i, e, t, pseudo_queries=root / "pseudo-queries"))
             clock.run(f"export.{label}", lambda t, e=encoder_dir, o=onnx_dir: run_export(config, e, o, t))
-            clock.run(f"index.{label}", lambda t, e=encoder_dir, i=index_dir: build_index(config, e, i))
-            last = label == list(encoders)[-1]
-
-            def serve_and_score(tracker: Tracker, i: Path = index_dir, o: Path = onnx_dir,
-                                name: str = label, show_examples: bool = last) -> dict[str, float]:
-                with loopback_service(config, i, o) as address:
-                    metrics = evaluate_service(config, address, root / f"eval-{name}")
-                    if show_examples:
-                        _example_search(config, address)
-                tracker.metrics({f"eval.{k}": v for k, v in metrics.items()})
-                return metrics
-
-            scores[label] = clock.run(f"eval.{label}", serve_and_score)
+            if index_label == label:
+                clock.run(f"index.{label}", lambda t, e=encoder_dir, i=index_dir: build_index(config, e, i))
+            scores[label] = clock.run(
+                f"eval.{label}",
+                lambda t, o=onnx_dir, i=index_dir, name=label: _serve_and_score(
+                    config, root, name, i, o, t, show_examples=name == list(models)[-1]),
+            )
         summary = _summary(config, report, protocol, scores, clock.seconds, time.perf_counter() - started)
         summary["mlflow_run_id"] = parent.run_id
         parent.metrics({f"{label}.{k}": v for label, m in scores.items() for k, v in m.items()})
@@ -108,6 +111,25 @@ def run_demo(
     write_results(results_path, summary)
     console.print(f"results written to [bold]{results_path}[/]; artifacts under [bold]{root}[/]")
     return summary
+
+
+def _serve_and_score(config: TowerlineConfig, root: Path, label: str, index_dir: Path, onnx_dir: Path,
+                     tracker: Tracker, *, show_examples: bool) -> dict[str, float]:
+    """Quality through the gRPC service, then the ONNX query encoder's own latency on the eval queries."""
+    from evaluation.latency import encoder_latency
+    from evaluation.service import evaluate_service
+    from serving.onnx_encoder import OnnxQueryEncoder
+
+    with loopback_service(config, index_dir, onnx_dir) as address:
+        metrics = evaluate_service(config, address, root / f"eval-{label}")
+        if show_examples:
+            _example_search(config, address, label)
+    dataset = load_dataset(config.data, [config.eval.split])
+    texts = [dataset.queries[qid] for qid in dataset.split(config.eval.split)]
+    encoder = OnnxQueryEncoder(onnx_dir, intra_op_threads=config.serve.intra_op_threads)
+    metrics = {**metrics, **encoder_latency(encoder, texts)}
+    tracker.metrics({f"eval.{k}": v for k, v in metrics.items()})
+    return metrics
 
 
 def check_demo_dataset(config: TowerlineConfig) -> DatasetReport:
@@ -152,7 +174,7 @@ def _training_plan(
                     "protocol": f"no qrels/{train_split}; zero-shot on qrels/{eval_split}"}
 
 
-def _example_search(config: TowerlineConfig, address: str, examples: int = 3) -> None:
+def _example_search(config: TowerlineConfig, address: str, label: str, examples: int = 3) -> None:
     """End on what a user of the service sees: the first test queries, their top hits through gRPC,
     with the judged-relevant documents marked."""
     from serving.client import RetrievalClient
@@ -161,7 +183,8 @@ def _example_search(config: TowerlineConfig, address: str, examples: int = 3) ->
     dataset = load_dataset(config.data, [config.eval.split])
     qrels = dataset.split(config.eval.split)
     judged = [qid for qid, docs in qrels.items() if positives(docs, config.data.positive_min)]
-    console.print(f"[bold]Example searches through gRPC[/] (✓ = judged relevant in qrels/{config.eval.split})")
+    console.print(f"[bold]Example searches through gRPC[/], {label.replace('_', '-')} query encoder "
+                  f"(✓ = judged relevant in qrels/{config.eval.split})")
     with RetrievalClient(address) as client:
         for query_id in judged[:examples]:
             relevant = positives(qrels[query_id], config.data.positive_min)
@@ -172,7 +195,7 @@ def _example_search(config: TowerlineConfig, address: str, examples: int = 3) ->
 def _summary(config: TowerlineConfig, report: DatasetReport, protocol: dict[str, Any],
              scores: dict[str, dict[str, float]], stage_seconds: dict[str, float],
              total_seconds: float) -> dict[str, Any]:
-    fine_tuned = scores.get("fine_tuned")
+    fine_tuned, distilled = scores.get("fine_tuned"), scores.get("distilled")
     gain = fine_tuned["ndcg@10"] - scores["zero_shot"]["ndcg@10"] if fine_tuned else None
     return {
         **result_header("demo"),
@@ -190,7 +213,12 @@ def _summary(config: TowerlineConfig, report: DatasetReport, protocol: dict[str,
         "measured_through": "gRPC (ONNX Runtime query encoder + FAISS) on loopback",
         "zero_shot": scores["zero_shot"],
         "fine_tuned": fine_tuned,
+        "distilled": distilled,
         "ndcg@10_gain": gain,
+        "distilled_over_teacher": {
+            "ndcg@10": distilled["ndcg@10"] / fine_tuned["ndcg@10"],
+            "p50_latency": distilled["p50_ms_batch1"] / fine_tuned["p50_ms_batch1"],
+        } if distilled and fine_tuned else None,
         "fine_tuned_beats_zero_shot": gain > 0 if gain is not None else None,
         "stage_seconds": stage_seconds,
         "total_seconds": round(total_seconds, 2),
@@ -201,8 +229,10 @@ def _summary(config: TowerlineConfig, report: DatasetReport, protocol: dict[str,
 def _print_table(report: DatasetReport, split: str, scores: dict[str, dict[str, float]]) -> None:
     table = Table(title=f"{report.name} (fingerprint {report.fingerprint[:12]}), qrels/{split}, through gRPC")
     table.add_column("model")
-    for metric in ("ndcg@10", "recall@100", "mrr@10"):
-        table.add_column(metric, justify="right")
+    for column in ("nDCG@10", "R@100", "MRR@10", "p50 ms (1 query)", "queries/s (batch 32)"):
+        table.add_column(column, justify="right")
     for label, metrics in scores.items():
-        table.add_row(label.replace("_", "-"), *(f"{metrics[m]:.4f}" for m in ("ndcg@10", "recall@100", "mrr@10")))
+        quality = (f"{metrics[m]:.4f}" for m in ("ndcg@10", "recall@100", "mrr@10"))
+        speed = (f"{metrics['p50_ms_batch1']:.2f}", f"{metrics['texts_per_s_batch32']:.0f}")
+        table.add_row(label.replace("_", "-"), *quality, *speed)
     console.print(table)

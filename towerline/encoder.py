@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from towerline.errors import ConfigError
-from towerline.tower_spec import TOWER_FILE, Pooling, TowerSpec, tokenize_texts
+from towerline.tower_spec import PROJECTION_FILE, TOWER_FILE, Pooling, TowerSpec, tokenize_texts
 
 # Our own rich bars report progress; transformers' per-load tqdm bars are noise in logs.
 hf_logging.disable_progress_bar()
@@ -64,38 +65,61 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: Pooling) -
 
 
 class Tower(torch.nn.Module):
-    def __init__(self, backbone: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: TowerSpec):
+    def __init__(
+        self,
+        backbone: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        spec: TowerSpec,
+        projection: torch.nn.Linear | None = None,
+    ):
         super().__init__()
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.spec = spec
+        self.projection = projection
 
     @classmethod
-    def from_backbone(cls, name_or_path: str, spec: TowerSpec) -> Tower:
+    def from_backbone(cls, name_or_path: str, spec: TowerSpec, **model_overrides: object) -> Tower:
+        """`model_overrides` change the config at load (e.g. num_hidden_layers=3 keeps the lower layers)."""
         directory = resolve_backbone(name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        backbone = AutoModel.from_pretrained(directory)
+        backbone = AutoModel.from_pretrained(directory, **model_overrides)
         if spec.pooling == "last_token" and tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        return cls(backbone, tokenizer, spec)
+        projection = None
+        if spec.projection_dim is not None:
+            projection = torch.nn.Linear(int(backbone.config.hidden_size), spec.projection_dim)
+        return cls(backbone, tokenizer, spec, projection)
 
     @classmethod
     def load(cls, directory: Path) -> Tower:
         spec = TowerSpec.model_validate_json((Path(directory) / TOWER_FILE).read_text())
-        return cls(AutoModel.from_pretrained(directory), AutoTokenizer.from_pretrained(directory), spec)
+        tower = cls(AutoModel.from_pretrained(directory), AutoTokenizer.from_pretrained(directory), spec)
+        if spec.projection_dim is not None:
+            weights = load_file(Path(directory) / PROJECTION_FILE)
+            tower.projection = torch.nn.Linear(weights["weight"].shape[1], spec.projection_dim)
+            tower.projection.load_state_dict(weights)
+        return tower
 
     def save(self, directory: Path) -> None:
-        """HF model + tokenizer + tower.json; also loadable with `SentenceTransformer(directory)`."""
+        """HF model + tokenizer + tower.json (+ projection); also loadable with `SentenceTransformer(directory)`."""
         from towerline.st_format import write_sentence_transformers_files
 
         directory.mkdir(parents=True, exist_ok=True)
         self.backbone.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
-        write_sentence_transformers_files(directory, self.spec)
+        projection = None
+        if self.projection is not None:
+            state = self.projection.state_dict()
+            projection = {name: tensor.detach().contiguous().cpu() for name, tensor in state.items()}
+            save_file(projection, directory / PROJECTION_FILE)
+        write_sentence_transformers_files(directory, self.spec, projection)
         (directory / TOWER_FILE).write_text(self.spec.model_dump_json(indent=2))
 
     @property
     def dim(self) -> int:
+        if self.projection is not None:
+            return int(self.projection.out_features)
         return int(self.backbone.config.hidden_size)
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -109,6 +133,8 @@ class Tower(torch.nn.Module):
             inputs["position_ids"] = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
         hidden = self.backbone(**inputs).last_hidden_state
         pooled = pool(hidden, attention_mask, self.spec.pooling)
+        if self.projection is not None:
+            pooled = self.projection(pooled)
         return F.normalize(pooled, dim=-1) if self.spec.normalize else pooled
 
     @torch.inference_mode()

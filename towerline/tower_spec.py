@@ -15,7 +15,12 @@ from pydantic import BaseModel
 from transformers import PreTrainedTokenizerBase
 
 TOWER_FILE = "tower.json"
+PROJECTION_FILE = "projection.safetensors"
 DUAL_ENCODER_KIND = "dual-encoder"
+# A query tower alone (a distilled student) that searches the index of the dual encoder it came from.
+QUERY_ENCODER_KIND = "query-encoder"
+# Artifacts with a `query/` tower and an `embedding_space`: what export and serving accept.
+QUERY_TOWER_KINDS = (DUAL_ENCODER_KIND, QUERY_ENCODER_KIND)
 QUERY_DIR = "query"
 DOC_DIR = "doc"
 Pooling = Literal["mean", "cls", "last_token"]
@@ -26,6 +31,8 @@ class TowerSpec(BaseModel):
     prefix: str = ""
     max_length: int = 256
     normalize: bool = True
+    # A linear map after pooling to this width (a distilled student narrower than its teacher).
+    projection_dim: int | None = None
 
 
 def load_tower_spec(directory: Path) -> TowerSpec:

@@ -10,13 +10,13 @@ from towerline.artifacts import Manifest
 from towerline.config import TowerlineConfig
 from towerline.encoder import Tower
 from towerline.errors import ConfigError
+from towerline.hf_trainer import OrderedLossTrainer, ProgressAndTracking, last_checkpoint, training_arguments
 from towerline.towers import save_dual_encoder, towers_from_backbone
 from towerline.tracking import Tracker
 from training.batching import arrange
 from training.collator import PairCollator
 from training.dataset import ArrangedPairs, load_pairs
 from training.model import DualEncoderModel, merge_lora, prepare_backbone
-from training.trainer import DualEncoderTrainer, ProgressAndTracking, last_checkpoint, training_arguments
 
 
 def init_dual_encoder(config: TowerlineConfig, output: Path) -> Manifest:
@@ -53,7 +53,7 @@ def run_train(
                             train.seed)
     progress = ProgressAndTracking(tracker, total_steps)
     checkpoints = checkpoint_dir(config, output)
-    trainer = DualEncoderTrainer(
+    trainer = OrderedLossTrainer(
         model=model,
         args=training_arguments(train, checkpoints, total_steps),
         data_collator=collator,

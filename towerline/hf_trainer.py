@@ -1,58 +1,67 @@
-"""Stage 1 on transformers' Trainer (as Tevatron and FlagEmbedding do): our model, loss and
-collator; the library's loop for checkpoints and exact resume (model, optimizer, scheduler, RNG,
-data position), mixed precision with a grad scaler for fp16, weight-decay groups, gradient
-accumulation and DDP under torchrun."""
+"""transformers' Trainer as the one training loop of every stage (as Tevatron and FlagEmbedding
+use it): our models, losses and collators; the library's loop for checkpoints and exact resume
+(model, optimizer, scheduler, RNG, data position), mixed precision with a grad scaler for fp16,
+weight-decay groups, gradient accumulation and DDP under torchrun. Stage 1 (`training/`) and
+stage 2 (`distill/`) both run on it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch.utils.data import Dataset, SequentialSampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from towerline.config import TrainConfig
 from towerline.errors import ConfigError
 from towerline.progress import progress_bar
 from towerline.tracking import Tracker
 
 
-@dataclass
-class TrainResult:
-    steps: int
-    final_loss: float
-    mean_loss: float
-    seconds: float
-    examples_per_second: float
+class LoopSettings(Protocol):
+    """The fields of TrainConfig / DistillConfig that set up the loop."""
+
+    batch_size: int
+    gradient_accumulation_steps: int
+    learning_rate: float
+    weight_decay: float
+    warmup_ratio: float
+    log_every: int
+    save_steps: int
+    save_total_limit: int
+    seed: int
+    precision: str
 
 
-class DualEncoderTrainer(Trainer):
+class OrderedLossTrainer(Trainer):
+    """A Trainer for models whose forward returns {"loss": ...}, over a dataset already laid out in
+    training order (shuffled per epoch from a seed by the caller)."""
+
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         outputs = model(**inputs)
         return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
 
     def _get_train_sampler(self, train_dataset: Dataset | None = None) -> SequentialSampler:
-        # The batches are laid out in the dataset already (distinct queries per batch, per epoch).
+        # The batches are laid out in the dataset already (e.g. distinct queries per batch, per epoch).
         return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
 
 
 class ProgressAndTracking(TrainerCallback):
     """Our rich progress bar and MLflow tracker, fed from the Trainer's own events."""
 
-    def __init__(self, tracker: Tracker, total_steps: int) -> None:
+    def __init__(self, tracker: Tracker, total_steps: int, stage: str = "train") -> None:
         self.tracker = tracker
         self.total_steps = total_steps
+        self.stage = stage
         self.losses: list[float] = []
         self._bar_context: Any = None
         self._bar: Any = None
 
     def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:
-            self._bar_context = progress_bar("train", self.total_steps)
+            self._bar_context = progress_bar(self.stage, self.total_steps)
             self._bar = self._bar_context.__enter__()
             self._bar.update(0, completed=state.global_step)
 
@@ -66,9 +75,10 @@ class ProgressAndTracking(TrainerCallback):
             return
         self.losses.append(float(logs["loss"]))
         model = kwargs.get("model")
-        metrics = {"train.loss": float(logs["loss"]), "train.learning_rate": float(logs.get("learning_rate", 0.0))}
-        if model is not None and hasattr(model, "loss"):
-            metrics["train.temperature"] = model.loss.temperature
+        metrics = {f"{self.stage}.loss": float(logs["loss"]),
+                   f"{self.stage}.learning_rate": float(logs.get("learning_rate", 0.0))}
+        if model is not None and hasattr(getattr(model, "loss", None), "temperature"):
+            metrics[f"{self.stage}.temperature"] = model.loss.temperature
         self.tracker.metrics(metrics, step=state.global_step)
 
     def on_train_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
@@ -88,7 +98,7 @@ def mixed_precision(precision: str) -> dict[str, bool]:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
-def training_arguments(train: TrainConfig, checkpoint_dir: Path, total_steps: int) -> TrainingArguments:
+def training_arguments(train: LoopSettings, checkpoint_dir: Path, total_steps: int) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(checkpoint_dir),
         max_steps=total_steps,
@@ -118,5 +128,5 @@ def training_arguments(train: TrainConfig, checkpoint_dir: Path, total_steps: in
 def last_checkpoint(checkpoint_dir: Path) -> str:
     found = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
     if found is None:
-        raise ConfigError(f"--resume: no checkpoint-N directory under {checkpoint_dir} (set train.save_steps)")
+        raise ConfigError(f"--resume: no checkpoint-N directory under {checkpoint_dir} (set save_steps)")
     return found

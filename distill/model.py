@@ -1,0 +1,71 @@
+"""The student query tower and the ScalingNote stage-2 loss."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers.utils import logging as hf_logging
+
+from towerline.config import DistillConfig
+from towerline.encoder import Tower
+from towerline.errors import ConfigError
+from towerline.tower_spec import TowerSpec
+
+LAYERS_PREFIX = "layers:"
+
+
+def build_student(settings: DistillConfig, teacher: Tower, teacher_dir: Path) -> Tower:
+    """"layers:N": the teacher's own lower N layers (same width, same tokenizer); otherwise another
+    backbone with the teacher's prompt, plus a linear projection when the widths differ."""
+    if settings.student.startswith(LAYERS_PREFIX):
+        layers = _layer_count(settings.student, int(teacher.backbone.config.num_hidden_layers))
+        # The upper layers' weights are left out on purpose: silence the load report listing them.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            return Tower.from_backbone(str(teacher_dir), teacher.spec.model_copy(update={"projection_dim": None}),
+                                       num_hidden_layers=layers)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    plain = Tower.from_backbone(settings.student, TowerSpec())
+    width = int(plain.backbone.config.hidden_size)
+    spec = teacher.spec.model_copy(update={"pooling": "mean", "projection_dim": teacher.dim if width != teacher.dim
+                                           else None})
+    return Tower.from_backbone(settings.student, spec)
+
+
+def _layer_count(student: str, teacher_layers: int) -> int:
+    text = student.removeprefix(LAYERS_PREFIX)
+    if not text.isdigit() or not 0 < int(text) < teacher_layers:
+        raise ConfigError(f"distill.student={student!r}: keep between 1 and {teacher_layers - 1} of the "
+                          f"teacher's {teacher_layers} layers")
+    return int(text)
+
+
+def count_parameters(tower: Tower) -> int:
+    return sum(parameter.numel() for parameter in tower.parameters())
+
+
+class DistillationModel(torch.nn.Module):
+    """loss = λ·‖s − t‖² + μ·(1 − cos(s, t)), averaged over queries (ScalingNote stage 2).
+
+    The squared distance is summed over dimensions, so on unit vectors both terms share a scale
+    (‖s − t‖² = 2 − 2·cos); the teacher's embeddings come precomputed with the batch.
+    """
+
+    def __init__(self, student: Tower, mse_weight: float, cosine_weight: float) -> None:
+        super().__init__()
+        self.student = student
+        self.mse_weight = mse_weight
+        self.cosine_weight = cosine_weight
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                teacher_embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
+        student_embeddings = self.student(input_ids=input_ids, attention_mask=attention_mask)
+        teacher_embeddings = teacher_embeddings.to(student_embeddings.dtype)
+        squared = (student_embeddings - teacher_embeddings).pow(2).sum(dim=-1)
+        cosine = F.cosine_similarity(student_embeddings, teacher_embeddings, dim=-1)
+        loss = (self.mse_weight * squared + self.cosine_weight * (1 - cosine)).mean()
+        return {"loss": loss}

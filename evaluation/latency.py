@@ -1,0 +1,36 @@
+"""Query-encoder speed, measured the same way everywhere (demo table, `towerline bench ...`)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+
+def encoder_throughput(encoder: Any, texts: list[str], batch_size: int) -> float:
+    """Texts per second for `encoder.encode` over `texts` in batches of `batch_size` (after a warm-up)."""
+    encoder.encode(texts[:batch_size])
+    started = time.perf_counter()
+    for start in range(0, len(texts), batch_size):
+        encoder.encode(texts[start : start + batch_size])
+    return len(texts) / (time.perf_counter() - started)
+
+
+def percentile(sorted_values: list[float], fraction: float) -> float:
+    index = min(len(sorted_values) - 1, round(fraction * (len(sorted_values) - 1)))
+    return sorted_values[index]
+
+
+def encoder_latency(encoder: Any, texts: list[str]) -> dict[str, float]:
+    """One query at a time (what an online caller waits for): p50/p95 in ms; and batch-32 throughput."""
+    encoder.encode(texts[:1])
+    latencies_ms = []
+    for text in texts:
+        started = time.perf_counter()
+        encoder.encode([text])
+        latencies_ms.append((time.perf_counter() - started) * 1000)
+    ordered = sorted(latencies_ms)
+    return {
+        "p50_ms_batch1": percentile(ordered, 0.50),
+        "p95_ms_batch1": percentile(ordered, 0.95),
+        "texts_per_s_batch32": encoder_throughput(encoder, texts, 32),
+    }

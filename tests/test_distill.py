@@ -1,0 +1,118 @@
+"""Stage 2: pseudo-queries (Spark), query-tower distillation, and the student served against the
+teacher's index over a real gRPC channel."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from distill.run import run_distill
+from indexing.build import build_index
+from pipelines.pseudo_queries import pseudo_queries_for, run_pseudo_queries
+from serving.app import build_service
+from serving.client import RetrievalClient
+from serving.onnx_export import run_export
+from serving.server import start_server
+from towerline.config import DistillConfig, TowerlineConfig
+from towerline.encoder import Tower
+from towerline.errors import ArtifactError
+from towerline.tracking import Tracker
+from training.run import init_dual_encoder
+
+
+@pytest.fixture()
+def teacher(tiny_config: TowerlineConfig, tmp_path: Path) -> tuple[Path, Path]:
+    """A dual encoder and the FAISS index its doc tower built: what a distilled student must search."""
+    init_dual_encoder(tiny_config, tmp_path / "teacher")
+    build_index(tiny_config, tmp_path / "teacher", tmp_path / "teacher-index")
+    return tmp_path / "teacher", tmp_path / "teacher-index"
+
+
+def distill_config(tiny_config: TowerlineConfig) -> TowerlineConfig:
+    config = tiny_config.model_copy(deep=True)
+    config.distill.student = "layers:1"
+    config.distill.batch_size = 8
+    config.distill.epochs = 8
+    config.distill.learning_rate = 3e-3
+    config.distill.dev_queries = 5
+    return config
+
+
+def test_pseudo_queries_are_titles_and_sentences_drawn_the_same_way_every_time() -> None:
+    settings = DistillConfig(pseudo_sentences_per_doc=2, pseudo_min_words=3)
+    body = "Short one. This sentence has enough words in it. Another sentence that is long enough! Tiny."
+    rows = pseudo_queries_for("d1", "A title of five words", body, settings)
+    assert rows[0] == ("A title of five words", "d1", "title")
+    sentences = {text for text, _, kind in rows if kind == "sentence"}
+    assert sentences == {"This sentence has enough words in it.", "Another sentence that is long enough!"}
+    assert pseudo_queries_for("d1", "A title of five words", body, settings) == rows
+    assert pseudo_queries_for("d2", "Two words", body, DistillConfig(pseudo_sentences_per_doc=1))[0][2] == "sentence"
+
+
+def test_distilled_student_learns_the_teacher_and_keeps_its_embedding_space(
+    tiny_config: TowerlineConfig, teacher: tuple[Path, Path], tiny_decoder: Path, tmp_path: Path
+) -> None:
+    """A student of another architecture (a tiny Llama) starts far from the teacher and learns it."""
+    config = distill_config(tiny_config)
+    config.distill.student = str(tiny_decoder)
+    run_pseudo_queries(config, tmp_path / "pseudo")
+    pseudo = pd.read_parquet(tmp_path / "pseudo" / "queries.parquet")
+    assert len(pseudo) == 80 and set(pseudo["kind"]) == {"sentence"}  # 2-word titles are too short
+
+    teacher_dir, index_dir = teacher
+    manifest = run_distill(config, teacher_dir, index_dir, tmp_path / "student", Tracker(None),
+                           pseudo_queries=tmp_path / "pseudo")
+    teacher_manifest = json.loads((teacher_dir / "manifest.json").read_text())
+    assert manifest.kind == "query-encoder"
+    assert manifest.metadata["embedding_space"] == teacher_manifest["metadata"]["embedding_space"]
+    assert manifest.metadata["student_parameters"] < manifest.metadata["teacher_parameters"]
+    assert manifest.metadata["queries"]["pseudo_queries"] == 80 and manifest.metadata["queries"]["dev_queries"] == 5
+    assert len(manifest.metadata["dev_ndcg_at_10"]["per_epoch"]) >= 1
+
+    # The student moved towards the teacher on texts it never saw.
+    held_out = ["zebra crossing at night", "a completely new query", "d1 d2 d3"]
+    teacher_tower = Tower.load(teacher_dir / "query")
+    student = Tower.load(tmp_path / "student" / "query")
+    initial = Tower.from_backbone(str(tiny_decoder), student.spec)
+    target = teacher_tower.encode(held_out)
+    before = (initial.encode(held_out) * target).sum(axis=1).mean()
+    after = (student.encode(held_out) * target).sum(axis=1).mean()
+    assert after > before + 0.2, (before, after)
+
+
+def test_the_student_serves_against_the_teacher_index_and_no_other(
+    tiny_config: TowerlineConfig, teacher: tuple[Path, Path], tmp_path: Path
+) -> None:
+    config = distill_config(tiny_config)
+    config.distill.max_steps = 2
+    teacher_dir, index_dir = teacher
+    run_distill(config, teacher_dir, index_dir, tmp_path / "student", Tracker(None))
+    run_export(config, tmp_path / "student", tmp_path / "student-onnx")
+    service = build_service(config, index_dir, tmp_path / "student-onnx")
+    server, port = start_server(service, config.serve.model_copy(update={"port": 0}))
+    try:
+        with RetrievalClient(f"127.0.0.1:{port}") as client:
+            hits = client.search("topic words of a query", 5)
+            assert len(hits) == 5
+            expected = service.search("topic words of a query", 5).hits
+            assert [doc_id for doc_id, _ in hits] == [doc_id for doc_id, _ in expected]
+            assert client.info().embedding_space == json.loads(
+                (teacher_dir / "manifest.json").read_text())["metadata"]["embedding_space"]
+    finally:
+        server.stop(grace=1).wait()
+
+    # Another dual encoder's index lives in another embedding space: refused, at distillation and at serving.
+    other = config.model_copy(deep=True)
+    other.encoder.pooling = "cls"
+    init_dual_encoder(other, tmp_path / "other")
+    build_index(other, tmp_path / "other", tmp_path / "other-index")
+    with pytest.raises(ArtifactError, match="embedding space mismatch"):
+        build_service(config, tmp_path / "other-index", tmp_path / "student-onnx")
+    with pytest.raises(ArtifactError, match="embedding space mismatch"):
+        run_distill(config, teacher_dir, tmp_path / "other-index", tmp_path / "nope", Tracker(None))
+    assert not (tmp_path / "nope").exists()
+    assert np.isfinite(hits[0][1])
