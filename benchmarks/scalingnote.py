@@ -1,0 +1,174 @@
+"""`towerline bench scalingnote`: ScalingNote's two stages against their baselines, in one run.
+
+On one dataset (SciFact by default), with the same pairs and seed for every trained model:
+BM25 with stemming; dual towers fine-tuned from each teacher backbone (MiniLM-L6, mpnet — the
+MiniLM row is also the end-to-end baseline: the small model trained directly as a dual tower);
+and the distilled student (MiniLM-L6 + a projection to the teacher's width) searching the
+largest teacher's own index. For each: nDCG@10 / Recall@100 / MRR@10 on the eval split, and the
+ONNX query encoder's latency (one query, p50) and throughput (batch 32) on this machine.
+Every figure comes from this run; ratios between rows are what to read on a noisy machine.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from evaluation.latency import encoder_latency
+from evaluation.metrics import score_run
+from evaluation.retrieval import retrieval_metrics
+from towerline.beir import load_dataset, positives
+from towerline.config import TowerlineConfig
+from towerline.progress import console
+from towerline.results import result_header, write_results
+from towerline.tracking import Tracker
+
+
+def run_scalingnote_bench(
+    config: TowerlineConfig, teachers: list[str], student: str, root: Path, results_path: Path
+) -> dict[str, Any]:
+    """`teachers` from smallest to largest; the largest is distilled into `student`."""
+    from pipelines.pairs import run_pairs
+    from pipelines.pseudo_queries import run_pseudo_queries
+    from pipelines.spark import stop_spark
+
+    started = time.perf_counter()
+    seconds: dict[str, float] = {}
+    dataset = load_dataset(config.data, [config.eval.split])
+    qrels = dataset.split(config.eval.split)
+    queries = {qid: dataset.queries[qid] for qid, docs in qrels.items() if positives(docs, config.data.positive_min)}
+    rows: dict[str, dict[str, Any]] = {"bm25_stemmed": _timed(seconds, "bm25", lambda: _bm25(config, dataset, queries))}
+    _timed(seconds, "pairs", lambda: run_pairs(config, root / "pairs"))
+    _timed(seconds, "pseudo_queries", lambda: run_pseudo_queries(config, root / "pseudo-queries"))
+    stop_spark()
+    for backbone in teachers:
+        rows[f"dual_tower_{Path(backbone).name}"] = _dual_tower_row(config, backbone, root, queries, seconds)
+    largest = teachers[-1]
+    rows["student"] = _student_row(config, largest, student, root, queries, seconds)
+    # Latency last, every encoder back to back, so that all rows are timed under the same conditions.
+    _timed(seconds, "latency", lambda: _measure_latency(config, rows, list(queries.values())))
+    summary = {
+        **result_header("scalingnote"),
+        "dataset": dataset.files.identity(),
+        "split": config.eval.split,
+        "queries": len(queries),
+        "rows": rows,
+        "targets": _targets(rows, largest, teachers[0]),
+        "stage_seconds": seconds,
+        "total_seconds": round(time.perf_counter() - started, 1),
+        "config": config.flat(),
+    }
+    write_results(results_path, summary)
+    console.print_json(data={"rows": rows, "targets": summary["targets"]})
+    return summary
+
+
+def _timed(seconds: dict[str, float], name: str, work: Any) -> Any:
+    console.rule(f"[bold]{name}")
+    started = time.perf_counter()
+    result = work()
+    seconds[name] = round(time.perf_counter() - started, 1)
+    return result
+
+
+def _bm25(config: TowerlineConfig, dataset: Any, queries: dict[str, str]) -> dict[str, Any]:
+    from pipelines.negatives import build_index, tokenize
+
+    doc_ids = list(dataset.corpus)
+    index = build_index(doc_ids, [dataset.corpus[d].full_text for d in doc_ids], "english")
+    query_ids = list(queries)
+    found = index.retriever.retrieve(tokenize([queries[q] for q in query_ids], "english"),
+                                     k=min(100, len(doc_ids)), show_progress=False, n_threads=1)
+    run = {qid: {doc_ids[row]: float(score) for row, score in zip(rows, scores, strict=True)}
+           for qid, rows, scores in zip(query_ids, found.documents, found.scores, strict=True)}
+    return {"model": "bm25s + english stemming", **score_run(dataset.split(config.eval.split), run,
+                                                              config.data.positive_min)}
+
+
+def _with_backbone(config: TowerlineConfig, backbone: str) -> TowerlineConfig:
+    variant = config.model_copy(deep=True)
+    variant.encoder.backbone = backbone
+    return variant
+
+
+def _dual_tower_row(config: TowerlineConfig, backbone: str, root: Path, queries: dict[str, str],
+                    seconds: dict[str, float]) -> dict[str, Any]:
+    from indexing.build import build_index
+    from serving.onnx_export import run_export
+    from training.run import run_train
+
+    variant, base = _with_backbone(config, backbone), root / Path(backbone).name
+    manifest = _timed(seconds, f"train.{backbone}",
+                      lambda: run_train(variant, root / "pairs", base / "encoder", Tracker(None)))
+    _timed(seconds, f"export.{backbone}", lambda: run_export(variant, base / "encoder", base / "onnx"))
+    _timed(seconds, f"index.{backbone}", lambda: build_index(variant, base / "encoder", base / "index"))
+    row = _score(variant, base / "onnx", base / "index", queries)
+    return {"model": f"{Path(backbone).name} dual tower, fine-tuned",
+            "parameters_per_tower": _parameters(base / "encoder"),
+            "train_seconds": manifest.metadata["train_seconds"], **row}
+
+
+def _student_row(config: TowerlineConfig, teacher: str, student_backbone: str, root: Path, queries: dict[str, str],
+                 seconds: dict[str, float]) -> dict[str, Any]:
+    from distill.run import run_distill
+    from serving.onnx_export import run_export
+
+    variant = _with_backbone(config, teacher)
+    variant.distill.student = student_backbone
+    base, student, student_onnx = root / Path(teacher).name, root / "student", root / "student-onnx"
+    manifest = _timed(seconds, "distill", lambda: run_distill(variant, base / "encoder", base / "index", student,
+                                                              Tracker(None), pseudo_queries=root / "pseudo-queries"))
+    _timed(seconds, "export.student", lambda: run_export(variant, student, student_onnx))
+    row = _score(variant, student_onnx, base / "index", queries)
+    return {"model": f"{Path(student_backbone).name} student of {Path(teacher).name}, on the teacher's index",
+            "parameters_per_tower": manifest.metadata["student_parameters"],
+            "distill_queries": manifest.metadata["queries"], "dev_ndcg@10": manifest.metadata["dev_ndcg_at_10"],
+            **row}
+
+
+def _score(config: TowerlineConfig, onnx_dir: Path, index_dir: Path, queries: dict[str, str]) -> dict[str, Any]:
+    from indexing.load import load_index
+    from serving.onnx_encoder import OnnxQueryEncoder
+
+    encoder = OnnxQueryEncoder(onnx_dir, intra_op_threads=config.serve.intra_op_threads)
+    index = load_index(index_dir, config.index)
+    dataset = load_dataset(config.data, [config.eval.split])
+    quality = retrieval_metrics(encoder.encode, queries, dataset.split(config.eval.split), index,
+                                config.data.positive_min)
+    return {**quality, "onnx": str(onnx_dir)}
+
+
+def _measure_latency(config: TowerlineConfig, rows: dict[str, dict[str, Any]], texts: list[str]) -> None:
+    from serving.onnx_encoder import OnnxQueryEncoder
+
+    for row in rows.values():
+        if "onnx" in row:
+            encoder = OnnxQueryEncoder(Path(row.pop("onnx")), intra_op_threads=config.serve.intra_op_threads)
+            row.update(encoder_latency(encoder, texts))
+
+
+def _parameters(encoder_dir: Path) -> int:
+    from distill.model import count_parameters
+    from towerline.towers import load_towers
+
+    return count_parameters(load_towers(encoder_dir)[0])
+
+
+def _targets(rows: dict[str, dict[str, Any]], teacher: str, smallest: str) -> dict[str, Any]:
+    """ScalingNote's claims as measured ratios and comparisons (reported, never asserted here); the
+    end-to-end baseline is the smallest teacher, trained directly as a dual tower."""
+    student = rows.get("student")
+    teacher_row = rows.get(f"dual_tower_{Path(teacher).name}")
+    baseline = rows.get(f"dual_tower_{Path(smallest).name}")
+    bm25 = rows["bm25_stemmed"]["ndcg@10"]
+    if not (student and teacher_row):
+        return {}
+    return {
+        "student_ndcg_over_teacher": student["ndcg@10"] / teacher_row["ndcg@10"],
+        "student_p50_latency_over_teacher": student["p50_ms_batch1"] / teacher_row["p50_ms_batch1"],
+        "student_beats_end_to_end_baseline": bool(baseline and student["ndcg@10"] > baseline["ndcg@10"]),
+        "end_to_end_baseline": f"dual_tower_{Path(smallest).name}",
+        "teacher_beats_bm25": teacher_row["ndcg@10"] > bm25,
+        "student_beats_bm25": student["ndcg@10"] > bm25,
+    }
