@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -93,3 +94,31 @@ def test_uneven_ranks_gather_and_a_repeated_positive_is_masked_across_ranks(tmp_
         scores[row, twin] = float("-inf")
         expected.append(torch.nn.functional.cross_entropy(scores, labels))
     assert torch.allclose(torch.stack(per_rank), torch.stack(expected), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_towerline_train_under_torchrun_writes_one_artifact_and_one_run(
+    tiny_dataset: Path, tiny_backbone: Path, tmp_path: Path
+) -> None:
+    """Two CPU ranks (gloo) through infra/torchrun.sh: the steps split across ranks, rank 0 alone writes and tracks."""
+    import json
+    import os
+    import sqlite3
+    import subprocess
+    import sys
+
+    from test_training import write_pairs_artifact
+
+    write_pairs_artifact(tiny_dataset, tmp_path / "pairs")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    script = Path(__file__).resolve().parents[1] / "infra" / "torchrun.sh"
+    command = ["bash", str(script), "2", "--pairs", str(tmp_path / "pairs"), "--out", str(tmp_path / "encoder"),
+               f"data.dir={tiny_dataset}", f"encoder.backbone={tiny_backbone}", "train.batch_size=4",
+               "train.epochs=2", "encoder.max_query_length=16", "encoder.max_doc_length=48",
+               f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"run_dir={tmp_path / 'runs'}"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((tmp_path / "encoder" / "manifest.json").read_text())
+    assert manifest["metadata"]["steps"] == 5  # 20 pairs, batches of 4, 2 epochs, 2 ranks
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        assert [row[0] for row in db.execute("select name from runs")] == ["train"]

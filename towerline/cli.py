@@ -110,13 +110,14 @@ def _produce(
 
     with track(config, stage) as tracker:
         manifest = produce(tracker)
-        if manifest is not None:
-            numbers = {
-                f"{stage}.{key}": value
-                for key, value in manifest.metadata.items()
-                if isinstance(value, int | float) and not isinstance(value, bool)
-            }
-            tracker.metrics(numbers)
+        if manifest is None:
+            return  # a non-zero DDP rank: rank 0 writes the artifact
+        numbers = {
+            f"{stage}.{key}": value
+            for key, value in manifest.metadata.items()
+            if isinstance(value, int | float) and not isinstance(value, bool)
+        }
+        tracker.metrics(numbers)
         tracker.artifact_dir(output, stage)
     console.print(f"[green]✓[/] {label} written to [bold]{escape(str(output))}[/]")
 

@@ -112,7 +112,8 @@ def training_arguments(train: LoopConfig, checkpoint_dir: Path, total_steps: int
         disable_tqdm=True,
         remove_unused_columns=False,
         dataloader_num_workers=0,
-        ddp_find_unused_parameters=False,
+        # Backbones carry parameters our pooling never uses (BERT's pooler head): DDP must expect them.
+        ddp_find_unused_parameters=True,
         **mixed_precision(train.precision),
     )
 

@@ -93,8 +93,9 @@ def tracking_uri(config: TowerlineConfig) -> str:
 
 @contextmanager
 def track(config: TowerlineConfig, run_name: str, *, nested: bool = False) -> Iterator[Tracker]:
-    """Open an MLflow run with the resolved config as params; nested runs share the parent."""
-    if not config.tracking.enabled:
+    """Open an MLflow run with the resolved config as params; nested runs share the parent.
+    Under torchrun only rank 0 tracks: the other ranks would open duplicate runs."""
+    if not config.tracking.enabled or os.environ.get("RANK", "0") != "0":
         yield Tracker(None)
         return
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

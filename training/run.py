@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -52,13 +53,15 @@ def run_train(
                         train.max_steps * accumulation if train.max_steps else None)
     except ValueError as exc:
         raise ConfigError(f"train.batch_size={train.batch_size}: {exc}; lower train.batch_size") from None
-    total_steps = max(1, len(order) // train.batch_size // accumulation)
+    # Under DDP each optimizer step consumes one batch per rank.
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    total_steps = max(1, len(order) // train.batch_size // accumulation // world_size)
     torch.manual_seed(train.seed)  # LoRA adapters start from the same random init every run
     model = build_model(config)
     collator = PairCollator(model.query_tower, model.doc_tower, train.hard_negatives, pairs.known_positives,
                             train.seed)
     progress = ProgressAndTracking(tracker, total_steps)
-    steps_per_epoch = max(1, len(pairs.examples) // train.batch_size // accumulation)
+    steps_per_epoch = max(1, len(pairs.examples) // train.batch_size // accumulation // world_size)
     keep_best = KeepBestOnDev(model, dev, tracker, steps_per_epoch) if dev else None
     checkpoints = checkpoint_dir(config, output)
     trainer = OrderedLossTrainer(
