@@ -9,7 +9,7 @@ from typing import Any
 
 from evaluation.metrics import Run, score_run
 from towerline.artifacts import ArtifactWriter, Manifest
-from towerline.beir import BeirDataset, load_dataset, positives, source_name
+from towerline.beir import load_dataset, positives
 from towerline.config import TowerlineConfig
 from towerline.errors import DataError
 from towerline.progress import console, progress_bar
@@ -45,7 +45,7 @@ def evaluate(
     split, positive_min = config.eval.split, config.data.positive_min
     dataset = load_dataset(config.data, [split])  # checked before the first query is sent
     qrels = dataset.split(split)
-    dropped = _dropped_judgments(dataset, split)
+    dropped = dataset.rejected_in(dataset.files.split_file(split))
     if dropped:
         console.print(f"[yellow]qrels/{split}: {dropped} judgment(s) dropped (unknown query or doc id, or repeated)")
     queries = {qid: dataset.queries[qid] for qid, docs in qrels.items() if positives(docs, positive_min)}
@@ -60,11 +60,6 @@ def evaluate(
                                dataset=dataset.files.identity(), dropped_judgments=dropped)
     assert staged.manifest is not None
     return metrics, staged.manifest
-
-
-def _dropped_judgments(dataset: BeirDataset, split: str) -> int:
-    qrels_source = source_name(dataset.files.split_file(split))
-    return sum(1 for rejection in dataset.rejections if rejection.source == qrels_source)
 
 
 def _write_trec_run(path: Path, run: Run) -> None:

@@ -37,7 +37,7 @@ def build_index(config: TowerlineConfig, encoder_path: Path, output: Path) -> Ma
         config=config,
         metadata={
             "dataset": dataset.files.identity(),
-            "quarantined_documents": sum(1 for r in dataset.rejections if r.path == dataset.files.corpus),
+            "quarantined_documents": dataset.rejected_in(dataset.files.corpus),
             "encoder": str(encoder_path),
         },
     )

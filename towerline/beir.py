@@ -295,12 +295,18 @@ class BeirDataset:
     rows: Counter[str] = field(default_factory=Counter)
     rejections: list[Rejection] = field(default_factory=list)
 
+    def first_fatal(self) -> Rejection | None:
+        """The first malformed row, in file order (corpus, queries, qrels)."""
+        return next((rejection for rejection in self.rejections if rejection.fatal), None)
+
+    def rejected_in(self, path: Path) -> int:
+        return sum(1 for rejection in self.rejections if rejection.path == path)
+
     def enforce(self, on_malformed: str) -> BeirDataset:
-        """Under `fail`, raise the first malformed row (in file order); under `quarantine`, go on."""
-        if on_malformed == "fail":
-            for rejection in self.rejections:
-                if rejection.fatal:
-                    raise rejection.error()
+        """Under `fail`, raise the first malformed row; under `quarantine`, go on."""
+        first = self.first_fatal()
+        if on_malformed == "fail" and first is not None:
+            raise first.error()
         return self
 
     def split(self, name: str) -> Qrels:

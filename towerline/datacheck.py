@@ -99,7 +99,7 @@ def build_report(dataset: BeirDataset, data: DataConfig) -> DatasetReport:
     identity = dataset.files.identity()
     documents = list(dataset.corpus.values())
     rejected = Counter((r.source, r.reason, r.fatal) for r in dataset.rejections)
-    first_fatal = next((r for r in dataset.rejections if r.fatal), None)
+    first_fatal = dataset.first_fatal()
     return DatasetReport(
         name=identity["name"],
         fingerprint=identity["fingerprint"],

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from rich.table import Table
 
-from towerline.beir import QRELS_DIR, load_dataset, positives
+from towerline.beir import QRELS_DIR, BeirDataset, load_dataset, positives
 from towerline.config import TowerlineConfig
 from towerline.datacheck import DatasetReport, check_dataset, print_report
 from towerline.errors import DataError
@@ -78,6 +78,7 @@ def run_demo(
     scores: dict[str, dict[str, float]] = {}
     with track(config, "demo") as parent:
         config, protocol = _training_plan(config, report, clock, root, split_test_queries, split_seed)
+        evaluated = load_dataset(config.data, [config.eval.split])  # read once: latency texts, example searches
         fine_tunes = protocol["fine_tunes"]
         if fine_tunes:
             clock.run("pairs", lambda t: run_pairs(config, root / "pairs"))
@@ -102,7 +103,7 @@ def run_demo(
             scores[label] = clock.run(
                 f"eval.{label}",
                 lambda t, o=onnx_dir, i=index_dir, name=label: _serve_and_score(
-                    config, root, name, i, o, t, show_examples=name == list(models)[-1]),
+                    config, evaluated, root, name, i, o, t, show_examples=name == list(models)[-1]),
             )
         summary = _summary(config, report, protocol, scores, clock.seconds, time.perf_counter() - started)
         summary["mlflow_run_id"] = parent.run_id
@@ -113,8 +114,8 @@ def run_demo(
     return summary
 
 
-def _serve_and_score(config: TowerlineConfig, root: Path, label: str, index_dir: Path, onnx_dir: Path,
-                     tracker: Tracker, *, show_examples: bool) -> dict[str, float]:
+def _serve_and_score(config: TowerlineConfig, evaluated: BeirDataset, root: Path, label: str, index_dir: Path,
+                     onnx_dir: Path, tracker: Tracker, *, show_examples: bool) -> dict[str, float]:
     """Quality through the gRPC service, then the ONNX query encoder's own latency on the eval queries."""
     from evaluation.latency import encoder_latency
     from evaluation.service import evaluate_service
@@ -123,9 +124,8 @@ def _serve_and_score(config: TowerlineConfig, root: Path, label: str, index_dir:
     with loopback_service(config, index_dir, onnx_dir) as address:
         metrics = evaluate_service(config, address, root / f"eval-{label}")
         if show_examples:
-            _example_search(config, address, label)
-    dataset = load_dataset(config.data, [config.eval.split])
-    texts = [dataset.queries[qid] for qid in dataset.split(config.eval.split)]
+            _example_search(config, evaluated, address, label)
+    texts = [evaluated.queries[qid] for qid in evaluated.split(config.eval.split)]
     encoder = OnnxQueryEncoder(onnx_dir, intra_op_threads=config.serve.intra_op_threads)
     metrics = {**metrics, **encoder_latency(encoder, texts)}
     tracker.metrics({f"eval.{k}": v for k, v in metrics.items()})
@@ -174,13 +174,13 @@ def _training_plan(
                     "protocol": f"no qrels/{train_split}; zero-shot on qrels/{eval_split}"}
 
 
-def _example_search(config: TowerlineConfig, address: str, label: str, examples: int = 3) -> None:
+def _example_search(config: TowerlineConfig, dataset: BeirDataset, address: str, label: str,
+                    examples: int = 3) -> None:
     """End on what a user of the service sees: the first test queries, their top hits through gRPC,
     with the judged-relevant documents marked."""
     from serving.client import RetrievalClient
     from towerline.display import print_hits
 
-    dataset = load_dataset(config.data, [config.eval.split])
     qrels = dataset.split(config.eval.split)
     judged = [qid for qid, docs in qrels.items() if positives(docs, config.data.positive_min)]
     console.print(f"[bold]Example searches through gRPC[/], {label.replace('_', '-')} query encoder "
