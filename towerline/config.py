@@ -73,7 +73,8 @@ class LoopConfig(Section):
     learning_rate: float = Field(2e-5, gt=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     weight_decay: float = Field(0.01, ge=0)
-    # Note for stage 1: each accumulated micro-batch is its own contrastive batch (fewer in-batch negatives).
+    # Note for stage 1: each accumulated micro-batch is its own contrastive batch (fewer in-batch
+    # negatives); train.grad_cache_chunk keeps the whole batch as one contrastive batch instead.
     gradient_accumulation_steps: int = Field(1, ge=1)
     # fp16 trains with a grad scaler and needs a GPU; auto: bf16 (or fp16) on GPU, fp32 on CPU.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -93,6 +94,9 @@ class TrainConfig(LoopConfig):
     lora: bool = False
     lora_rank: int = Field(8, ge=1)
     gradient_checkpointing: bool = False
+    # GradCache: encode the contrastive batch this many texts at a time (memory of one chunk,
+    # negatives and gradients of the whole batch); 0 encodes the batch in one pass.
+    grad_cache_chunk: int = Field(0, ge=0)
     torch_threads: int | None = Field(None, ge=1)
     # Hold out N judged queries of the pairs as dev (0: off): scored before training and after every
     # epoch over their positives + dev_pool corpus documents; the best weights ship, and never

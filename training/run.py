@@ -19,6 +19,7 @@ from training.batching import arrange
 from training.collator import PairCollator
 from training.dataset import ArrangedPairs, load_pairs
 from training.dev import KeepBestOnDev, hold_out_dev
+from training.grad_cache import GradCacheTrainer
 from training.model import DualEncoderModel, merge_lora, prepare_backbone
 
 
@@ -64,12 +65,15 @@ def run_train(
     steps_per_epoch = max(1, len(pairs.examples) // train.batch_size // accumulation // world_size)
     keep_best = KeepBestOnDev(model, dev, tracker, steps_per_epoch) if dev else None
     checkpoints = checkpoint_dir(config, output)
-    trainer = OrderedLossTrainer(
+    trainer_class, extra = ((GradCacheTrainer, {"chunk_size": train.grad_cache_chunk}) if train.grad_cache_chunk
+                            else (OrderedLossTrainer, {}))
+    trainer = trainer_class(
         model=model,
         args=training_arguments(train, checkpoints, total_steps),
         data_collator=collator,
         train_dataset=ArrangedPairs(pairs.examples, order),
         callbacks=[progress, *([keep_best] if keep_best else [])],
+        **extra,
     )
     outcome = trainer.train(resume_from_checkpoint=last_checkpoint(checkpoints) if resume else None)
     dev_record = keep_best.restore_best() if keep_best else None
