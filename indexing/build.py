@@ -26,7 +26,9 @@ def build_index(config: TowerlineConfig, encoder_path: Path, output: Path) -> Ma
     corpus = dataset.corpus
     _, doc_tower, encoder_manifest = load_towers(encoder_path)
     doc_ids = list(corpus)
-    doc_embeddings = embed_texts(doc_tower, [corpus[doc_id].full_text for doc_id in doc_ids], config.index)
+    # Rendered with the template the doc tower was trained with (saved in its spec).
+    template = doc_tower.spec.document_template
+    doc_embeddings = embed_texts(doc_tower, [corpus[doc_id].render(template) for doc_id in doc_ids], config.index)
     return build_index_from_embeddings(
         doc_embeddings,
         doc_ids,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import reduce
+from functools import partial, reduce
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from towerline.beir import BeirDataset, DatasetFiles, load_dataset, positives, s
 from towerline.config import PairsConfig, TowerlineConfig
 from towerline.errors import DataError
 from towerline.progress import status
+from towerline.templates import DEFAULT_DOC_TEMPLATE, render_document
 
 KIND = "training-pairs"
 PAIRS_FILE = "pairs.parquet"
@@ -125,12 +126,13 @@ def publish_pairs(
     index = spark.sparkContext.broadcast(index_corpus(inputs.documents, config.pairs.stemmer))
     try:
         with ArtifactWriter(output, KIND, producer="pairs", config=config) as staged:
-            pairs = build_pairs(inputs, index, config.pairs, config.data.positive_min)
+            pairs = build_pairs(inputs, index, config.pairs, config.data.positive_min, config.encoder.doc_template)
             write_parquet(pairs, staged.path / PAIRS_FILE, PAIR_COLUMNS, ["line"])
             write_parquet(quarantine(inputs), staged.path / QUARANTINE_FILE, QUARANTINE_COLUMNS, ["source", "line"])
             stats = collect_stats(spark, staged.path, counts, files, config)
             (staged.path / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
             staged.metadata.update({key: stats[key] for key in METADATA_KEYS})
+            staged.metadata["doc_template"] = config.encoder.doc_template
     finally:
         index.destroy()
     assert staged.manifest is not None  # set by ArtifactWriter on a clean exit
@@ -158,10 +160,12 @@ def index_corpus(documents: DataFrame, stemmer: str) -> Bm25Index:
 
 
 def build_pairs(
-    inputs: Inputs, index: Broadcast[Bm25Index], settings: PairsConfig, positive_min: int
+    inputs: Inputs, index: Broadcast[Bm25Index], settings: PairsConfig, positive_min: int,
+    doc_template: str = DEFAULT_DOC_TEMPLATE,
 ) -> DataFrame:
-    """One row per positive judgment, with the query's negatives; `line` is the qrels line."""
-    documents = valid_rows(inputs.documents)
+    """One row per positive judgment, with the query's negatives; `line` is the qrels line. Document
+    texts are rendered with the doc tower's template (BM25 reads plain title and text)."""
+    documents = rendered_documents(valid_rows(inputs.documents), doc_template)
     queries = valid_rows(inputs.queries).drop("line")
     judgments = valid_rows(inputs.qrels)
     is_positive = F.col("score") >= positive_min
@@ -186,6 +190,18 @@ def build_pairs(
         .join(negatives, on="query_id")
         .select("line", *PAIR_COLUMNS)
     )
+
+
+def rendered_documents(documents: DataFrame, doc_template: str) -> DataFrame:
+    """doc_text as the doc tower reads it; the default template is what doc_text holds already."""
+    if doc_template == DEFAULT_DOC_TEMPLATE:
+        return documents
+    render = F.udf(partial(_render, doc_template), "string")
+    return documents.withColumn("doc_text", render("doc_title", "doc_body"))
+
+
+def _render(template: str, title: str | None, body: str | None) -> str:
+    return render_document(template, title or "", body or "")
 
 
 def quarantine(inputs: Inputs) -> DataFrame:

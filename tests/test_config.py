@@ -39,3 +39,17 @@ def test_malformed_override_and_yaml(tmp_path: Path) -> None:
         load_config(bad)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_doc_template_is_checked_at_the_edge() -> None:
+    from towerline.templates import render_document
+
+    config = load_config(None, ["encoder.doc_template=Title: {title} | Passage: {text}"])
+    assert load_config(None, ["encoder.doc_template={title}: {text}"]).encoder.doc_template == "{title}: {text}"
+    assert render_document(config.encoder.doc_template, "", "body") == "Title:  | Passage: body"
+    with pytest.raises(ConfigError, match=r"encoder.doc_template.*only \{title\} and \{text\}"):
+        load_config(None, ["encoder.doc_template={title} {abstract}"])
+    with pytest.raises(ConfigError, match=r"encoder.doc_template.*must contain \{text\}"):
+        load_config(None, ["encoder.doc_template=about {title}"])
+    with pytest.raises(ConfigError, match=r"encoder.doc_template"):
+        load_config(None, ["encoder.doc_template=body {text"])

@@ -167,4 +167,5 @@ def test_grad_cache_under_ddp_equals_ddp_on_whole_batches(exact_config: Towerlin
         for name in reference:
             assert torch.allclose(reference[name], cached[name], atol=1e-5, rtol=1e-4), name
     # Averaged across ranks: both ranks hold the same gradients, though their batches differed.
-    assert all(torch.allclose(results[0]["cached"][n], results[1]["cached"][n], atol=1e-6) for n in results[0]["cached"])
+    first, second = results[0]["cached"], results[1]["cached"]
+    assert all(torch.allclose(first[name], second[name], atol=1e-6) for name in first)

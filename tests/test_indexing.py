@@ -40,9 +40,12 @@ def build_synthetic(output: Path, embeddings: np.ndarray, index_type: str = "fla
 def test_built_index_finds_each_doc_as_its_own_top_hit(
     tiny_config: TowerlineConfig, tiny_dataset: Path, tmp_path: Path
 ) -> None:
-    query_tower, doc_tower = towers_from_backbone(tiny_config.encoder)
+    # Documents are rendered with the doc tower's own template, whatever the index build's config says.
+    trained_with = tiny_config.model_copy(deep=True)
+    trained_with.encoder.doc_template = "passage: {text} (from {title})"
+    query_tower, doc_tower = towers_from_backbone(trained_with.encoder)
     encoder_manifest = save_dual_encoder(
-        query_tower, doc_tower, tmp_path / "encoder", producer="test", config=tiny_config
+        query_tower, doc_tower, tmp_path / "encoder", producer="test", config=trained_with
     )
 
     manifest = build_index(tiny_config, tmp_path / "encoder", tmp_path / "index")
@@ -60,7 +63,8 @@ def test_built_index_finds_each_doc_as_its_own_top_hit(
     assert (loaded.size, loaded.dim, loaded.embedding_space) == (80, 32, manifest.metadata["embedding_space"])
     corpus = load_dataset(tiny_config.data).corpus
     doc_embeddings = doc_tower.encode(
-        [doc.full_text for doc in corpus.values()], batch_size=tiny_config.index.batch_size
+        [doc.render(trained_with.encoder.doc_template) for doc in corpus.values()],
+        batch_size=tiny_config.index.batch_size,
     )
     top_hits = [hits[0] for hits in loaded.search(doc_embeddings, k=3)]
     assert [doc_id for doc_id, _ in top_hits] == list(corpus)

@@ -20,7 +20,7 @@ from pipelines.spark import spark_session
 from towerline.artifacts import Manifest, read_manifest
 from towerline.beir import locate_dataset, read_dataset
 from towerline.config import DataConfig, TowerlineConfig, load_config
-from towerline.errors import DataError
+from towerline.errors import ConfigError, DataError
 
 MALFORMED_LINE = 5
 UNKNOWN_DOC_QREL = "q0\tno-such-doc\t1"
@@ -160,3 +160,23 @@ def test_positive_aware_mining_drops_candidates_that_score_like_the_positive() -
     assert "twin" in mine_negatives(index, query, [{"pos"}], [[]], plain)[0]
     filtered = mine_negatives(index, query, [{"pos"}], [[]], margin)[0]
     assert "twin" not in filtered and filtered  # the weaker candidates stay
+
+
+def test_a_doc_template_renders_pair_texts_and_training_refuses_another(
+    spark: SparkSession, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    from towerline.tracking import Tracker
+    from training.run import run_train
+
+    template = "Title: {title}\nPassage: {text}"
+    config = pairs_config(tiny_dataset, f"encoder.doc_template={template}")
+    manifest = run_pairs(config, tmp_path / "pairs")
+    assert manifest.metadata["doc_template"] == template
+    corpus = read_dataset(locate_dataset(DataConfig(dir=tiny_dataset))).corpus
+    pairs = pd.read_parquet(tmp_path / "pairs" / "pairs.parquet")
+    for row in pairs.itertuples():
+        assert row.positive_text == f"Title: {corpus[row.positive_id].title}\nPassage: {corpus[row.positive_id].text}"
+        assert all(text.startswith("Title: ") for text in row.negative_texts)
+    with pytest.raises(ConfigError, match=r"doc_template='Title: .*rebuild the pairs"):
+        run_train(pairs_config(tiny_dataset), tmp_path / "pairs", tmp_path / "encoder", Tracker(None))
+    assert not (tmp_path / "encoder").exists()

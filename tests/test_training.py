@@ -288,3 +288,27 @@ def test_dev_evaluation_keeps_the_best_epoch_and_never_ships_worse_than_the_star
     for shipped, start in zip(load_towers(tmp_path / "wrecked")[:2], load_towers(tmp_path / "start")[:2], strict=True):
         expected, actual = _weights(start), _weights(shipped)
         assert all(torch.equal(expected[name], actual[name]) for name in expected)
+
+
+def test_negative_search_ships_the_recipe_best_on_dev(tiny_config: TowerlineConfig, tmp_path: Path) -> None:
+    """Many unjudged relevant documents per topic: BM25's hard negatives are mostly false negatives."""
+    from pipelines.pairs import run_pairs
+    from training.recipes import search_negative_recipes
+
+    config = tiny_config.model_copy(deep=True)
+    config.data.dir = write_topic_dataset(tmp_path / "topics")
+    config.train.dev_queries = 16
+    run_pairs(config, tmp_path / "pairs")
+    manifest = search_negative_recipes(config, tmp_path / "pairs", tmp_path / "encoder", Tracker(None),
+                                       work_dir=tmp_path / "search")
+    trials = manifest.metadata["negative_search"]
+    assert set(trials) == {"in-batch", "bm25", "bm25-filtered"}
+    chosen = manifest.metadata["negative_recipe"]
+    assert trials[chosen]["dev_ndcg@10"] == max(trial["dev_ndcg@10"] for trial in trials.values())
+    assert trials[chosen]["dev_ndcg@10"] > trials[chosen]["start_dev_ndcg@10"]
+    print({name: round(trial["dev_ndcg@10"], 4) for name, trial in trials.items()})
+    for shipped, candidate in zip(load_towers(tmp_path / "encoder")[:2], load_towers(tmp_path / "search" / chosen)[:2],
+                                  strict=True):
+        expected, actual = _weights(candidate), _weights(shipped)
+        assert all(torch.equal(expected[name], actual[name]) for name in expected)
+    assert read_manifest(tmp_path / "encoder", "dual-encoder").metadata["dev"]["dev_queries"] == 16

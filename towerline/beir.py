@@ -34,6 +34,7 @@ from typing import IO
 
 from towerline.config import DataConfig
 from towerline.errors import DataError
+from towerline.templates import render_document
 
 DATA_DIR_ENV = "TOWERLINE_DATA_DIR"
 BUNDLED_DATASETS = ("scifact",)
@@ -70,6 +71,10 @@ class Document:
     def full_text(self) -> str:
         """What the doc tower and BM25 read: title and text, whichever exist."""
         return f"{self.title} {self.text}".strip()
+
+    def render(self, template: str) -> str:
+        """What a doc tower reads: title and text through its template (towerline.templates)."""
+        return render_document(template, self.title, self.text)
 
 
 class RowRejected(Exception):

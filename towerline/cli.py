@@ -141,6 +141,10 @@ def train(
     resume: Annotated[
         bool, typer.Option(help="Continue from the last checkpoint (train.save_steps) of an interrupted run.")
     ] = False,
+    negative_search: Annotated[
+        bool, typer.Option(help="Train once per negative recipe (in-batch only, BM25, filtered BM25: mined again "
+                                "with Spark) and ship the best on dev; needs train.dev_queries.")
+    ] = False,
     config_file: ConfigOption = None,
     out: OutOption = None,
     overrides: Overrides = None,
@@ -158,6 +162,10 @@ def train(
     def produce(tracker: Tracker) -> Manifest | None:
         if zero_shot:
             return init_dual_encoder(config, output)
+        if negative_search:
+            from training.recipes import search_negative_recipes
+
+            return search_negative_recipes(config, pairs_path or config.run_dir / "pairs", output, tracker)
         return run_train(config, pairs_path or config.run_dir / "pairs", output, tracker, resume=resume)
 
     _produce(config, "train", output, "dual encoder", produce)

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from towerline.errors import ConfigError
+from towerline.templates import DEFAULT_DOC_TEMPLATE, check_doc_template
 
 
 class Section(BaseModel):
@@ -58,9 +59,16 @@ class EncoderConfig(Section):
     pooling: Literal["mean", "cls", "last_token"] = "mean"
     query_prefix: str = ""
     doc_prefix: str = ""
+    # Title and text into one string for the doc tower, e.g. "Title: {title}\nPassage: {text}".
+    doc_template: str = DEFAULT_DOC_TEMPLATE
     max_query_length: int = Field(64, ge=4)
     max_doc_length: int = Field(256, ge=4)
     normalize: bool = True
+
+    @field_validator("doc_template")
+    @classmethod
+    def _valid_template(cls, template: str) -> str:
+        return check_doc_template(template)
 
 
 class LoopConfig(Section):
@@ -235,6 +243,9 @@ def _parse_override(item: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
+        value = text
+    # No setting is a mapping: "Title: {title}" is a template, not YAML's {"Title": {"title": None}}.
+    if isinstance(value, dict):
         value = text
     return key.strip(), value
 

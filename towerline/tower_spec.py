@@ -14,6 +14,8 @@ import numpy as np
 from pydantic import BaseModel
 from transformers import PreTrainedTokenizerBase
 
+from towerline.templates import DEFAULT_DOC_TEMPLATE
+
 TOWER_FILE = "tower.json"
 PROJECTION_FILE = "projection.safetensors"
 DUAL_ENCODER_KIND = "dual-encoder"
@@ -33,6 +35,8 @@ class TowerSpec(BaseModel):
     normalize: bool = True
     # A linear map after pooling to this width (a distilled student narrower than its teacher).
     projection_dim: int | None = None
+    # Doc towers: how a document's title and text are joined (towerline.templates).
+    document_template: str = DEFAULT_DOC_TEMPLATE
 
 
 def load_tower_spec(directory: Path) -> TowerSpec:

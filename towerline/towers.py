@@ -24,6 +24,7 @@ def tower_spec(encoder: EncoderConfig, role: Literal["query", "doc"]) -> TowerSp
         prefix=encoder.query_prefix if is_query else encoder.doc_prefix,
         max_length=encoder.max_query_length if is_query else encoder.max_doc_length,
         normalize=encoder.normalize,
+        document_template=encoder.doc_template,
     )
 
 

@@ -36,7 +36,7 @@ class DevSet:
 
 
 def hold_out_dev(
-    pairs: PairSet, count: int, pool: int, corpus: dict[str, Document], seed: int
+    pairs: PairSet, count: int, pool: int, corpus: dict[str, Document], seed: int, doc_template: str
 ) -> tuple[PairSet, DevSet]:
     """Split the pairs into training pairs and a dev set of `count` whole queries (never both)."""
     query_ids = sorted(pairs.known_positives)
@@ -50,7 +50,7 @@ def hold_out_dev(
     others = sorted(set(corpus) - set(positive_ids))
     sampled = random.Random(seed + 1).sample(others, min(pool, len(others)))
     doc_ids = positive_ids + sampled
-    return train, DevSet(texts, qrels, doc_ids, [corpus[doc_id].full_text for doc_id in doc_ids])
+    return train, DevSet(texts, qrels, doc_ids, [corpus[doc_id].render(doc_template) for doc_id in doc_ids])
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ from towerline.config import TowerlineConfig
 from towerline.encoder import Tower
 from towerline.errors import ConfigError
 from towerline.hf_trainer import OrderedLossTrainer, ProgressAndTracking, last_checkpoint, training_arguments
+from towerline.templates import DEFAULT_DOC_TEMPLATE
 from towerline.towers import save_dual_encoder, towers_from_backbone
 from towerline.tracking import Tracker
 from training.batching import arrange
@@ -44,10 +45,12 @@ def run_train(
     if train.torch_threads:
         torch.set_num_threads(train.torch_threads)
     pairs, pairs_manifest = load_pairs(pairs_path)
+    require_same_template(pairs_manifest, config, pairs_path)
     dev = None
     if train.dev_queries:
         corpus = load_dataset(config.data).corpus
-        pairs, dev = hold_out_dev(pairs, train.dev_queries, train.dev_pool, corpus, train.seed)
+        pairs, dev = hold_out_dev(pairs, train.dev_queries, train.dev_pool, corpus, train.seed,
+                                 config.encoder.doc_template)
     accumulation = train.gradient_accumulation_steps
     try:
         order = arrange([e.query_id for e in pairs.examples], train.batch_size, train.epochs, train.seed,
@@ -102,6 +105,15 @@ def run_train(
             "dev": dev_record,
         },
     )
+
+
+def require_same_template(pairs_manifest: Manifest, config: TowerlineConfig, pairs_path: Path) -> None:
+    """The pairs hold documents already rendered; a tower trained on one template must not be saved
+    claiming another (the index would render documents differently from training)."""
+    rendered_with = pairs_manifest.metadata.get("doc_template", DEFAULT_DOC_TEMPLATE)
+    if rendered_with != config.encoder.doc_template:
+        raise ConfigError(f"{pairs_path}: pairs rendered documents with encoder.doc_template={rendered_with!r}, "
+                          f"but this run has {config.encoder.doc_template!r}; rebuild the pairs with it")
 
 
 def build_model(config: TowerlineConfig) -> DualEncoderModel:
