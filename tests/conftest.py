@@ -96,6 +96,7 @@ def tiny_overrides(tmp_path: Path, tiny_dataset: Path, tiny_backbone: Path) -> l
         "train.batch_size=8",
         "train.epochs=1",
         "train.learning_rate=1e-3",
+        "train.dev_queries=0",
         "eval.top_k=20",
         "distill.student=layers:1",
         "distill.batch_size=8",

@@ -114,7 +114,7 @@ def test_towerline_train_under_torchrun_writes_one_artifact_and_one_run(
     script = Path(__file__).resolve().parents[1] / "infra" / "torchrun.sh"
     command = ["bash", str(script), "2", "--pairs", str(tmp_path / "pairs"), "--out", str(tmp_path / "encoder"),
                f"data.dir={tiny_dataset}", f"encoder.backbone={tiny_backbone}", "train.batch_size=4",
-               "train.epochs=2", "encoder.max_query_length=16", "encoder.max_doc_length=48",
+               "train.epochs=2", "train.dev_queries=0", "encoder.max_query_length=16", "encoder.max_doc_length=48",
                f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"run_dir={tmp_path / 'runs'}"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -106,10 +106,10 @@ class TrainConfig(LoopConfig):
     # negatives and gradients of the whole batch); 0 encodes the batch in one pass.
     grad_cache_chunk: int = Field(0, ge=0)
     torch_threads: int | None = Field(None, ge=1)
-    # Hold out N judged queries of the pairs as dev (0: off): scored before training and after every
-    # epoch over their positives + dev_pool corpus documents; the best weights ship, and never
-    # weights worse on dev than the starting towers.
-    dev_queries: int = Field(0, ge=0)
+    # Hold out N judged queries of the pairs as dev (at most a fifth of them; 0: off): scored before
+    # training and after every epoch over their positives + dev_pool corpus documents; the best
+    # weights ship, and never weights worse on dev than the starting towers.
+    dev_queries: int = Field(100, ge=0)
     dev_pool: int = Field(2000, ge=1)
     # Default: OUTPUT.checkpoints beside the artifact.
     checkpoint_dir: Path | None = None

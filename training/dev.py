@@ -41,7 +41,8 @@ def hold_out_dev(
     """Split the pairs into training pairs and a dev set of `count` whole queries (never both)."""
     query_ids = sorted(pairs.known_positives)
     random.Random(seed).shuffle(query_ids)
-    dev_ids = set(query_ids[: min(count, len(query_ids) // 2)])
+    # At most a fifth: a small collection must keep most of its queries for training.
+    dev_ids = set(query_ids[: min(count, max(1, len(query_ids) // 5))])
     train = PairSet([e for e in pairs.examples if e.query_id not in dev_ids],
                     {qid: ids for qid, ids in pairs.known_positives.items() if qid not in dev_ids})
     texts = {e.query_id: e.query_text for e in pairs.examples if e.query_id in dev_ids}
