@@ -26,6 +26,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from pipelines.negatives import Bm25Index, attach_texts, build_index, negatives_in_spark
+from pipelines.parquet_output import write_parquet
 from pipelines.records import (
     quarantined_rows,
     read_documents,
@@ -206,19 +207,6 @@ def _render(template: str, title: str | None, body: str | None) -> str:
 
 def quarantine(inputs: Inputs) -> DataFrame:
     return reduce(DataFrame.unionByName, [quarantined_rows(rows) for rows in inputs.tables().values()])
-
-
-def write_parquet(rows: DataFrame, path: Path, columns: tuple[str, ...], order: list[str]) -> None:
-    """One sorted file, so the output is stable run to run and easy to read without Spark."""
-    rows.repartition(1).sortWithinPartitions(*order).select(*columns).write.parquet(str(path))
-    _drop_hadoop_side_files(path)
-
-
-def _drop_hadoop_side_files(directory: Path) -> None:
-    # Hadoop's .crc files and _SUCCESS marker: the manifest already checksums every file.
-    for path in directory.iterdir():
-        if path.name == "_SUCCESS" or (path.name.startswith(".") and path.name.endswith(".crc")):
-            path.unlink()
 
 
 def collect_stats(

@@ -22,7 +22,7 @@ from pathlib import Path
 from pyspark.sql import Row
 from pyspark.sql import functions as F
 
-from pipelines.pairs import write_parquet
+from pipelines.parquet_output import write_parquet
 from pipelines.records import read_documents, valid_rows
 from pipelines.spark import spark_session
 from towerline.artifacts import ArtifactWriter, Manifest

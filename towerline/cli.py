@@ -37,6 +37,9 @@ data_app = typer.Typer(help="Check BEIR-format datasets and split them; every st
 app.add_typer(data_app, name="data")
 bench_app = typer.Typer(help="Benchmarks; each writes JSON under benchmarks/results/.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+rec_app = typer.Typer(help="Recommendation side: interactions, ranking (CRM) and candidate models, Recommend.",
+                      no_args_is_help=True)
+app.add_typer(rec_app, name="rec")
 
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML config (see configs/); defaults apply without it.")
@@ -169,6 +172,20 @@ def train(
         return run_train(config, pairs_path or config.run_dir / "pairs", output, tracker, resume=resume)
 
     _produce(config, "train", output, "dual encoder", produce)
+
+
+@command(rec_app, "data")
+def rec_data(config_file: ConfigOption = None, out: OutOption = None, overrides: Overrides = None) -> None:
+    """Spark job: interactions (MovieLens or the generic schema; synthetic by default) → CTR samples with
+    long and short histories, per-user sequences and a global 80/10/10 time split.
+
+    rec.data.dataset names a directory, a dataset under $TOWERLINE_DATA_DIR (ml-100k) or "synthetic".
+    """
+    from pipelines.interactions import run_interactions
+
+    config = _config(config_file, overrides)
+    output = _out(out, config, "interactions")
+    _produce(config, "rec-data", output, "interactions", lambda tracker: run_interactions(config, output))
 
 
 @command(app, "pseudo-queries")

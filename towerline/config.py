@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
 from towerline.errors import ConfigError
 from towerline.templates import DEFAULT_DOC_TEMPLATE, check_doc_template
@@ -186,6 +186,53 @@ class TrackingConfig(Section):
     query_encoder_model: str = "towerline-query-encoder"
 
 
+class RecDataConfig(Section):
+    """The recommendation side's interactions: `towerline rec data` (pipelines/interactions.py)."""
+
+    # "synthetic": generated under run_dir (the embedded default); a directory holding a MovieLens
+    # release or the generic schema; or a name looked up under $TOWERLINE_DATA_DIR (e.g. ml-100k).
+    dataset: str = "synthetic"
+    format: Literal["auto", "ml-100k", "ml-dat", "ml-csv", "generic"] = "auto"
+    on_malformed: Literal["fail", "quarantine"] = "fail"
+    # A sample is positive when its rating is above this (RecLoRA's MovieLens protocol: > 3).
+    label_threshold: float = 3.0
+    long_history: int = Field(60, ge=1)
+    short_history: int = Field(10, ge=1)
+    # Global time split: the latest interactions are test, the ones before them valid.
+    valid_fraction: float = Field(0.1, gt=0, lt=0.5)
+    test_fraction: float = Field(0.1, gt=0, lt=0.5)
+    synthetic_users: int = Field(600, ge=10)
+    synthetic_items: int = Field(400, ge=10)
+    synthetic_seed: int = 7
+
+
+class CrmConfig(Section):
+    """The CTR ranking model (DIN). Defaults follow the DIN paper's public setup: 18-wide embeddings
+    per field, an 80/40 attention unit, a 200/80 MLP, Adam at 1e-3."""
+
+    # Width of every field's embedding (item id, genre, user id, gender, age, occupation).
+    embedding_dim: int = Field(18, ge=1)
+    attention_hidden: tuple[PositiveInt, ...] = Field((80, 40), min_length=1)
+    mlp_hidden: tuple[PositiveInt, ...] = Field((200, 80), min_length=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    batch_size: int = Field(256, ge=1)
+    eval_batch_size: int = Field(1024, ge=1)
+    max_epochs: int = Field(10, ge=1)
+    # Epochs without a better valid AUC before training stops; the best epoch's weights are kept.
+    patience: int = Field(2, ge=1)
+    weight_decay: float = Field(0.0, ge=0)
+    # Most recent history items the model sees (the artifact holds at most rec.data.long_history).
+    history_length: int = Field(60, ge=1)
+    seed: int = 0
+
+
+class RecConfig(Section):
+    """The recommendation side (`towerline rec ...`)."""
+
+    data: RecDataConfig = RecDataConfig()
+    crm: CrmConfig = CrmConfig()
+
+
 class TowerlineConfig(Section):
     run_dir: Path = Path("runs")
     data: DataConfig = DataConfig()
@@ -199,6 +246,7 @@ class TowerlineConfig(Section):
     serve: ServeConfig = ServeConfig()
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
+    rec: RecConfig = RecConfig()
 
     def flat(self) -> dict[str, Any]:
         """Dotted-key view, for MLflow params."""

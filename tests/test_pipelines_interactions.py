@@ -1,0 +1,151 @@
+"""The interactions Spark job on real Spark (local): formats, validation, histories, time split."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from pyspark.sql import SparkSession
+
+from pipelines.interaction_formats import (
+    parse_csv_item,
+    parse_dat_interaction,
+    parse_dat_item,
+    parse_ml100k_item,
+    parse_ml100k_user,
+)
+from pipelines.interactions import run_interactions
+from pipelines.spark import spark_session
+from towerline.beir import RowRejected
+from towerline.config import TowerlineConfig, load_config
+from towerline.errors import DataError
+from towerline.synthetic_rec import SyntheticRecSpec, write_synthetic_interactions
+
+SPEC = SyntheticRecSpec(users=60, items=50, interactions_per_user=30, seed=3)
+
+
+def rec_config(tmp_path: Path, dataset: Path | str, *overrides: str) -> TowerlineConfig:
+    return load_config(None, [f"run_dir={tmp_path / 'runs'}", f"rec.data.dataset={dataset}",
+                              "spark.master=local[1]", "spark.shuffle_partitions=2", *overrides])
+
+
+@pytest.fixture(scope="module")
+def spark(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SparkSession]:
+    config = load_config(None, ["spark.master=local[1]", "spark.shuffle_partitions=2"])
+    session = spark_session(config.spark, "towerline-tests")
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="module")
+def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_synthetic_interactions(tmp_path_factory.mktemp("rec") / "synthetic", SPEC)
+
+
+@pytest.fixture(scope="module")
+def synthetic_artifact(spark: SparkSession, synthetic_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("interactions")
+    run_interactions(rec_config(tmp, synthetic_dir, "rec.data.long_history=8", "rec.data.short_history=3"),
+                     tmp / "out")
+    return tmp / "out"
+
+
+def test_histories_look_only_backwards_and_the_split_never_trains_on_the_future(synthetic_artifact: Path,
+                                                                                 synthetic_dir: Path) -> None:
+    samples = pd.read_parquet(synthetic_artifact / "samples.parquet")
+    items = pd.read_parquet(synthetic_artifact / "items.parquet")
+    raw = pd.read_csv(synthetic_dir / "interactions.csv")
+    assert len(samples) == len(raw)
+    by_split = samples.groupby("split")["timestamp"]
+    assert by_split.max()["train"] < by_split.min()["valid"] <= by_split.max()["valid"] < by_split.min()["test"]
+    fractions = samples["split"].value_counts(normalize=True)
+    assert fractions["train"] == pytest.approx(0.8, abs=0.02) and fractions["test"] == pytest.approx(0.1, abs=0.02)
+    assert samples["label"].tolist() == [int(r > 3) for r in samples["rating"]]
+
+    when = {(row.user_index, row.item_index): row.timestamp for row in samples.itertuples()}
+    titles = dict(zip(items["item_index"], items["title"], strict=True))
+    for row in samples.itertuples():
+        history = list(row.long_history)
+        assert len(history) <= 8 and list(row.short_history) == history[-3:]
+        assert [when[(row.user_index, item)] for item in history] == sorted(when[(row.user_index, item)]
+                                                                             for item in history)
+        assert all(when[(row.user_index, item)] < row.timestamp for item in history)
+        assert list(row.short_history_titles) == [titles[item] for item in row.short_history]
+    # Histories are the latest interactions before the sample: a user's 9th event has the 8 before it.
+    user = samples[samples["user_index"] == samples["user_index"].iloc[0]].sort_values("timestamp")
+    assert list(user.iloc[8]["long_history"]) == user["item_index"].iloc[:8].tolist()
+
+
+def test_sequences_users_items_and_stats(synthetic_artifact: Path) -> None:
+    from towerline.artifacts import read_manifest
+
+    manifest = read_manifest(synthetic_artifact, "interactions", verify=True)
+    sequences = pd.read_parquet(synthetic_artifact / "sequences.parquet")
+    users = pd.read_parquet(synthetic_artifact / "users.parquet")
+    items = pd.read_parquet(synthetic_artifact / "items.parquet")
+    assert users["user_index"].tolist() == list(range(1, SPEC.users + 1))
+    assert items["item_index"].tolist() == list(range(1, SPEC.items + 1))
+    assert set(users["gender"]) <= {"F", "M"}
+    assert all(list(ts) == sorted(ts) for ts in sequences["timestamps"])
+    assert manifest.metadata["samples"] == sum(len(items) for items in sequences["item_indexes"])
+    assert manifest.metadata["label"] == "rating > 3"
+    assert manifest.metadata["dataset"]["format"] == "generic" and manifest.metadata["quarantined"] == {}
+
+
+@pytest.fixture()
+def damaged_dir(synthetic_dir: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "damaged"
+    shutil.copytree(synthetic_dir, root)
+    lines = (root / "interactions.csv").read_text().splitlines()
+    lines[4] = "u1,i2,not-a-number,1600000000"
+    lines.append("u1,no-such-item,4,1600000001")
+    (root / "interactions.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_a_malformed_line_fails_naming_it_and_writes_nothing(spark: SparkSession, damaged_dir: Path,
+                                                              tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"interactions.csv:5: rating is not a number"):
+        run_interactions(rec_config(tmp_path, damaged_dir), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_quarantine_keeps_bad_lines_with_reasons(spark: SparkSession, damaged_dir: Path, tmp_path: Path) -> None:
+    manifest = run_interactions(rec_config(tmp_path, damaged_dir, "rec.data.on_malformed=quarantine"),
+                                tmp_path / "out")
+    quarantine = pd.read_parquet(tmp_path / "out" / "quarantine.parquet")
+    assert quarantine[["source", "line", "reason"]].values.tolist() == [
+        ["interactions.csv", 5, "rating is not a number"],
+        ["interactions.csv", len((damaged_dir / "interactions.csv").read_text().splitlines()), "unknown item"],
+    ]
+    assert manifest.metadata["quarantined"] == {"rating is not a number": 1, "unknown item": 1}
+
+
+def test_movielens_line_parsers() -> None:
+    item = parse_ml100k_item("1|Toy Story (1995)|01-Jan-1995||http://x|0|0|0|1|1|1|0|0|0|0|0|0|0|0|0|0|0|0|0")
+    assert item == ("1", "Toy Story (1995)", ["Animation", "Children's", "Comedy"])
+    assert parse_ml100k_user("1|24|M|technician|85711") == ("1", "M", "24", "technician")
+    assert parse_dat_interaction("1::1193::5::978300760") == ("1", "1193", 5.0, 978300760)
+    assert parse_dat_item("1::Toy Story (1995)::Animation|Children's|Comedy")[2] == ["Animation", "Children's",
+                                                                                      "Comedy"]
+    assert parse_csv_item('11,"American President, The (1995)",Comedy|Drama|Romance') == (
+        "11", "American President, The (1995)", ["Comedy", "Drama", "Romance"])
+    assert parse_csv_item("9,Sudden Death (1995),(no genres listed)")[2] == []
+    with pytest.raises(RowRejected, match="wrong number of fields"):
+        parse_dat_interaction("1::1193::5")
+
+
+ML100K = Path(os.environ.get("TOWERLINE_DATA_DIR", "")) / "ml-100k"
+
+
+@pytest.mark.skipif(not (ML100K / "u.data").is_file(), reason="ML-100K is read from $TOWERLINE_DATA_DIR only")
+def test_movielens_100k_from_the_data_dir(spark: SparkSession, tmp_path: Path) -> None:
+    manifest = run_interactions(rec_config(tmp_path, "ml-100k"), tmp_path / "out")
+    meta = manifest.metadata
+    assert (meta["users"], meta["items"], meta["samples"]) == (943, 1682, 100_000)
+    assert meta["dataset"]["format"] == "ml-100k"
+    assert 0.5 < meta["splits"]["train"]["positive_rate"] < 0.6
