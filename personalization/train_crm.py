@@ -112,7 +112,7 @@ def train_din(data: CtrData, settings: CrmConfig, output_dir: Path | str, seed: 
             probabilities = predict_din(model, split, settings.eval_batch_size)
             setattr(result, name, ctr_metrics(split.label, probabilities, split.user_index))
     save_din(model, output_dir, data.vocabularies())
-    (output_dir / METRICS_FILE).write_text(json.dumps(_json_safe(result.summary()), indent=2) + "\n")
+    (output_dir / METRICS_FILE).write_text(json.dumps(json_safe(result.summary()), indent=2) + "\n")
     shutil.rmtree(output_dir / CHECKPOINTS, ignore_errors=True)
     return result
 
@@ -138,12 +138,12 @@ def _epoch_history(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
     return history
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """NaN (e.g. GAUC without a two-label user) as null: strict JSON has no NaN."""
     if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
+        return {key: json_safe(item) for key, item in value.items()}
     if isinstance(value, list):
-        return [_json_safe(item) for item in value]
+        return [json_safe(item) for item in value]
     if isinstance(value, float) and math.isnan(value):
         return None
     return value

@@ -149,3 +149,17 @@ def test_movielens_100k_from_the_data_dir(spark: SparkSession, tmp_path: Path) -
     assert (meta["users"], meta["items"], meta["samples"]) == (943, 1682, 100_000)
     assert meta["dataset"]["format"] == "ml-100k"
     assert 0.5 < meta["splits"]["train"]["positive_rate"] < 0.6
+
+
+def test_din_trains_on_the_spark_output_and_beats_popularity(synthetic_artifact: Path, tmp_path: Path) -> None:
+    from personalization.crm_run import run_train_crm
+    from personalization.din import load_din
+    from towerline.tracking import Tracker
+
+    config = rec_config(tmp_path, "synthetic", "rec.crm.max_epochs=4", "rec.crm.history_length=8",
+                        "rec.crm.embedding_dim=8", "rec.crm.batch_size=64")
+    manifest = run_train_crm(config, synthetic_artifact, tmp_path / "crm", Tracker(None))
+    meta = manifest.metadata
+    assert meta["din"]["test"]["auc"] > meta["baselines"]["popularity"]["auc"]
+    assert 1 <= meta["best_epoch"] <= meta["epochs_run"] <= 4
+    assert load_din(tmp_path / "crm").representation_dim == meta["representation_dim"]

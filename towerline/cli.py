@@ -188,6 +188,25 @@ def rec_data(config_file: ConfigOption = None, out: OutOption = None, overrides:
     _produce(config, "rec-data", output, "interactions", lambda tracker: run_interactions(config, output))
 
 
+@command(rec_app, "train-crm")
+def rec_train_crm(
+    interactions: Annotated[
+        Path | None, typer.Option(help="interactions artifact (default: RUN_DIR/interactions)")
+    ] = None,
+    config_file: ConfigOption = None,
+    out: OutOption = None,
+    overrides: Overrides = None,
+) -> None:
+    """Train the DIN ranking model (CRM) on the train split, early stopping on valid AUC; item popularity
+    and logistic regression are fitted on the same split as baselines. Settings: rec.crm.*"""
+    from personalization.crm_run import run_train_crm
+
+    config = _config(config_file, overrides)
+    output = _out(out, config, "crm")
+    source = interactions or config.run_dir / "interactions"
+    _produce(config, "rec-train-crm", output, "CRM", lambda tracker: run_train_crm(config, source, output, tracker))
+
+
 @command(app, "pseudo-queries")
 def pseudo_queries(config_file: ConfigOption = None, out: OutOption = None, overrides: Overrides = None) -> None:
     """Spark job: unlabeled query texts (titles, sentences) drawn from the corpus, for `distill`."""
