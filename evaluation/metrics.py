@@ -43,3 +43,12 @@ def score_run(qrels: Qrels, run: Run, positive_min: int = 1) -> dict[str, float]
         "mrr@10": sum(scores["recip_rank"] for scores in reciprocal.values()) / count,
         "queries": float(len(judged)),
     }
+
+
+def candidate_metrics(relevant: Qrels, run: Run) -> dict[str, float]:
+    """Candidate generation for recommendation: mean NDCG@10 and Recall@50 over users with a relevant item."""
+    complete_run = {user: run.get(user) or {"__none__": 0.0} for user in relevant}
+    per_user = pytrec_eval.RelevanceEvaluator(relevant, {"ndcg_cut.10", "recall.50"}).evaluate(complete_run)
+    count = max(len(per_user), 1)
+    return {"ndcg@10": sum(scores["ndcg_cut_10"] for scores in per_user.values()) / count,
+            "recall@50": sum(scores["recall_50"] for scores in per_user.values()) / count}

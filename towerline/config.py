@@ -226,11 +226,28 @@ class CrmConfig(Section):
     seed: int = 0
 
 
+class TwoTowerConfig(Section):
+    """Candidate retrieval: user tower (history + user features) and item tower (id, genres, title)."""
+
+    embedding_dim: int = Field(32, ge=1)
+    output_dim: int = Field(64, ge=2)
+    temperature: float = Field(0.05, gt=0)
+    learning_rate: float = Field(2e-3, gt=0)
+    batch_size: int = Field(256, ge=2)
+    epochs: int = Field(10, ge=1)
+    # The user tower reads the latest N items of the history.
+    history_length: int = Field(20, ge=1)
+    # Text tower for item titles: a registered backbone or a model directory ("" leaves titles out).
+    title_encoder: str = "minilm"
+    seed: int = 0
+
+
 class RecConfig(Section):
     """The recommendation side (`towerline rec ...`)."""
 
     data: RecDataConfig = RecDataConfig()
     crm: CrmConfig = CrmConfig()
+    two_tower: TwoTowerConfig = TwoTowerConfig()
 
 
 class TowerlineConfig(Section):
