@@ -26,24 +26,36 @@ from towerline.tracking import Tracker
 
 
 def run_scalingnote_bench(
-    config: TowerlineConfig, teachers: list[str], student: str, root: Path, results_path: Path
+    config: TowerlineConfig, teachers: list[str], student: str, root: Path, results_path: Path, *,
+    reuse: bool = False,
 ) -> dict[str, Any]:
-    """`teachers` from smallest to largest; the largest is distilled into `student`."""
+    """`teachers` from smallest to largest; the largest is distilled into `student`. With `reuse`, the
+    pairs, pseudo-queries and teacher artifacts already under `root` (from an earlier run with the
+    same config) are used as they are, and the JSON lists them; the student is always distilled anew."""
     from pipelines.pairs import run_pairs
     from pipelines.pseudo_queries import run_pseudo_queries
     from pipelines.spark import stop_spark
 
     started = time.perf_counter()
     seconds: dict[str, float] = {}
+    reused: list[str] = []
+
+    def stage(name: str, artifact: Path, work: Any, made_with: TowerlineConfig = config) -> Any:
+        if reuse and (artifact / "manifest.json").is_file():
+            require_same_config(artifact, made_with)
+            reused.append(name)
+            return read_manifest_any(artifact)
+        return _timed(seconds, name, work)
+
     dataset = load_dataset(config.data, [config.eval.split])
     qrels = dataset.split(config.eval.split)
     queries = {qid: dataset.queries[qid] for qid, docs in qrels.items() if positives(docs, config.data.positive_min)}
     rows: dict[str, dict[str, Any]] = {"bm25_stemmed": _timed(seconds, "bm25", lambda: _bm25(config, dataset, queries))}
-    _timed(seconds, "pairs", lambda: run_pairs(config, root / "pairs"))
-    _timed(seconds, "pseudo_queries", lambda: run_pseudo_queries(config, root / "pseudo-queries"))
+    stage("pairs", root / "pairs", lambda: run_pairs(config, root / "pairs"))
+    stage("pseudo_queries", root / "pseudo-queries", lambda: run_pseudo_queries(config, root / "pseudo-queries"))
     stop_spark()
     for backbone in teachers:
-        rows[f"dual_tower_{Path(backbone).name}"] = _dual_tower_row(config, backbone, root, queries, seconds)
+        rows[f"dual_tower_{Path(backbone).name}"] = _dual_tower_row(config, backbone, root, queries, stage)
     largest = teachers[-1]
     rows["student"] = _student_row(config, largest, student, root, queries, seconds)
     # Latency last, every encoder back to back, so that all rows are timed under the same conditions.
@@ -56,12 +68,37 @@ def run_scalingnote_bench(
         "rows": rows,
         "targets": _targets(rows, largest, teachers[0]),
         "stage_seconds": seconds,
+        # Artifacts taken from an earlier run in the same work dir (bench scalingnote --reuse).
+        "reused_artifacts": reused,
         "total_seconds": round(time.perf_counter() - started, 1),
         "config": config.flat(),
     }
     write_results(results_path, summary)
     console.print_json(data={"rows": rows, "targets": summary["targets"]})
     return summary
+
+
+# Settings that do not shape the reused artifacts (the student is distilled anew in every run).
+NOT_SHAPING = ("distill", "tracking", "run_dir", "rec")
+
+
+def require_same_config(artifact: Path, expected: TowerlineConfig) -> None:
+    from towerline.config import load_config
+    from towerline.errors import ConfigError
+
+    made_with = load_config(artifact / "config.yaml").flat()
+    wanted = expected.flat()
+    differing = sorted(key for key in set(made_with) | set(wanted)
+                       if not key.startswith(NOT_SHAPING) and made_with.get(key) != wanted.get(key))
+    if differing:
+        raise ConfigError(f"--reuse: {artifact} was made with other settings ({', '.join(differing[:5])}); "
+                          "run without --reuse or in another --work-dir")
+
+
+def read_manifest_any(artifact: Path) -> Any:
+    from towerline.artifacts import Manifest
+
+    return Manifest.model_validate_json((artifact / "manifest.json").read_text())
 
 
 def _timed(seconds: dict[str, float], name: str, work: Any) -> Any:
@@ -93,16 +130,17 @@ def _with_backbone(config: TowerlineConfig, backbone: str) -> TowerlineConfig:
 
 
 def _dual_tower_row(config: TowerlineConfig, backbone: str, root: Path, queries: dict[str, str],
-                    seconds: dict[str, float]) -> dict[str, Any]:
+                    stage: Any) -> dict[str, Any]:
     from indexing.build import build_index
     from serving.onnx_export import run_export
     from training.run import run_train
 
     variant, base = _with_backbone(config, backbone), root / Path(backbone).name
-    manifest = _timed(seconds, f"train.{backbone}",
-                      lambda: run_train(variant, root / "pairs", base / "encoder", Tracker(None)))
-    _timed(seconds, f"export.{backbone}", lambda: run_export(variant, base / "encoder", base / "onnx"))
-    _timed(seconds, f"index.{backbone}", lambda: build_index(variant, base / "encoder", base / "index"))
+    manifest = stage(f"train.{backbone}", base / "encoder",
+                     lambda: run_train(variant, root / "pairs", base / "encoder", Tracker(None)), variant)
+    stage(f"export.{backbone}", base / "onnx", lambda: run_export(variant, base / "encoder", base / "onnx"), variant)
+    stage(f"index.{backbone}", base / "index", lambda: build_index(variant, base / "encoder", base / "index"),
+          variant)
     row = _score(variant, base / "onnx", base / "index", queries)
     return {"model": f"{Path(backbone).name} dual tower, fine-tuned",
             "parameters_per_tower": _parameters(base / "encoder"),

@@ -36,6 +36,31 @@ def build_student(settings: DistillConfig, teacher: Tower, teacher_dir: Path) ->
     return Tower.from_backbone(settings.student, spec)
 
 
+@torch.no_grad()
+def fit_projection(student: Tower, texts: list[str], targets: torch.Tensor, sample: int, seed: int) -> float | None:
+    """Start a fresh projection at the least-squares map from the student's pooled embeddings to the
+    teacher's (ridge-regularised, on up to `sample` training texts) instead of at random: the student
+    then begins near the teacher's space and distillation refines the backbone. Returns the mean
+    cosine to the teacher after the fit (None when the student has no projection)."""
+    if student.projection is None:
+        return None
+    rows = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed))[:sample].tolist()
+    projection, spec = student.projection, student.spec
+    student.projection, student.spec = None, spec.model_copy(update={"normalize": False})
+    try:
+        pooled = torch.as_tensor(student.encode([texts[row] for row in rows]), dtype=torch.float64)
+    finally:
+        student.projection, student.spec = projection, spec
+    wanted = targets[rows].to(torch.float64)
+    design = torch.cat([pooled, torch.ones(len(rows), 1, dtype=torch.float64)], dim=1)
+    ridge = 1e-3 * design.pow(2).sum(0).mean() * torch.eye(design.shape[1], dtype=torch.float64)
+    solution = torch.linalg.solve(design.T @ design + ridge, design.T @ wanted)
+    projection.weight.copy_(solution[:-1].T.to(projection.weight.dtype))
+    projection.bias.copy_(solution[-1].to(projection.bias.dtype))
+    fitted = F.normalize(design @ solution, dim=-1)
+    return float(F.cosine_similarity(fitted, F.normalize(wanted, dim=-1), dim=-1).mean())
+
+
 def _layer_count(student: str, teacher_layers: int) -> int:
     text = student.removeprefix(LAYERS_PREFIX)
     if not text.isdigit() or not 0 < int(text) < teacher_layers:

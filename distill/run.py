@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers import TrainerCallback
 
-from distill.model import DistillationModel, build_student, count_parameters
+from distill.model import DistillationModel, build_student, count_parameters, fit_projection
 from distill.queries import DistillQueries, collect_queries
 from evaluation.retrieval import retrieval_metrics
 from indexing.load import LoadedIndex, load_index
@@ -28,6 +28,9 @@ from towerline.hf_trainer import OrderedLossTrainer, ProgressAndTracking, last_c
 from towerline.progress import console, progress_bar
 from towerline.tower_spec import DUAL_ENCODER_KIND, QUERY_DIR, QUERY_ENCODER_KIND
 from towerline.tracking import Tracker
+
+# Texts the least-squares projection start is fitted on (a 385 x 768 solve: seconds).
+PROJECTION_FIT_SAMPLE = 8192
 
 
 class TeacherTargets(Dataset):
@@ -100,6 +103,8 @@ def run_distill(
         targets = teacher.encode(queries.train_texts, on_batch=lambda n: bar.advance(0, n))
     torch.manual_seed(settings.seed)
     student = build_student(settings, teacher, encoder_path / QUERY_DIR)
+    start_cosine = (fit_projection(student, queries.train_texts, torch.as_tensor(targets), PROJECTION_FIT_SAMPLE,
+                                   settings.seed) if settings.projection_init == "least_squares" else None)
     order = _epoch_order(len(targets), settings.batch_size, settings.epochs, settings.max_steps, settings.seed)
     total_steps = max(1, len(order) // settings.batch_size // settings.gradient_accumulation_steps)
     steps_per_epoch = max(1, len(targets) // settings.batch_size // settings.gradient_accumulation_steps)
@@ -132,6 +137,8 @@ def run_distill(
             steps=outcome.global_step,
             train_loss=outcome.training_loss,
             queries=queries.sources,
+            projection_init=settings.projection_init if student.projection is not None else None,
+            projection_fit_cosine=start_cosine,
             dev_ndcg_at_10={"student": final["ndcg@10"], "teacher": teacher_dev["ndcg@10"],
                             "per_epoch": dev.history},
         )

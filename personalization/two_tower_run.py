@@ -155,3 +155,16 @@ def evaluate_candidates(model: TwoTowerModel, data: CtrData, history: HistoryBef
             top = np.argsort(-ranked, kind="stable")[:CANDIDATE_DEPTH]
             runs[name][str(user)] = {str(item): float(CANDIDATE_DEPTH - rank) for rank, item in enumerate(top)}
     return {name: candidate_metrics(qrels, run) for name, run in runs.items()} | {"test_users": len(users)}
+
+
+def build_item_index(config: TowerlineConfig, two_tower: Path, output: Path) -> Manifest:
+    """`towerline rec index`: the item tower's vectors into a FAISS index artifact (doc ids are item
+    indexes), carrying the two-tower model's embedding space like a document index carries its doc tower's."""
+    from indexing.build import build_index_from_embeddings
+
+    manifest = read_manifest(two_tower, TWO_TOWER_KIND)
+    vectors = np.load(two_tower / ITEM_VECTORS_FILE)[1:]  # row 0 is the padding item
+    return build_index_from_embeddings(
+        vectors, [str(index) for index in range(1, len(vectors) + 1)], output, index_config=config.index,
+        embedding_space=manifest.metadata["embedding_space"], producer="rec index", inputs={"two_tower": manifest},
+        config=config, metadata={"dataset": manifest.metadata.get("dataset"), "kind_of_rows": "items"})

@@ -9,6 +9,7 @@ from serving.onnx_format import ONNX_KIND
 from serving.query_encoder import QueryEncoder
 from serving.server import serve_forever
 from serving.service import RetrievalService
+from serving.servicer import RecommendBackend
 from towerline.artifacts import read_manifest
 from towerline.config import ServeConfig, TowerlineConfig
 from towerline.progress import console, status
@@ -34,7 +35,19 @@ def build_service(config: TowerlineConfig, index_path: Path, encoder_path: Path)
     return RetrievalService(load_query_encoder(encoder_path, config.serve), index, config.serve)
 
 
-def serve_until_stopped(config: TowerlineConfig, index_path: Path, encoder_path: Path) -> None:
+def load_recommender(config: TowerlineConfig, root: Path) -> RecommendBackend:
+    """Recommend's pipeline from the rec artifacts under `root` (imports the torch models only here)."""
+    from personalization.recommender import Recommender, RecommenderPaths
+
+    return Recommender(RecommenderPaths.under(root), config.index, threads=config.serve.intra_op_threads)
+
+
+def serve_until_stopped(config: TowerlineConfig, index_path: Path, encoder_path: Path,
+                        recommender_root: Path | None = None) -> None:
+    recommender = None
+    if recommender_root is not None:
+        with status(f"loading the recommender from {recommender_root}"):
+            recommender = load_recommender(config, recommender_root)
     with status(f"loading {index_path} and {encoder_path}"):
         service = build_service(config, index_path, encoder_path)
     info = service.info()
@@ -46,4 +59,4 @@ def serve_until_stopped(config: TowerlineConfig, index_path: Path, encoder_path:
     def announce(port: int) -> None:
         console.print(f"serving towerline.v1.RetrievalService on [bold]{config.serve.host}:{port}[/]; Ctrl-C stops")
 
-    serve_forever(service, config.serve, on_started=announce)
+    serve_forever(service, config.serve, on_started=announce, recommender=recommender)

@@ -15,16 +15,17 @@ from grpc_reflection.v1alpha import reflection
 
 from serving.proto.towerline.v1 import retrieval_pb2_grpc as pb_grpc
 from serving.service import RetrievalService
-from serving.servicer import SERVICE_NAME, RetrievalServicer
+from serving.servicer import SERVICE_NAME, RecommendBackend, RetrievalServicer
 from towerline.config import ServeConfig
 from towerline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
-def start_server(service: RetrievalService | None, serve: ServeConfig) -> tuple[grpc.Server, int]:
+def start_server(service: RetrievalService | None, serve: ServeConfig, recommender: RecommendBackend | None = None
+                 ) -> tuple[grpc.Server, int]:
     """Start serving on serve.host:serve.port (port 0: an ephemeral port); returns (server, port)."""
-    server, port, _ = _start(service, serve)
+    server, port, _ = _start(service, serve, recommender)
     return server, port
 
 
@@ -35,11 +36,12 @@ def serve_forever(
     grace_s: float = 5.0,
     stop: threading.Event | None = None,
     on_started: Callable[[int], None] | None = None,
+    recommender: RecommendBackend | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or `stop` is set), then drain in-flight calls for `grace_s`."""
     # Concurrency comes from the RPC worker threads; FAISS's own OpenMP threads would oversubscribe.
     faiss.omp_set_num_threads(serve.intra_op_threads)
-    server, port, health_servicer = _start(service, serve)
+    server, port, health_servicer = _start(service, serve, recommender)
     stop = stop or threading.Event()
     previous_handlers = _install_signal_handlers(stop)
     try:
@@ -57,13 +59,15 @@ def serve_forever(
         log.info("server stopped")
 
 
-def _start(service: RetrievalService | None, serve: ServeConfig) -> tuple[grpc.Server, int, health.HealthServicer]:
+def _start(service: RetrievalService | None, serve: ServeConfig, recommender: RecommendBackend | None = None
+           ) -> tuple[grpc.Server, int, health.HealthServicer]:
     server = grpc.server(
         ThreadPoolExecutor(max_workers=serve.max_workers, thread_name_prefix="towerline-rpc"),
         # Bounds calls waiting for a worker too; the servicer bounds the ones being executed.
         maximum_concurrent_rpcs=serve.max_concurrent_rpcs + serve.max_workers,
     )
-    pb_grpc.add_RetrievalServiceServicer_to_server(RetrievalServicer(service, serve.max_concurrent_rpcs), server)
+    pb_grpc.add_RetrievalServiceServicer_to_server(RetrievalServicer(service, serve.max_concurrent_rpcs,
+                                                                      recommender, serve.max_top_k), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     state = health_pb2.HealthCheckResponse.SERVING if service else health_pb2.HealthCheckResponse.NOT_SERVING

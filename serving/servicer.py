@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any, Protocol
 
 import grpc
 
@@ -20,10 +22,20 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RetrievalService"].full_name
 
 
+class RecommendBackend(Protocol):
+    """What `Recommend` serves from (personalization.recommender.Recommender); a protocol, so that
+    a retrieval-only server never imports the torch models behind it."""
+
+    def recommend(self, user_id: str, recent_item_ids: list[str], top_k: int, checkpoint: Checkpoint) -> Any: ...
+
+
 class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
-    def __init__(self, service: RetrievalService | None, max_concurrent_rpcs: int) -> None:
+    def __init__(self, service: RetrievalService | None, max_concurrent_rpcs: int,
+                 recommender: RecommendBackend | None = None, max_top_k: int = 1000) -> None:
         # None: the server is up but has no index yet; retrieval calls answer UNAVAILABLE.
         self.service = service
+        self.recommender = recommender
+        self.max_top_k = max_top_k
         self.max_concurrent_rpcs = max_concurrent_rpcs
         self._slots = threading.BoundedSemaphore(max_concurrent_rpcs)
 
@@ -41,12 +53,23 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
         return to_index_info_response(self._loaded(context).info())
 
     def Recommend(self, request: pb.RecommendRequest, context: grpc.ServicerContext) -> pb.RecommendResponse:
-        context.abort(
-            grpc.StatusCode.UNIMPLEMENTED,
-            "Recommend is not implemented by this server yet (personalisation is a later stage); "
-            "use Search for query-based retrieval",
-        )
-        raise AssertionError("unreachable: context.abort raises")
+        recommender = self.recommender
+        if recommender is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          "this server holds no recommender (start it with `towerline serve --recommender DIR`)")
+        assert recommender is not None
+        started = time.perf_counter()
+        with self._guarded(context):
+            if not 1 <= request.top_k <= self.max_top_k:
+                raise InvalidArgument("top_k", f"must be between 1 and {self.max_top_k} (serve.max_top_k), "
+                                               f"got {request.top_k}")
+            result = recommender.recommend(request.user_id, list(request.history_item_ids), request.top_k,
+                                           _deadline_checkpoint(context))
+        return pb.RecommendResponse(
+            items=[pb.RecommendedItem(item_id=item.item_id, score=item.score, title=item.title)
+                   for item in result.items],
+            model_version=result.model_version, strategy=result.strategy,
+            latency_ms=(time.perf_counter() - started) * 1000)
 
     def _loaded(self, context: grpc.ServicerContext) -> RetrievalService:
         service = self.service
@@ -57,8 +80,13 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
 
     @contextmanager
     def _admitted(self, context: grpc.ServicerContext) -> Iterator[RetrievalService]:
-        """Hold one of max_concurrent_rpcs slots for the call, mapping service errors to codes."""
         service = self._loaded(context)
+        with self._guarded(context):
+            yield service
+
+    @contextmanager
+    def _guarded(self, context: grpc.ServicerContext) -> Iterator[None]:
+        """Hold one of max_concurrent_rpcs slots for the call, mapping service errors to codes."""
         # Non-blocking: under overload, failing fast lets the client back off or try a replica.
         if not self._slots.acquire(blocking=False):
             context.abort(
@@ -67,7 +95,7 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
                 "(serve.max_concurrent_rpcs); retry with backoff",
             )
         try:
-            yield service
+            yield
         except InvalidArgument as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except DeadlineExceeded as error:

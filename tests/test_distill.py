@@ -116,3 +116,25 @@ def test_the_student_serves_against_the_teacher_index_and_no_other(
         run_distill(config, teacher_dir, tmp_path / "other-index", tmp_path / "nope", Tracker(None))
     assert not (tmp_path / "nope").exists()
     assert np.isfinite(hits[0][1])
+
+
+def test_a_fresh_projection_starts_at_the_least_squares_map_to_the_teacher(
+    tiny_config: TowerlineConfig, teacher: tuple[Path, Path], tiny_decoder: Path
+) -> None:
+    import torch
+
+    from distill.model import fit_projection
+    from towerline.tower_spec import TowerSpec
+
+    teacher_tower = Tower.load(teacher[0] / "query")
+    texts = [f"d{i} d{i + 1} zebra {i}" for i in range(60)]
+    targets = torch.as_tensor(teacher_tower.encode(texts))
+    torch.manual_seed(0)
+    student = Tower.from_backbone(str(tiny_decoder), TowerSpec(projection_dim=teacher_tower.dim + 8))
+    student_targets = torch.nn.functional.pad(targets, (0, 8))  # a wider teacher space, for the shapes
+    before = float((torch.as_tensor(student.encode(texts)) * student_targets).sum(1).mean())
+    fitted = fit_projection(student, texts, student_targets, sample=40, seed=0)
+    after = float((torch.as_tensor(student.encode(texts)) * student_targets).sum(1).mean())
+    assert fitted is not None and after > before + 0.3, (before, after)
+    assert after == pytest.approx(fitted, abs=0.05)  # the fit's own report (40 of the 60 texts)
+    assert fit_projection(Tower.from_backbone(str(tiny_decoder), TowerSpec()), texts, targets, 40, 0) is None

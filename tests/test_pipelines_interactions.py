@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -181,3 +182,67 @@ def test_two_tower_candidates_beat_most_popular(synthetic_artifact: Path, tiny_b
     vectors = np.load(tmp_path / "two-tower" / "item_vectors.npy")
     assert vectors.shape == (SPEC.items + 1, 64)
     assert np.allclose(np.linalg.norm(vectors[1:], axis=1), 1.0, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def rec_root(synthetic_artifact: Path, tiny_backbone: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """interactions + crm + two-tower + item-index, as `towerline serve --recommender ROOT` reads them."""
+    from personalization.crm_run import run_train_crm
+    from personalization.two_tower_run import build_item_index, run_train_two_tower
+    from towerline.tracking import Tracker
+
+    root = tmp_path_factory.mktemp("rec-root")
+    shutil.copytree(synthetic_artifact, root / "interactions")
+    config = rec_config(root, "synthetic", "rec.crm.max_epochs=2", "rec.crm.history_length=8",
+                        "rec.crm.embedding_dim=8", f"rec.two_tower.title_encoder={tiny_backbone}",
+                        "rec.two_tower.history_length=8", "rec.two_tower.epochs=2")
+    run_train_crm(config, root / "interactions", root / "crm", Tracker(None))
+    run_train_two_tower(config, root / "interactions", root / "two-tower", Tracker(None))
+    build_item_index(config, root / "two-tower", root / "item-index")
+    return root
+
+
+def test_recommend_over_grpc_equals_the_in_process_pipeline(rec_root: Path) -> None:
+    import grpc
+
+    from personalization.recommender import COLD_START, PERSONALISED, Recommender, RecommenderPaths
+    from serving.proto.towerline.v1 import retrieval_pb2 as pb
+    from serving.proto.towerline.v1 import retrieval_pb2_grpc as pb_grpc
+    from serving.server import start_server
+
+    config = load_config(None, ["serve.port=0"])
+    recommender = Recommender(RecommenderPaths.under(rec_root), config.index)
+    server, port = start_server(None, config.serve, recommender)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.RetrievalServiceStub(channel)
+            requests = [("u3", [], 5), ("someone-new", ["i1", "i2"], 7), ("", [], 4), ("u5", ["i9"], 60)]
+            for user_id, recent, top_k in requests:
+                remote = stub.Recommend(pb.RecommendRequest(user_id=user_id, history_item_ids=recent, top_k=top_k),
+                                        timeout=30)
+                local = recommender.recommend(user_id, recent, top_k)
+                assert [item.item_id for item in remote.items] == [item.item_id for item in local.items]
+                assert [item.score for item in remote.items] == pytest.approx([item.score for item in local.items])
+                assert [item.title for item in remote.items] == [item.title for item in local.items]
+                assert remote.strategy == local.strategy and remote.model_version == local.model_version
+                known = recommender.histories.get(recommender.user_indexes.get(user_id, 0), [])
+                seen = set(recent) | {recommender.item_ids[index] for index in known}
+                assert not seen & {item.item_id for item in remote.items}
+                assert len(remote.items) == min(top_k, SPEC.items - len(seen))
+                assert remote.strategy == (COLD_START if not user_id and not recent else PERSONALISED)
+            for request, field in ((pb.RecommendRequest(user_id="u3", top_k=0), "top_k"),
+                                   (pb.RecommendRequest(history_item_ids=["nope"], top_k=3), r"history_item_ids\[0\]")):
+                with pytest.raises(grpc.RpcError) as raised:
+                    stub.Recommend(request, timeout=30)
+                assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert re.search(field, raised.value.details())
+    finally:
+        server.stop(None).wait()
+
+    bare, bare_port = start_server(None, config.serve)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{bare_port}") as channel, pytest.raises(grpc.RpcError) as raised:
+            pb_grpc.RetrievalServiceStub(channel).Recommend(pb.RecommendRequest(top_k=3), timeout=30)
+        assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        bare.stop(None).wait()

@@ -227,6 +227,22 @@ def rec_train_two_tower(
              lambda tracker: run_train_two_tower(config, source, output, tracker))
 
 
+@command(rec_app, "index")
+def rec_index(
+    two_tower: Annotated[Path | None, typer.Option(help="two-tower artifact (default: RUN_DIR/two-tower)")] = None,
+    config_file: ConfigOption = None,
+    out: OutOption = None,
+    overrides: Overrides = None,
+) -> None:
+    """The item tower's vectors into a FAISS index artifact (index.type applies), for Recommend's candidates."""
+    from personalization.two_tower_run import build_item_index
+
+    config = _config(config_file, overrides)
+    output = _out(out, config, "item-index")
+    source = two_tower or config.run_dir / "two-tower"
+    _produce(config, "rec-index", output, "item index", lambda tracker: build_item_index(config, source, output))
+
+
 @command(app, "pseudo-queries")
 def pseudo_queries(config_file: ConfigOption = None, out: OutOption = None, overrides: Overrides = None) -> None:
     """Spark job: unlabeled query texts (titles, sentences) drawn from the corpus, for `distill`."""
@@ -341,6 +357,10 @@ def index_info(index: Annotated[Path, typer.Argument(help="faiss-index artifact 
 def serve(
     index: Annotated[Path | None, typer.Option(help="faiss-index artifact (default: RUN_DIR/index)")] = None,
     onnx: Annotated[Path | None, typer.Option(help="onnx-query-encoder artifact (default: RUN_DIR/onnx)")] = None,
+    recommender: Annotated[
+        Path | None, typer.Option(help="also serve Recommend from DIR/{interactions,two-tower,crm,item-index} "
+                                       "(the `towerline rec ...` outputs, e.g. RUN_DIR)")
+    ] = None,
     config_file: ConfigOption = None,
     overrides: Overrides = None,
 ) -> None:
@@ -348,7 +368,7 @@ def serve(
     from serving.app import serve_until_stopped
 
     config = _config(config_file, overrides)
-    serve_until_stopped(config, index or config.run_dir / "index", onnx or config.run_dir / "onnx")
+    serve_until_stopped(config, index or config.run_dir / "index", onnx or config.run_dir / "onnx", recommender)
 
 
 @command(app)
@@ -532,6 +552,9 @@ def bench_scalingnote(
     student: Annotated[str, typer.Option(help="student backbone (a projection bridges widths)")] = "minilm",
     work_dir: Annotated[Path, typer.Option(help="where the benchmark's artifacts go")] = Path("runs/bench-scalingnote"),
     results: Annotated[Path, typer.Option(help="output JSON")] = Path("benchmarks/results/scalingnote.json"),
+    reuse: Annotated[bool, typer.Option(help="use the pairs, pseudo-queries and teacher artifacts already in "
+                                             "--work-dir (refused when made with other settings); the student "
+                                             "is distilled anew")] = False,
     config_file: ConfigOption = None,
     overrides: Overrides = None,
 ) -> None:
@@ -541,7 +564,7 @@ def bench_scalingnote(
     from benchmarks.scalingnote import run_scalingnote_bench
 
     config = _config(config_file, overrides)
-    run_scalingnote_bench(config, teacher or ["minilm", "mpnet"], student, work_dir, results)
+    run_scalingnote_bench(config, teacher or ["minilm", "mpnet"], student, work_dir, results, reuse=reuse)
 
 
 def main() -> None:

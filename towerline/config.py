@@ -129,6 +129,9 @@ class DistillConfig(LoopConfig):
     # loss = mse_weight * |s - t|^2 + cosine_weight * (1 - cos(s, t)), per query, averaged.
     mse_weight: float = Field(1.0, ge=0)
     cosine_weight: float = Field(1.0, ge=0)
+    # A student wider or narrower than its teacher gets a projection: started at the least-squares
+    # map to the teacher's embeddings, or at random.
+    projection_init: Literal["least_squares", "random"] = "least_squares"
     # Judged train queries held out to score the student by retrieval against the teacher's index.
     dev_queries: int = Field(100, ge=1)
     # Pseudo-queries per document: its title (when it has pseudo_min_words) and N sentences.

@@ -1,0 +1,148 @@
+"""The recommendation pipeline behind `Recommend`: two-tower candidates from the item index, minus
+what the user has already seen, re-ranked by DIN; popular items for a user with no history.
+
+Plain Python (no gRPC): the servicer is a thin adapter over `Recommender.recommend`, and a test
+checks that the service over a real channel answers exactly what this class answers in process.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file
+
+from indexing.load import LoadedIndex, load_index
+from personalization.din import DinModel, load_din
+from personalization.interactions import VocabSizes
+from personalization.two_tower import TwoTowerModel, user_state_batch
+from personalization.two_tower_run import SETTINGS_FILE, TWO_TOWER_KIND, WEIGHTS_FILE
+from serving.errors import InvalidArgument
+from towerline.artifacts import read_manifest, require_same_space
+from towerline.config import IndexConfig, TwoTowerConfig
+
+PERSONALISED = "two-tower candidates, DIN re-rank"
+COLD_START = "popular items (cold start: no history for this user)"
+# Candidates fetched per wanted item: seen items are dropped after the search.
+CANDIDATE_FACTOR = 4
+MIN_CANDIDATES = 50
+
+
+@dataclass(frozen=True)
+class RecommendedItem:
+    item_id: str
+    score: float
+    title: str
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    items: list[RecommendedItem]
+    strategy: str
+    model_version: str
+
+
+@dataclass(frozen=True)
+class RecommenderPaths:
+    """The artifacts a recommender is served from (the `towerline rec ...` outputs)."""
+
+    interactions: Path
+    two_tower: Path
+    crm: Path
+    item_index: Path
+
+    @classmethod
+    def under(cls, root: Path) -> RecommenderPaths:
+        return cls(root / "interactions", root / "two-tower", root / "crm", root / "item-index")
+
+
+class Recommender:
+    def __init__(self, paths: RecommenderPaths, index_config: IndexConfig, threads: int = 1) -> None:
+        torch.set_num_threads(threads)
+        interactions = read_manifest(paths.interactions, "interactions")
+        two_tower_manifest = read_manifest(paths.two_tower, TWO_TOWER_KIND)
+        self.index: LoadedIndex = load_index(paths.item_index, index_config)
+        require_same_space(two_tower_manifest.metadata["embedding_space"], "the two-tower model",
+                           self.index.embedding_space, "the item index")
+        self.two_tower = _load_two_tower(paths.two_tower)
+        self.crm: DinModel = load_din(paths.crm).eval()
+        items = pd.read_parquet(paths.interactions / "items.parquet", columns=["item_index", "item_id", "title"])
+        self.item_ids = dict(zip(items["item_index"].tolist(), items["item_id"].tolist(), strict=True))
+        self.item_indexes = {item_id: index for index, item_id in self.item_ids.items()}
+        self.titles = dict(zip(items["item_index"].tolist(), items["title"].fillna("").tolist(), strict=True))
+        users = pd.read_parquet(paths.interactions / "users.parquet", columns=["user_index", "user_id"])
+        self.user_indexes = dict(zip(users["user_id"].tolist(), users["user_index"].tolist(), strict=True))
+        sequences = pd.read_parquet(paths.interactions / "sequences.parquet", columns=["user_index", "item_indexes"])
+        self.histories = {int(user): [int(item) for item in items]
+                          for user, items in zip(sequences["user_index"], sequences["item_indexes"], strict=True)}
+        samples = pd.read_parquet(paths.interactions / "samples.parquet", columns=["item_index", "label", "split"])
+        liked = samples[(samples["split"] == "train") & (samples["label"] > 0)]["item_index"].tolist()
+        self.popular = [item for item, _ in Counter(liked).most_common()] + [
+            item for item in self.item_ids if item not in set(liked)]
+        self.model_version = f"{interactions.fingerprint[:8]}-{two_tower_manifest.fingerprint[:8]}"
+
+    def recommend(self, user_id: str, recent_item_ids: list[str], top_k: int,
+                  checkpoint: Callable[[], None] = lambda: None) -> Recommendation:
+        """Top-k items for the user (known history plus `recent_item_ids`, most recent last)."""
+        recent = []
+        for position, item_id in enumerate(recent_item_ids):
+            if item_id not in self.item_indexes:
+                raise InvalidArgument(f"history_item_ids[{position}]", f"unknown item id {item_id!r}")
+            recent.append(self.item_indexes[item_id])
+        user = self.user_indexes.get(user_id, 0)
+        history = self.histories.get(user, []) + recent if user else recent
+        if not history:
+            return Recommendation(self._popular(top_k, set()), COLD_START, self.model_version)
+        seen = set(history)
+        candidates = self._candidates(user, history, top_k, seen)
+        checkpoint()
+        scores = self._din_scores(user, history, candidates)
+        order = np.argsort(-scores, kind="stable")[:top_k]
+        items = [RecommendedItem(self.item_ids[candidates[row]], float(scores[row]), self.titles[candidates[row]])
+                 for row in order]
+        if len(items) < top_k:  # a small catalogue: fill up with popular items not yet shown
+            items += self._popular(top_k - len(items), seen | {candidates[row] for row in order})
+        return Recommendation(items, PERSONALISED, self.model_version)
+
+    @torch.no_grad()
+    def _candidates(self, user: int, history: list[int], top_k: int, seen: set[int]) -> list[int]:
+        length = self.two_tower.settings.history_length
+        batch = user_state_batch({user: history}, [user], length)
+        vector = self.two_tower.user_vectors(batch["user_index"], batch["history"], batch["history_mask"])
+        depth = min(self.index.size, max(MIN_CANDIDATES, CANDIDATE_FACTOR * top_k) + len(seen))
+        hits = self.index.search(vector.numpy().astype(np.float32), k=depth)[0]
+        return [int(doc_id) for doc_id, _ in hits if int(doc_id) not in seen][: max(MIN_CANDIDATES, top_k)]
+
+    @torch.no_grad()
+    def _din_scores(self, user: int, history: list[int], candidates: list[int]) -> np.ndarray:
+        if not candidates:
+            return np.zeros(0)
+        length = self.crm.settings.history_length
+        state = user_state_batch({user: history}, [user], length)
+        count = len(candidates)
+        logits = self.crm(user_index=state["user_index"].repeat(count), item_index=torch.as_tensor(candidates),
+                          history=state["history"].repeat(count, 1),
+                          history_mask=state["history_mask"].repeat(count, 1))["logits"]
+        return torch.sigmoid(logits).numpy()
+
+    def _popular(self, count: int, exclude: set[int]) -> list[RecommendedItem]:
+        picked = [item for item in self.popular if item not in exclude][:count]
+        # A rank-based score in (0, 1]: cold-start answers carry no model probability.
+        return [RecommendedItem(self.item_ids[item], 1.0 / (rank + 1), self.titles[item])
+                for rank, item in enumerate(picked)]
+
+
+def _load_two_tower(directory: Path) -> TwoTowerModel:
+    saved = json.loads((directory / SETTINGS_FILE).read_text())
+    weights = load_file(str(directory / WEIGHTS_FILE))
+    sizes = VocabSizes.from_dict(saved["sizes"])
+    model = TwoTowerModel(sizes, TwoTowerConfig.model_validate(saved["settings"]), weights["item_genres"].numpy(),
+                          weights["user_fields"].numpy(), weights["title_embeddings"].numpy())
+    model.load_state_dict(weights)
+    return model.eval()
