@@ -6,14 +6,13 @@ absolute numbers move with the machine's load.
 
 from __future__ import annotations
 
-import statistics
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from evaluation.latency import encoder_throughput, percentile
+from evaluation.latency import encoder_throughput
+from evaluation.load import run_load
 from towerline.beir import load_dataset
 from towerline.config import TowerlineConfig
 from towerline.progress import console, status
@@ -21,36 +20,15 @@ from towerline.results import result_header, write_results
 
 
 def _grpc_load(address: str, texts: list[str], requests: int, concurrency: int, top_k: int) -> dict[str, float]:
-    """`requests` Search calls from `concurrency` client threads; a bounded, self-stopping loop."""
+    """`requests` Search calls from `concurrency` client threads."""
     from serving.client import RetrievalClient
 
-    latencies_ms: list[float] = []
-    lock = threading.Lock()
-    per_worker = max(1, requests // concurrency)
-
-    def worker(offset: int) -> None:
+    @contextmanager
+    def open_caller() -> Iterator[Any]:
         with RetrievalClient(address, timeout_s=30) as client:
-            for i in range(per_worker):
-                started = time.perf_counter()
-                client.search(texts[(offset + i) % len(texts)], top_k)
-                elapsed = (time.perf_counter() - started) * 1000
-                with lock:
-                    latencies_ms.append(elapsed)
+            yield lambda i: client.search(texts[i % len(texts)], top_k)
 
-    started = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(worker, [n * per_worker for n in range(concurrency)]))
-    wall = time.perf_counter() - started
-    ordered = sorted(latencies_ms)
-    return {
-        "requests": len(ordered),
-        "concurrency": concurrency,
-        "qps": len(ordered) / wall,
-        "latency_ms_p50": percentile(ordered, 0.50),
-        "latency_ms_p95": percentile(ordered, 0.95),
-        "latency_ms_p99": percentile(ordered, 0.99),
-        "latency_ms_mean": statistics.fmean(ordered),
-    }
+    return run_load(open_caller, requests, concurrency)
 
 
 def run_serve_bench(

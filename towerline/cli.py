@@ -567,6 +567,26 @@ def bench_scalingnote(
     run_scalingnote_bench(config, teacher or ["minilm", "mpnet"], student, work_dir, results, reuse=reuse)
 
 
+@command(bench_app, "rec")
+def bench_rec(
+    dataset: Annotated[
+        list[str] | None,
+        typer.Option(help="rec.data.dataset values (repeat); a name missing from $TOWERLINE_DATA_DIR is skipped"),
+    ] = None,
+    seed: Annotated[list[int] | None, typer.Option(help="seeds (repeat); mean ± std over them")] = None,
+    work_dir: Annotated[Path, typer.Option(help="where the benchmark's artifacts go")] = Path("runs/bench-rec"),
+    results: Annotated[Path, typer.Option(help="output JSON")] = Path("benchmarks/results/rec.json"),
+    config_file: ConfigOption = None,
+    overrides: Overrides = None,
+) -> None:
+    """Recommendation table: popularity / LogReg / DIN on CTR (AUC, LogLoss, GAUC), two-tower vs most-popular
+    candidates (Recall@50, NDCG@10), and Recommend's gRPC latency and QPS at concurrency 1 and 8."""
+    from benchmarks.rec import run_rec_bench
+
+    config = _config(config_file, overrides)
+    run_rec_bench(config, dataset or ["synthetic", "ml-100k"], seed or [0, 1, 2], work_dir, results)
+
+
 def main() -> None:
     app(prog_name="towerline")
 

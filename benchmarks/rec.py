@@ -1,0 +1,126 @@
+"""`towerline bench rec`: the recommendation side on each dataset, mean ± std over seeds.
+
+Per dataset (the synthetic default and, when present in the data dir, ML-100K):
+- CTR on the test split (AUC, LogLoss, GAUC) of item popularity, logistic regression and DIN,
+  each trained on the train split (DIN: early stopping on valid AUC);
+- candidate generation on test users (Recall@50, NDCG@10) of the two-tower model vs most-popular;
+- `Recommend` through gRPC on loopback (seed 0's models): p50/p99 latency and QPS at concurrency 1 and 8.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from towerline.beir import DATA_DIR_ENV
+from towerline.config import TowerlineConfig
+from towerline.progress import console
+from towerline.results import result_header, write_results
+from towerline.tracking import Tracker
+
+LOAD_REQUESTS = 400
+CONCURRENCY = (1, 8)
+
+
+def available_datasets(requested: list[str]) -> list[str]:
+    """The requested datasets that can be read here (ML-100K only from $TOWERLINE_DATA_DIR)."""
+    found = []
+    for name in requested:
+        if name == "synthetic" or Path(name).is_dir() or (
+                os.environ.get(DATA_DIR_ENV) and (Path(os.environ[DATA_DIR_ENV]) / name).is_dir()):
+            found.append(name)
+        else:
+            console.print(f"[yellow]skipping {name}: not a directory, nor under ${DATA_DIR_ENV}[/]")
+    return found
+
+
+def run_rec_bench(config: TowerlineConfig, datasets: list[str], seeds: list[int], root: Path,
+                  results_path: Path) -> dict[str, Any]:
+    started = time.perf_counter()
+    tables = {name: _dataset_rows(config, name, seeds, root / Path(name).name) for name in available_datasets(datasets)}
+    summary = {**result_header("rec"), "seeds": seeds, "datasets": tables,
+               "total_seconds": round(time.perf_counter() - started, 1), "config": config.flat()}
+    write_results(results_path, summary)
+    console.print_json(data={name: {key: value for key, value in table.items() if key != "per_seed"}
+                             for name, table in tables.items()})
+    return summary
+
+
+def _dataset_rows(config: TowerlineConfig, dataset: str, seeds: list[int], root: Path) -> dict[str, Any]:
+    from personalization.crm_run import baseline_metrics
+    from personalization.interactions import load_ctr_data
+    from personalization.train_crm import train_din
+    from personalization.two_tower_run import build_item_index, run_train_two_tower
+    from pipelines.interactions import run_interactions
+    from pipelines.spark import stop_spark
+
+    variant = config.model_copy(deep=True)
+    variant.rec.data.dataset = dataset
+    console.rule(f"[bold]{dataset}")
+    interactions = run_interactions(variant, root / "interactions")
+    stop_spark()
+    data = load_ctr_data(root / "interactions", variant.rec.crm.history_length)
+    per_seed: list[dict[str, Any]] = []
+    for seed in seeds:
+        seeded = variant.model_copy(deep=True)
+        seeded.rec.two_tower.seed = seed
+        din = train_din(data, variant.rec.crm, root / f"crm-seed{seed}", seed=seed)
+        two_tower = run_train_two_tower(seeded, root / "interactions", root / f"two-tower-seed{seed}", Tracker(None))
+        per_seed.append({"seed": seed, "ctr": {**baseline_metrics(data, seed), "din": din.test},
+                         "din_best_epoch": din.best_epoch,
+                         "candidates": {name: two_tower.metadata[name] for name in ("two_tower", "most_popular")}})
+    build_item_index(variant, root / f"two-tower-seed{seeds[0]}", root / "item-index")
+    return {
+        "interactions": {key: interactions.metadata[key] for key in ("dataset", "users", "items", "samples",
+                                                                     "splits", "label")},
+        "ctr_test": _mean_std([row["ctr"] for row in per_seed]),
+        "candidates_test": _mean_std([row["candidates"] for row in per_seed]),
+        "recommend_grpc": _recommend_load(variant, root, seeds[0]),
+        "per_seed": per_seed,
+    }
+
+
+def _mean_std(rows: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
+    """{model: {metric: {"mean", "std"}}} over seeds (std 0.0 for a single seed)."""
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for model in rows[0]:
+        table[model] = {}
+        for metric in rows[0][model]:
+            values = [row[model][metric] for row in rows if row[model][metric] is not None]
+            table[model][metric] = {"mean": statistics.fmean(values) if values else float("nan"),
+                                    "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+    return table
+
+
+def _recommend_load(config: TowerlineConfig, root: Path, seed: int) -> dict[str, Any]:
+    """Recommend for known users through gRPC on loopback, one intra-op thread per call."""
+    import grpc
+
+    from evaluation.load import run_load
+    from personalization.recommender import Recommender, RecommenderPaths
+    from serving.proto.towerline.v1 import retrieval_pb2 as pb
+    from serving.proto.towerline.v1 import retrieval_pb2_grpc as pb_grpc
+    from serving.server import start_server
+
+    paths = RecommenderPaths(root / "interactions", root / f"two-tower-seed{seed}", root / f"crm-seed{seed}",
+                             root / "item-index")
+    recommender = Recommender(paths, config.index, threads=config.serve.intra_op_threads)
+    users = sorted(recommender.user_indexes)
+    server, port = start_server(None, config.serve.model_copy(update={"port": 0}), recommender)
+
+    @contextmanager
+    def open_caller() -> Iterator[Any]:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.RetrievalServiceStub(channel)
+            yield lambda i: stub.Recommend(pb.RecommendRequest(user_id=users[i % len(users)], top_k=10), timeout=30)
+
+    try:
+        return {f"concurrency_{concurrency}": run_load(open_caller, LOAD_REQUESTS, concurrency)
+                for concurrency in CONCURRENCY}
+    finally:
+        server.stop(None).wait()
