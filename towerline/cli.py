@@ -227,6 +227,15 @@ def rec_train_two_tower(
              lambda tracker: run_train_two_tower(config, source, output, tracker))
 
 
+@command(rec_app, "demo")
+def rec_demo(config_file: ConfigOption = None, overrides: Overrides = None) -> None:
+    """The recommendation side end to end (synthetic interactions by default, a few minutes on 2 cores):
+    rec data → train-crm → train-twotower → index → Recommend over gRPC, with example recommendations."""
+    from towerline.rec_demo import run_rec_demo
+
+    run_rec_demo(_config(config_file, overrides))
+
+
 @command(rec_app, "index")
 def rec_index(
     two_tower: Annotated[Path | None, typer.Option(help="two-tower artifact (default: RUN_DIR/two-tower)")] = None,
