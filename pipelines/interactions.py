@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from functools import partial, reduce
 from pathlib import Path
 from typing import Any
@@ -204,8 +205,8 @@ def publish(spark: SparkSession, tables: dict[str, DataFrame], files: Interactio
         {row["item_index"]: row["title"] for row in items.select("item_index", "title").collect()})
     try:
         samples = events.select("user_index", "item_index", "label", "rating", "timestamp", "split").groupBy(
-            "user_index").applyInPandas(partial(_user_samples, settings.long_history, settings.short_history,
-                                                titles), SAMPLE_SCHEMA)
+            "user_index").applyInPandas(_samples_of_one_user(settings.long_history, settings.short_history,
+                                                             titles), SAMPLE_SCHEMA)
         with ArtifactWriter(output, KIND, producer="rec data", config=config) as staged:
             write_parquet(items, staged.path / ITEMS_FILE, ("item_index", "item_id", "title", "genres"),
                           ["item_index"])
@@ -245,6 +246,15 @@ def _time_cutoffs(events: DataFrame, settings: RecDataConfig) -> tuple[int, int]
     if len(found) != 2:
         raise DataError("no valid interactions to split")
     return int(found[0]), int(found[1])
+
+
+def _samples_of_one_user(long_length: int, short_length: int, titles: Broadcast[dict[int, str]]
+                         ) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    # A plain function (not a functools.partial): Spark reads its type hints to pick the UDF kind.
+    def samples(frame: pd.DataFrame) -> pd.DataFrame:
+        return _user_samples(long_length, short_length, titles, frame)
+
+    return samples
 
 
 def _user_samples(long_length: int, short_length: int, titles: Broadcast[dict[int, str]],

@@ -26,7 +26,7 @@ from towerline.config import TowerlineConfig, load_config
 from towerline.errors import DataError
 from towerline.synthetic_rec import SyntheticRecSpec, write_synthetic_interactions
 
-SPEC = SyntheticRecSpec(users=60, items=50, interactions_per_user=30, seed=3)
+SPEC = SyntheticRecSpec(users=300, items=60, interactions_per_user=30, seed=3)
 
 
 def rec_config(tmp_path: Path, dataset: Path | str, *overrides: str) -> TowerlineConfig:
@@ -157,12 +157,12 @@ def test_din_trains_on_the_spark_output_and_beats_popularity(synthetic_artifact:
     from personalization.din import load_din
     from towerline.tracking import Tracker
 
-    config = rec_config(tmp_path, "synthetic", "rec.crm.max_epochs=4", "rec.crm.history_length=8",
-                        "rec.crm.embedding_dim=8", "rec.crm.batch_size=64")
+    config = rec_config(tmp_path, "synthetic", "rec.crm.max_epochs=5", "rec.crm.history_length=8",
+                        "rec.crm.embedding_dim=8", "rec.crm.batch_size=128")
     manifest = run_train_crm(config, synthetic_artifact, tmp_path / "crm", Tracker(None))
     meta = manifest.metadata
     assert meta["din"]["test"]["auc"] > meta["baselines"]["popularity"]["auc"]
-    assert 1 <= meta["best_epoch"] <= meta["epochs_run"] <= 4
+    assert 1 <= meta["best_epoch"] <= meta["epochs_run"] <= 5
     assert load_din(tmp_path / "crm").representation_dim == meta["representation_dim"]
 
 
@@ -177,7 +177,7 @@ def test_two_tower_candidates_beat_most_popular(synthetic_artifact: Path, tiny_b
     manifest = run_train_two_tower(config, synthetic_artifact, tmp_path / "two-tower", Tracker(None))
     meta = manifest.metadata
     print(meta["two_tower"], meta["most_popular"])
-    # 50 items: Recall@50 is ~1 for any ranking here; the order within the top 10 is what differs.
+    # 60 items: Recall@50 is near 1 for any ranking here; the order within the top 10 is what differs.
     assert meta["two_tower"]["ndcg@10"] > meta["most_popular"]["ndcg@10"]
     vectors = np.load(tmp_path / "two-tower" / "item_vectors.npy")
     assert vectors.shape == (SPEC.items + 1, 64)
