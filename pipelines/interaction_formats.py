@@ -122,45 +122,43 @@ def parse_dat_user(line: str) -> User:
 # --- ML-20M / ML-25M / ml-latest: CSV with headers ----------------------------------------------------------
 
 
-def parse_csv_interaction(line: str) -> Interaction:
-    fields = _fields(line, ",", 4)
-    if fields[0] == "userId":
+def _csv_fields(line: str, count: int, header_id: str) -> list[str]:
+    """A CSV line's fields; the header line (its first field is `header_id`) is rejected as HEADER."""
+    fields = _fields(line, ",", count)
+    if fields[0] == header_id:
         raise RowRejected(HEADER)
-    return _interaction(fields)
+    return fields
+
+
+def _csv_item(line: str, header_id: str) -> Item:
+    item_id, title, genres = _csv_fields(line, 3, header_id)
+    _ids(item_id)
+    return item_id, title, _genre_list(genres)
+
+
+def parse_csv_interaction(line: str) -> Interaction:
+    return _interaction(_csv_fields(line, 4, "userId"))
 
 
 def parse_csv_item(line: str) -> Item:
-    fields = _fields(line, ",", 3)
-    if fields[0] == "movieId":
-        raise RowRejected(HEADER)
-    _ids(fields[0])
-    return fields[0], fields[1], _genre_list(fields[2])
+    return _csv_item(line, "movieId")
 
 
 # --- generic schema --------------------------------------------------------------------------------------------
 
 
 def parse_generic_interaction(line: str) -> Interaction:
-    fields = _fields(line, ",", 4)
-    if fields[0] == "user_id":
-        raise RowRejected(HEADER)
-    return _interaction(fields)
+    return _interaction(_csv_fields(line, 4, "user_id"))
 
 
 def parse_generic_item(line: str) -> Item:
-    fields = _fields(line, ",", 3)
-    if fields[0] == "item_id":
-        raise RowRejected(HEADER)
-    _ids(fields[0])
-    return fields[0], fields[1], _genre_list(fields[2])
+    return _csv_item(line, "item_id")
 
 
 def parse_generic_user(line: str) -> User:
-    fields = _fields(line, ",", 4)
-    if fields[0] == "user_id":
-        raise RowRejected(HEADER)
-    _ids(fields[0])
-    return fields[0], _optional(fields[1]), _optional(fields[2]), _optional(fields[3])
+    user_id, gender, age, occupation = _csv_fields(line, 4, "user_id")
+    _ids(user_id)
+    return user_id, _optional(gender), _optional(age), _optional(occupation)
 
 
 def _genre_list(text: str) -> list[str]:
