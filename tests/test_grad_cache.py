@@ -153,6 +153,7 @@ def _ddp_rank_main(rank: int, init_file: str, config_json: str, pairs_dir: str, 
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_grad_cache_under_ddp_equals_ddp_on_whole_batches(exact_config: TowerlineConfig, tiny_dataset: Path,
                                                           tmp_path: Path) -> None:
     from test_training import write_pairs_artifact

@@ -143,6 +143,7 @@ def test_movielens_line_parsers() -> None:
 ML100K = Path(os.environ.get("TOWERLINE_DATA_DIR", "")) / "ml-100k"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (ML100K / "u.data").is_file(), reason="ML-100K is read from $TOWERLINE_DATA_DIR only")
 def test_movielens_100k_from_the_data_dir(spark: SparkSession, tmp_path: Path) -> None:
     manifest = run_interactions(rec_config(tmp_path, "ml-100k"), tmp_path / "out")

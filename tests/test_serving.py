@@ -227,12 +227,12 @@ def test_client_raises_typed_errors(client: RetrievalClient) -> None:
     assert "query" in raised.value.details
 
 
-def test_recommend_is_unimplemented_with_a_message(address: str) -> None:
+def test_recommend_on_a_server_without_a_recommender_says_how_to_start_one(address: str) -> None:
     channel, stub = raw_stub(address)
     with channel, pytest.raises(grpc.RpcError) as raised:
         stub.Recommend(pb.RecommendRequest(user_id="u1", top_k=5), timeout=10)
-    assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "Recommend is not implemented" in raised.value.details()
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "--recommender" in raised.value.details()
 
 
 def test_index_info_describes_the_loaded_pair(client: RetrievalClient, index: LoadedIndex) -> None:
