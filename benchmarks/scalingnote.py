@@ -18,11 +18,17 @@ from typing import Any
 from evaluation.latency import encoder_latency
 from evaluation.metrics import score_run
 from evaluation.retrieval import retrieval_metrics
+from indexing.layout import INDEX_KIND
+from pipelines.pseudo_queries import KIND as PSEUDO_QUERIES_KIND
+from serving.onnx_format import ONNX_KIND
+from towerline.artifacts import read_manifest
 from towerline.beir import load_dataset, positives
 from towerline.config import TowerlineConfig
 from towerline.progress import console
 from towerline.results import result_header, write_results
+from towerline.tower_spec import DUAL_ENCODER_KIND
 from towerline.tracking import Tracker
+from training.dataset import PAIRS_KIND
 
 
 def run_scalingnote_bench(
@@ -40,19 +46,20 @@ def run_scalingnote_bench(
     seconds: dict[str, float] = {}
     reused: list[str] = []
 
-    def stage(name: str, artifact: Path, work: Any, made_with: TowerlineConfig = config) -> Any:
+    def stage(name: str, artifact: Path, kind: str, work: Any, made_with: TowerlineConfig = config) -> Any:
         if reuse and (artifact / "manifest.json").is_file():
             require_same_config(artifact, made_with)
             reused.append(name)
-            return read_manifest_any(artifact)
+            return read_manifest(artifact, kind)
         return _timed(seconds, name, work)
 
     dataset = load_dataset(config.data, [config.eval.split])
     qrels = dataset.split(config.eval.split)
     queries = {qid: dataset.queries[qid] for qid, docs in qrels.items() if positives(docs, config.data.positive_min)}
     rows: dict[str, dict[str, Any]] = {"bm25_stemmed": _timed(seconds, "bm25", lambda: _bm25(config, dataset, queries))}
-    stage("pairs", root / "pairs", lambda: run_pairs(config, root / "pairs"))
-    stage("pseudo_queries", root / "pseudo-queries", lambda: run_pseudo_queries(config, root / "pseudo-queries"))
+    stage("pairs", root / "pairs", PAIRS_KIND, lambda: run_pairs(config, root / "pairs"))
+    stage("pseudo_queries", root / "pseudo-queries", PSEUDO_QUERIES_KIND,
+          lambda: run_pseudo_queries(config, root / "pseudo-queries"))
     stop_spark()
     for backbone in teachers:
         rows[f"dual_tower_{Path(backbone).name}"] = _dual_tower_row(config, backbone, root, queries, stage)
@@ -95,12 +102,6 @@ def require_same_config(artifact: Path, expected: TowerlineConfig) -> None:
                           "run without --reuse or in another --work-dir")
 
 
-def read_manifest_any(artifact: Path) -> Any:
-    from towerline.artifacts import Manifest
-
-    return Manifest.model_validate_json((artifact / "manifest.json").read_text())
-
-
 def _timed(seconds: dict[str, float], name: str, work: Any) -> Any:
     console.rule(f"[bold]{name}")
     started = time.perf_counter()
@@ -136,11 +137,12 @@ def _dual_tower_row(config: TowerlineConfig, backbone: str, root: Path, queries:
     from training.run import run_train
 
     variant, base = _with_backbone(config, backbone), root / Path(backbone).name
-    manifest = stage(f"train.{backbone}", base / "encoder",
+    manifest = stage(f"train.{backbone}", base / "encoder", DUAL_ENCODER_KIND,
                      lambda: run_train(variant, root / "pairs", base / "encoder", Tracker(None)), variant)
-    stage(f"export.{backbone}", base / "onnx", lambda: run_export(variant, base / "encoder", base / "onnx"), variant)
-    stage(f"index.{backbone}", base / "index", lambda: build_index(variant, base / "encoder", base / "index"),
-          variant)
+    stage(f"export.{backbone}", base / "onnx", ONNX_KIND,
+          lambda: run_export(variant, base / "encoder", base / "onnx"), variant)
+    stage(f"index.{backbone}", base / "index", INDEX_KIND,
+          lambda: build_index(variant, base / "encoder", base / "index"), variant)
     row = _score(variant, base / "onnx", base / "index", queries)
     return {"model": f"{Path(backbone).name} dual tower, fine-tuned",
             "parameters_per_tower": _parameters(base / "encoder"),

@@ -131,6 +131,11 @@ class CtrData:
                 "occupation": list(self.occupations)}
 
 
+def liked_counts(item_index: np.ndarray, label: np.ndarray, items: int) -> np.ndarray:
+    """Positive samples per item index ([items]; row 0, padding, stays 0): most-popular's ranking."""
+    return np.bincount(np.asarray(item_index)[np.asarray(label) > 0], minlength=items).astype(np.float64)
+
+
 def load_ctr_data(artifact_dir: Path | str, history_length: int = 60) -> CtrData:
     """Read an interactions artifact; `history_length` most recent history items are kept per sample."""
     if history_length < 1:

@@ -8,7 +8,6 @@ checks that the service over a real channel answers exactly what this class answ
 from __future__ import annotations
 
 import json
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from safetensors.torch import load_file
 
 from indexing.load import LoadedIndex, load_index
 from personalization.din import DinModel, load_din
-from personalization.interactions import VocabSizes
+from personalization.interactions import VocabSizes, liked_counts
 from personalization.two_tower import TwoTowerModel, user_state_batch
 from personalization.two_tower_run import SETTINGS_FILE, TWO_TOWER_KIND, WEIGHTS_FILE
 from serving.errors import InvalidArgument
@@ -82,9 +81,10 @@ class Recommender:
         self.histories = {int(user): [int(item) for item in items]
                           for user, items in zip(sequences["user_index"], sequences["item_indexes"], strict=True)}
         samples = pd.read_parquet(paths.interactions / "samples.parquet", columns=["item_index", "label", "split"])
-        liked = samples[(samples["split"] == "train") & (samples["label"] > 0)]["item_index"].tolist()
-        self.popular = [item for item, _ in Counter(liked).most_common()] + [
-            item for item in self.item_ids if item not in set(liked)]
+        train = samples[samples["split"] == "train"]
+        counts = liked_counts(train["item_index"].to_numpy(), train["label"].to_numpy(), max(self.item_ids) + 1)
+        # Most liked first, ties by item index; row 0 (padding) is not an item.
+        self.popular = [int(item) for item in np.argsort(-counts[1:], kind="stable") + 1]
         self.model_version = f"{interactions.fingerprint[:8]}-{two_tower_manifest.fingerprint[:8]}"
 
     def recommend(self, user_id: str, recent_item_ids: list[str], top_k: int,

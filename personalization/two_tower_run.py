@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tempfile
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
 from evaluation.metrics import candidate_metrics
-from personalization.interactions import CtrCollator, CtrData, CtrDataset, CtrSplit, load_ctr_data
+from personalization.interactions import CtrCollator, CtrData, CtrDataset, CtrSplit, liked_counts, load_ctr_data
 from personalization.two_tower import TwoTowerModel, user_state_batch
 from towerline.artifacts import ArtifactWriter, Manifest, checksum_tree, fingerprint_of, read_manifest
 from towerline.config import TowerlineConfig, TwoTowerConfig
@@ -40,7 +40,7 @@ def run_train_two_tower(config: TowerlineConfig, interactions: Path, output: Pat
     data = load_ctr_data(interactions, settings.history_length)
     titles = title_embeddings(interactions, settings, data.sizes.items)
     model = train_two_tower(data, settings, titles)
-    history = HistoryBeforeTest.read(interactions, source.metadata["split_cutoffs"]["test_from"])
+    history = HistoryBeforeTest.of(data)
     quality = evaluate_candidates(model, data, history, settings.history_length)
     tracker.metrics({f"two_tower.{key}": value for key, value in quality["two_tower"].items()})
     with ArtifactWriter(output, TWO_TOWER_KIND, producer="rec train-twotower", inputs={"interactions": source},
@@ -118,19 +118,19 @@ class HistoryBeforeTest:
     relevant: dict[int, set[int]]
 
     @classmethod
-    def read(cls, interactions: Path, test_from: int) -> HistoryBeforeTest:
-        samples = pd.read_parquet(interactions / "samples.parquet",
-                                  columns=["user_index", "item_index", "label", "timestamp"])
-        samples = samples.sort_values(["timestamp", "item_index"], kind="stable")
-        earlier = samples[samples["timestamp"] < test_from]
-        later = samples[(samples["timestamp"] >= test_from) & (samples["label"] > 0)]
+    def of(cls, data: CtrData) -> HistoryBeforeTest:
+        """The splits are cut by time, each in timestamp order: train then valid is all that came
+        before the test period."""
         before: dict[int, list[int]] = defaultdict(list)
-        for user, item in zip(earlier["user_index"], earlier["item_index"], strict=True):
-            before[int(user)].append(int(item))
+        for split in (data.train, data.valid):
+            for user, item in zip(split.user_index.tolist(), split.item_index.tolist(), strict=True):
+                before[user].append(item)
+        seen = {user: set(items) for user, items in before.items()}
         relevant: dict[int, set[int]] = defaultdict(set)
-        for user, item in zip(later["user_index"], later["item_index"], strict=True):
-            if item not in before.get(int(user), ()):
-                relevant[int(user)].add(int(item))
+        test = positives(data.test)
+        for user, item in zip(test.user_index.tolist(), test.item_index.tolist(), strict=True):
+            if item not in seen.get(user, ()):
+                relevant[user].add(item)
         return cls(dict(before), dict(relevant))
 
 
@@ -144,9 +144,7 @@ def evaluate_candidates(model: TwoTowerModel, data: CtrData, history: HistoryBef
     vectors = item_vectors(model, data.sizes.items)
     batch = user_state_batch(history.before, users, history_length)
     scores = model.user_vectors(batch["user_index"], batch["history"], batch["history_mask"]).numpy() @ vectors.T
-    popularity = np.zeros(data.sizes.items)
-    for item, count in Counter(positives(data.train).item_index.tolist()).items():
-        popularity[item] = count
+    popularity = liked_counts(data.train.item_index, data.train.label, data.sizes.items)
     runs = {"two_tower": {}, "most_popular": {}}
     for row, user in enumerate(users):
         seen = np.asarray([0, *history.before.get(user, [])])

@@ -22,7 +22,6 @@ trains on anything later than what it is evaluated on; histories only ever look 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -40,7 +39,7 @@ from pipelines.interaction_formats import HEADER, InteractionFormat, detect_form
 from pipelines.parquet_output import write_parquet
 from pipelines.records import flag_duplicates, flag_unknown, numbered_lines, quarantined_rows, valid_rows
 from pipelines.spark import spark_session
-from towerline.artifacts import ArtifactWriter, Manifest, sha256_file
+from towerline.artifacts import ArtifactWriter, Manifest, fingerprint_of, sha256_file
 from towerline.beir import DATA_DIR_ENV, RowRejected
 from towerline.config import RecDataConfig, TowerlineConfig
 from towerline.errors import DataError
@@ -79,14 +78,9 @@ class InteractionFiles:
 
     def identity(self) -> dict[str, str]:
         """Name, format and a fingerprint of the files' content."""
-        digests = [sha256_file(path) for name in (self.format.interactions, self.format.items, self.format.users)
-                   if (path := self.path(name)) is not None]
-        return {"name": self.name, "format": self.format.name,
-                "fingerprint": _combined(digests)}
-
-
-def _combined(digests: list[str]) -> str:
-    return hashlib.sha256("\n".join(digests).encode()).hexdigest()
+        digests = {name: sha256_file(path) for name in (self.format.interactions, self.format.items, self.format.users)
+                   if name and (path := self.path(name)) is not None}
+        return {"name": self.name, "format": self.format.name, "fingerprint": fingerprint_of(digests)}
 
 
 def locate_interactions(settings: RecDataConfig, run_dir: Path) -> InteractionFiles:
