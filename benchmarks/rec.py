@@ -63,7 +63,7 @@ def _dataset_rows(config: TowerlineConfig, dataset: str, seeds: list[int], root:
     variant.rec.data.dataset = dataset
     console.rule(f"[bold]{dataset}")
     interactions = run_interactions(variant, root / "interactions")
-    stop_spark()
+    stop_spark(config.spark)
     data = load_ctr_data(root / "interactions", variant.rec.crm.history_length)
     per_seed: list[dict[str, Any]] = []
     for seed in seeds:

@@ -60,7 +60,7 @@ def run_scalingnote_bench(
     stage("pairs", root / "pairs", PAIRS_KIND, lambda: run_pairs(config, root / "pairs"))
     stage("pseudo_queries", root / "pseudo-queries", PSEUDO_QUERIES_KIND,
           lambda: run_pseudo_queries(config, root / "pseudo-queries"))
-    stop_spark()
+    stop_spark(config.spark)
     for backbone in teachers:
         rows[f"dual_tower_{Path(backbone).name}"] = _dual_tower_row(config, backbone, root, queries, stage)
     largest = teachers[-1]

@@ -71,8 +71,11 @@ def _user_id() -> int:
     return os.getuid() if hasattr(os, "getuid") else 0
 
 
-def stop_spark() -> None:
-    """Stop the active session, if any: frees the driver JVM before memory-hungry stages run."""
+def stop_spark(spark: SparkConfig) -> None:
+    """Stop the active session, if any and unless `spark.keep_session`: frees the driver JVM before
+    memory-hungry stages run."""
+    if spark.keep_session:
+        return
     active = SparkSession.getActiveSession()
     if active is not None:
         active.stop()

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from towerline.config import TowerlineConfig, load_config
 from towerline.synthetic import vocabulary, write_synthetic_beir
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -93,6 +98,7 @@ def tiny_overrides(tmp_path: Path, tiny_dataset: Path, tiny_backbone: Path) -> l
         "encoder.max_doc_length=48",
         "spark.master=local[1]",
         "spark.shuffle_partitions=2",
+        "spark.keep_session=true",  # one driver JVM for the whole test session (see the spark fixture)
         "train.batch_size=8",
         "train.epochs=1",
         "train.learning_rate=1e-3",
@@ -114,3 +120,17 @@ def tiny_config(tiny_overrides: list[str]) -> TowerlineConfig:
 def _isolated_mlflow(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Runs that do not set tracking.uri still never touch the working directory's mlflow.db."""
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+SPARK_TEST_OVERRIDES = ["spark.master=local[1]", "spark.shuffle_partitions=2", "spark.keep_session=true"]
+
+
+@pytest.fixture(scope="session")
+def spark() -> Iterator[SparkSession]:
+    """One local Spark session for every test: a driver JVM start costs ~20 s on the 2-core machine.
+    Commands run with spark.keep_session=true leave it running; it stops when the tests end."""
+    from pipelines.spark import spark_session
+
+    session = spark_session(load_config(None, SPARK_TEST_OVERRIDES).spark, "towerline-tests")
+    yield session
+    session.stop()

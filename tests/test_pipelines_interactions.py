@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import SPARK_TEST_OVERRIDES
 from pyspark.sql import SparkSession
 
 from pipelines.interaction_formats import (
@@ -20,7 +20,6 @@ from pipelines.interaction_formats import (
     parse_ml100k_user,
 )
 from pipelines.interactions import run_interactions
-from pipelines.spark import spark_session
 from towerline.beir import RowRejected
 from towerline.config import TowerlineConfig, load_config
 from towerline.errors import DataError
@@ -31,15 +30,7 @@ SPEC = SyntheticRecSpec(users=300, items=60, interactions_per_user=30, seed=3)
 
 def rec_config(tmp_path: Path, dataset: Path | str, *overrides: str) -> TowerlineConfig:
     return load_config(None, [f"run_dir={tmp_path / 'runs'}", f"rec.data.dataset={dataset}",
-                              "spark.master=local[1]", "spark.shuffle_partitions=2", *overrides])
-
-
-@pytest.fixture(scope="module")
-def spark(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SparkSession]:
-    config = load_config(None, ["spark.master=local[1]", "spark.shuffle_partitions=2"])
-    session = spark_session(config.spark, "towerline-tests")
-    yield session
-    session.stop()
+                              *SPARK_TEST_OVERRIDES, *overrides])
 
 
 @pytest.fixture(scope="module")

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import gzip
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import SPARK_TEST_OVERRIDES
 from pyspark.sql import SparkSession
 
 from pipelines.pairs import PAIR_COLUMNS, run_pairs
-from pipelines.spark import spark_session
 from towerline.artifacts import Manifest, read_manifest
 from towerline.beir import locate_dataset, read_dataset
 from towerline.config import DataConfig, TowerlineConfig, load_config
@@ -27,14 +26,7 @@ UNKNOWN_DOC_QREL = "q0\tno-such-doc\t1"
 
 
 def pairs_config(dataset: Path, *overrides: str) -> TowerlineConfig:
-    return load_config(None, [f"data.dir={dataset}", "spark.master=local[1]", "spark.shuffle_partitions=2", *overrides])
-
-
-@pytest.fixture(scope="module")
-def spark(tiny_dataset: Path) -> Iterator[SparkSession]:
-    session = spark_session(pairs_config(tiny_dataset).spark, "towerline-tests")
-    yield session
-    session.stop()
+    return load_config(None, [f"data.dir={dataset}", *SPARK_TEST_OVERRIDES, *overrides])
 
 
 @pytest.fixture(scope="module")

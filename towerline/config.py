@@ -38,6 +38,9 @@ class SparkConfig(Section):
     master: str = "local[2]"
     driver_memory: str = "2g"
     shuffle_partitions: int = Field(4, ge=1)
+    # Commands stop the session after their Spark jobs, to free the driver JVM's memory before
+    # training. A process that runs many jobs (a test session) keeps it: each start costs ~20 s.
+    keep_session: bool = False
 
 
 class PairsConfig(Section):

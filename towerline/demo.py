@@ -83,7 +83,7 @@ def run_demo(
         if fine_tunes:
             clock.run("pairs", lambda t: run_pairs(config, root / "pairs"))
             clock.run("pseudo_queries", lambda t: run_pseudo_queries(config, root / "pseudo-queries"))
-            stop_spark()
+            stop_spark(config.spark)
         # label -> (artifact holding the query tower, the dual encoder whose doc tower built the index)
         models = {"zero_shot": (root / "encoder-zero-shot", "zero_shot")}
         clock.run("train.zero_shot", lambda t: init_dual_encoder(config, models["zero_shot"][0]))

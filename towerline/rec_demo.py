@@ -35,7 +35,7 @@ def run_rec_demo(config: TowerlineConfig) -> dict[str, Any]:
             return result
 
         data = stage("rec data", lambda: run_interactions(config, root / "interactions"))
-        stop_spark()
+        stop_spark(config.spark)
         crm = stage("train-crm", lambda: run_train_crm(config, root / "interactions", root / "crm", tracker))
         two_tower = stage("train-twotower", lambda: run_train_two_tower(config, root / "interactions",
                                                                           root / "two-tower", tracker))

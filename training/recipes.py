@@ -64,7 +64,7 @@ def search_negative_recipes(
                   f"negative_margin={filtered.pairs.negative_margin})")
     filtered_pairs = work / "pairs-filtered"
     run_pairs(filtered, filtered_pairs)
-    stop_spark()
+    stop_spark(config.spark)
     trials: dict[str, dict[str, Any]] = {}
     for recipe in recipes(config):
         variant = (filtered if recipe.filtered else config).model_copy(deep=True)
