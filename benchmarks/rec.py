@@ -3,7 +3,8 @@
 Per dataset (the synthetic default and, when present in the data dir, ML-100K):
 - CTR on the test split (AUC, LogLoss, GAUC) of item popularity, logistic regression and DIN,
   each trained on the train split (DIN: early stopping on valid AUC);
-- candidate generation on test users (Recall@50, NDCG@10) of the two-tower model vs most-popular;
+- candidate generation on test users (Recall@50, NDCG@10) of the two-tower model vs most-popular,
+  and of the whole Recommend pipeline (two-tower candidates re-ranked by DIN, `rec eval`'s protocol);
 - `Recommend` through gRPC on loopback (seed 0's models): p50/p99 latency and QPS at concurrency 1 and 8.
 """
 
@@ -15,13 +16,16 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from towerline.beir import DATA_DIR_ENV
 from towerline.config import TowerlineConfig
 from towerline.progress import console
 from towerline.results import result_header, write_results
 from towerline.tracking import Tracker
+
+if TYPE_CHECKING:
+    from personalization.recommender import RecommenderPaths
 
 LOAD_REQUESTS = 400
 CONCURRENCY = (1, 8)
@@ -69,12 +73,15 @@ def _dataset_rows(config: TowerlineConfig, dataset: str, seeds: list[int], root:
     for seed in seeds:
         seeded = variant.model_copy(deep=True)
         seeded.rec.two_tower.seed = seed
-        din = train_din(data, variant.rec.crm, root / f"crm-seed{seed}", seed=seed)
-        two_tower = run_train_two_tower(seeded, root / "interactions", root / f"two-tower-seed{seed}", Tracker(None))
+        paths = _seed_paths(root, seed)
+        din = train_din(data, variant.rec.crm, paths.crm, seed=seed)
+        two_tower = run_train_two_tower(seeded, paths.interactions, paths.two_tower, Tracker(None))
+        build_item_index(variant, paths.two_tower, paths.item_index)
+        pipeline = _recommend_quality(variant, paths, root / f"rec-eval-seed{seed}")
         per_seed.append({"seed": seed, "ctr": {**baseline_metrics(data, seed), "din": din.test},
                          "din_best_epoch": din.best_epoch,
-                         "candidates": {name: two_tower.metadata[name] for name in ("two_tower", "most_popular")}})
-    build_item_index(variant, root / f"two-tower-seed{seeds[0]}", root / "item-index")
+                         "candidates": {**{name: two_tower.metadata[name] for name in ("two_tower", "most_popular")},
+                                        "recommend_two_tower_din": pipeline}})
     return {
         "interactions": {key: interactions.metadata[key] for key in ("dataset", "users", "items", "samples",
                                                                      "splits", "label")},
@@ -97,19 +104,35 @@ def _mean_std(rows: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, di
     return table
 
 
+def _seed_paths(root: Path, seed: int) -> RecommenderPaths:
+    from personalization.recommender import RecommenderPaths
+
+    return RecommenderPaths(root / "interactions", root / f"two-tower-seed{seed}", root / f"crm-seed{seed}",
+                            root / f"item-index-seed{seed}")
+
+
+def _recommend_quality(config: TowerlineConfig, paths: RecommenderPaths, output: Path) -> dict[str, float]:
+    """The whole Recommend pipeline (two-tower → DIN re-rank) in process, from the test period's start."""
+    from evaluation.recommend import EVAL_DEPTH, evaluate_recommend
+    from personalization.recommender import Recommender
+
+    recommender = Recommender(paths, config.index, threads=config.serve.intra_op_threads, state="test-start")
+    metrics, _ = evaluate_recommend(config, paths.interactions, lambda user, k: recommender.recommend(user, [], k),
+                                    output, EVAL_DEPTH, target={"artifacts": "benchmark"})
+    return {key: metrics[key] for key in ("recall@50", "ndcg@10")}
+
+
 def _recommend_load(config: TowerlineConfig, root: Path, seed: int) -> dict[str, Any]:
     """Recommend for known users through gRPC on loopback, one intra-op thread per call."""
     import grpc
 
     from evaluation.load import run_load
-    from personalization.recommender import Recommender, RecommenderPaths
+    from personalization.recommender import Recommender
     from serving.proto.towerline.v1 import retrieval_pb2 as pb
     from serving.proto.towerline.v1 import retrieval_pb2_grpc as pb_grpc
     from serving.server import start_server
 
-    paths = RecommenderPaths(root / "interactions", root / f"two-tower-seed{seed}", root / f"crm-seed{seed}",
-                             root / "item-index")
-    recommender = Recommender(paths, config.index, threads=config.serve.intra_op_threads)
+    recommender = Recommender(_seed_paths(root, seed), config.index, threads=config.serve.intra_op_threads)
     users = sorted(recommender.user_indexes)
     server, port = start_server(None, config.serve.model_copy(update={"port": 0}), recommender)
 

@@ -55,14 +55,14 @@ def evaluate(
     metrics = score_run(qrels, run, positive_min)
     with ArtifactWriter(output, EVAL_KIND, producer="eval", config=config) as staged:
         (staged.path / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        _write_trec_run(staged.path / "run.trec", run)
+        write_trec_run(staged.path / "run.trec", run)
         staged.metadata.update(metrics=metrics, target=target, split=split, positive_min=positive_min,
                                dataset=dataset.files.identity(), dropped_judgments=dropped)
     assert staged.manifest is not None
     return metrics, staged.manifest
 
 
-def _write_trec_run(path: Path, run: Run) -> None:
+def write_trec_run(path: Path, run: Run) -> None:
     with path.open("w") as handle:
         for query_id, hits in run.items():
             ranked = sorted(hits.items(), key=lambda item: -item[1])

@@ -17,6 +17,7 @@ only carries indexes and a later stage can score a (user, history) without the a
 from __future__ import annotations
 
 import dataclasses
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +135,36 @@ class CtrData:
 def liked_counts(item_index: np.ndarray, label: np.ndarray, items: int) -> np.ndarray:
     """Positive samples per item index ([items]; row 0, padding, stays 0): most-popular's ranking."""
     return np.bincount(np.asarray(item_index)[np.asarray(label) > 0], minlength=items).astype(np.float64)
+
+
+def positive_samples(split: CtrSplit) -> CtrSplit:
+    keep = split.label > 0
+    return dataclasses.replace(split, **{field.name: getattr(split, field.name)[keep]
+                                         for field in dataclasses.fields(split)})
+
+
+@dataclass(frozen=True)
+class HistoryBeforeTest:
+    """Each user's items before the test period (oldest first), and the positives during it."""
+
+    before: dict[int, list[int]]
+    relevant: dict[int, set[int]]
+
+    @classmethod
+    def of(cls, data: CtrData) -> HistoryBeforeTest:
+        """The splits are cut by time, each in timestamp order: train then valid is all that came
+        before the test period."""
+        before: dict[int, list[int]] = defaultdict(list)
+        for split in (data.train, data.valid):
+            for user, item in zip(split.user_index.tolist(), split.item_index.tolist(), strict=True):
+                before[user].append(item)
+        seen = {user: set(items) for user, items in before.items()}
+        relevant: dict[int, set[int]] = defaultdict(set)
+        test = positive_samples(data.test)
+        for user, item in zip(test.user_index.tolist(), test.item_index.tolist(), strict=True):
+            if item not in seen.get(user, ()):
+                relevant[user].add(item)
+        return cls(dict(before), dict(relevant))
 
 
 def load_ctr_data(artifact_dir: Path | str, history_length: int = 60) -> CtrData:

@@ -11,6 +11,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -23,28 +24,18 @@ from personalization.interactions import VocabSizes, liked_counts
 from personalization.two_tower import TwoTowerModel, user_state_batch
 from personalization.two_tower_run import SETTINGS_FILE, TWO_TOWER_KIND, WEIGHTS_FILE
 from serving.errors import InvalidArgument
+from serving.results import Recommendation, RecommendedItem
 from towerline.artifacts import read_manifest, require_same_space
 from towerline.config import IndexConfig, TwoTowerConfig
+
+RecommendState = Literal["latest", "test-start"]
+STATE_SUFFIX: dict[str, str] = {"latest": "", "test-start": "@test-start"}
 
 PERSONALISED = "two-tower candidates, DIN re-rank"
 COLD_START = "popular items (cold start: no history for this user)"
 # Candidates fetched per wanted item: seen items are dropped after the search.
 CANDIDATE_FACTOR = 4
 MIN_CANDIDATES = 50
-
-
-@dataclass(frozen=True)
-class RecommendedItem:
-    item_id: str
-    score: float
-    title: str
-
-
-@dataclass(frozen=True)
-class Recommendation:
-    items: list[RecommendedItem]
-    strategy: str
-    model_version: str
 
 
 @dataclass(frozen=True)
@@ -62,7 +53,8 @@ class RecommenderPaths:
 
 
 class Recommender:
-    def __init__(self, paths: RecommenderPaths, index_config: IndexConfig, threads: int = 1) -> None:
+    def __init__(self, paths: RecommenderPaths, index_config: IndexConfig, threads: int = 1,
+                 state: RecommendState = "latest") -> None:
         torch.set_num_threads(threads)
         interactions = read_manifest(paths.interactions, "interactions")
         two_tower_manifest = read_manifest(paths.two_tower, TWO_TOWER_KIND)
@@ -77,15 +69,16 @@ class Recommender:
         self.titles = dict(zip(items["item_index"].tolist(), items["title"].fillna("").tolist(), strict=True))
         users = pd.read_parquet(paths.interactions / "users.parquet", columns=["user_index", "user_id"])
         self.user_indexes = dict(zip(users["user_id"].tolist(), users["user_index"].tolist(), strict=True))
-        sequences = pd.read_parquet(paths.interactions / "sequences.parquet", columns=["user_index", "item_indexes"])
-        self.histories = {int(user): [int(item) for item in items]
-                          for user, items in zip(sequences["user_index"], sequences["item_indexes"], strict=True)}
-        samples = pd.read_parquet(paths.interactions / "samples.parquet", columns=["item_index", "label", "split"])
+        samples = pd.read_parquet(paths.interactions / "samples.parquet",
+                                  columns=["user_index", "item_index", "label", "timestamp", "split"])
+        self.histories = _histories(paths.interactions, samples, state)
         train = samples[samples["split"] == "train"]
         counts = liked_counts(train["item_index"].to_numpy(), train["label"].to_numpy(), max(self.item_ids) + 1)
         # Most liked first, ties by item index; row 0 (padding) is not an item.
         self.popular = [int(item) for item in np.argsort(-counts[1:], kind="stable") + 1]
-        self.model_version = f"{interactions.fingerprint[:8]}-{two_tower_manifest.fingerprint[:8]}"
+        self.state = state
+        # The state is part of the version: `rec eval` refuses a service that does not replay test-start.
+        self.model_version = f"{interactions.fingerprint[:8]}-{two_tower_manifest.fingerprint[:8]}{STATE_SUFFIX[state]}"
 
     def recommend(self, user_id: str, recent_item_ids: list[str], top_k: int,
                   checkpoint: Callable[[], None] = lambda: None) -> Recommendation:
@@ -136,6 +129,17 @@ class Recommender:
         # A rank-based score in (0, 1]: cold-start answers carry no model probability.
         return [RecommendedItem(self.item_ids[item], 1.0 / (rank + 1), self.titles[item])
                 for rank, item in enumerate(picked)]
+
+
+def _histories(interactions: Path, samples: pd.DataFrame, state: RecommendState) -> dict[int, list[int]]:
+    """Each user's items, oldest first: every interaction, or those before the test period."""
+    if state == "latest":
+        sequences = pd.read_parquet(interactions / "sequences.parquet", columns=["user_index", "item_indexes"])
+        return {int(user): [int(item) for item in items]
+                for user, items in zip(sequences["user_index"], sequences["item_indexes"], strict=True)}
+    # The split is global by time: every train and valid sample came before the test period.
+    before = samples[samples["split"] != "test"].sort_values(["user_index", "timestamp"], kind="stable")
+    return {int(user): group.tolist() for user, group in before.groupby("user_index", sort=False)["item_index"]}
 
 
 def _load_two_tower(directory: Path) -> TwoTowerModel:

@@ -8,10 +8,8 @@ they interacted with before are excluded; Recall@50 and NDCG@10 against most-pop
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import tempfile
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,16 @@ from safetensors.torch import save_file
 from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
 from evaluation.metrics import candidate_metrics
-from personalization.interactions import CtrCollator, CtrData, CtrDataset, CtrSplit, liked_counts, load_ctr_data
+from personalization.interactions import (
+    CtrCollator,
+    CtrData,
+    CtrDataset,
+    CtrSplit,
+    HistoryBeforeTest,
+    liked_counts,
+    load_ctr_data,
+    positive_samples,
+)
 from personalization.two_tower import TwoTowerModel, user_state_batch
 from towerline.artifacts import ArtifactWriter, Manifest, checksum_tree, fingerprint_of, read_manifest
 from towerline.config import TowerlineConfig, TwoTowerConfig
@@ -73,16 +80,10 @@ def title_embeddings(interactions: Path, settings: TwoTowerConfig, items: int) -
     return embeddings
 
 
-def positives(split: CtrSplit) -> CtrSplit:
-    keep = split.label > 0
-    return dataclasses.replace(split, **{field.name: getattr(split, field.name)[keep]
-                                         for field in dataclasses.fields(split)})
-
-
 def train_two_tower(data: CtrData, settings: TwoTowerConfig, titles: np.ndarray) -> TwoTowerModel:
     set_seed(settings.seed)
     model = TwoTowerModel(data.sizes, settings, data.item_genres, data.user_fields, titles)
-    train = positives(data.train)
+    train = positive_samples(data.train)
     if len(train) < 2:
         raise DataError("two-tower training: the train split has fewer than 2 positive samples")
     with tempfile.TemporaryDirectory(prefix="towerline-two-tower-") as scratch:
@@ -108,30 +109,6 @@ def _fit(model: TwoTowerModel, train: CtrSplit, settings: TwoTowerConfig, scratc
 @torch.no_grad()
 def item_vectors(model: TwoTowerModel, items: int) -> np.ndarray:
     return model.item_vectors(torch.arange(items)).numpy().astype(np.float32)
-
-
-@dataclasses.dataclass(frozen=True)
-class HistoryBeforeTest:
-    """Each user's items before the test period (oldest first), and the positives during it."""
-
-    before: dict[int, list[int]]
-    relevant: dict[int, set[int]]
-
-    @classmethod
-    def of(cls, data: CtrData) -> HistoryBeforeTest:
-        """The splits are cut by time, each in timestamp order: train then valid is all that came
-        before the test period."""
-        before: dict[int, list[int]] = defaultdict(list)
-        for split in (data.train, data.valid):
-            for user, item in zip(split.user_index.tolist(), split.item_index.tolist(), strict=True):
-                before[user].append(item)
-        seen = {user: set(items) for user, items in before.items()}
-        relevant: dict[int, set[int]] = defaultdict(set)
-        test = positives(data.test)
-        for user, item in zip(test.user_index.tolist(), test.item_index.tolist(), strict=True):
-            if item not in seen.get(user, ()):
-                relevant[user].add(item)
-        return cls(dict(before), dict(relevant))
 
 
 @torch.no_grad()

@@ -39,7 +39,8 @@ def load_recommender(config: TowerlineConfig, root: Path) -> RecommendBackend:
     """Recommend's pipeline from the rec artifacts under `root` (imports the torch models only here)."""
     from personalization.recommender import Recommender, RecommenderPaths
 
-    return Recommender(RecommenderPaths.under(root), config.index, threads=config.serve.intra_op_threads)
+    return Recommender(RecommenderPaths.under(root), config.index, threads=config.serve.intra_op_threads,
+                       state=config.serve.recommend_state)
 
 
 def serve_until_stopped(config: TowerlineConfig, index_path: Path, encoder_path: Path,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import TypeVar
 
@@ -11,10 +11,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving.errors import RetrievalRpcError
-from serving.messages import from_index_info_response, from_search_response
+from serving.messages import from_index_info_response, from_recommend_response, from_search_response
 from serving.proto.towerline.v1 import retrieval_pb2 as pb
 from serving.proto.towerline.v1 import retrieval_pb2_grpc as pb_grpc
-from serving.results import Hit, IndexInfo, SearchResult
+from serving.results import Hit, IndexInfo, Recommendation, SearchResult
 from serving.servicer import SERVICE_NAME
 
 Response = TypeVar("Response")
@@ -53,6 +53,11 @@ class RetrievalClient:
             response = self._call(self._stub.BatchSearch, request)
             results.extend(from_search_response(item) for item in response.results)
         return results
+
+    def recommend(self, user_id: str = "", history_item_ids: Sequence[str] = (), top_k: int = 10) -> Recommendation:
+        """Top-k items for a user id and/or recent item ids (most recent last)."""
+        request = pb.RecommendRequest(user_id=user_id, history_item_ids=list(history_item_ids), top_k=top_k)
+        return from_recommend_response(self._call(self._stub.Recommend, request))
 
     def info(self) -> IndexInfo:
         return from_index_info_response(self._call(self._stub.GetIndexInfo, pb.GetIndexInfoRequest()))

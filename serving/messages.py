@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from serving.proto.towerline.v1 import retrieval_pb2 as pb
-from serving.results import Hit, IndexInfo, SearchResult
+from serving.results import Hit, IndexInfo, Recommendation, RecommendedItem, SearchResult
 
 
 def to_search_response(result: SearchResult) -> pb.SearchResponse:
@@ -37,4 +37,22 @@ def from_index_info_response(response: pb.GetIndexInfoResponse) -> IndexInfo:
         index_fingerprint=response.index_fingerprint,
         index_version=response.index_version,
         metric=response.metric,
+    )
+
+
+def to_recommend_response(result: Recommendation, latency_ms: float) -> pb.RecommendResponse:
+    return pb.RecommendResponse(
+        items=[pb.RecommendedItem(item_id=item.item_id, score=item.score, title=item.title) for item in result.items],
+        model_version=result.model_version,
+        strategy=result.strategy,
+        latency_ms=latency_ms,
+    )
+
+
+def from_recommend_response(response: pb.RecommendResponse) -> Recommendation:
+    return Recommendation(
+        items=[RecommendedItem(item.item_id, item.score, item.title) for item in response.items],
+        strategy=response.strategy,
+        model_version=response.model_version,
+        latency_ms=response.latency_ms,
     )

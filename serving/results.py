@@ -31,3 +31,18 @@ class IndexInfo:
     index_fingerprint: str
     index_version: str
     metric: str
+
+
+@dataclass(frozen=True)
+class RecommendedItem:
+    item_id: str
+    score: float
+    title: str
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    items: list[RecommendedItem]
+    strategy: str
+    model_version: str
+    latency_ms: float = 0.0

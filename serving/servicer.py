@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import grpc
 
 from serving.errors import DeadlineExceeded, InvalidArgument
-from serving.messages import to_index_info_response, to_search_response
+from serving.messages import to_index_info_response, to_recommend_response, to_search_response
 from serving.proto.towerline.v1 import retrieval_pb2 as pb
 from serving.proto.towerline.v1 import retrieval_pb2_grpc as pb_grpc
 from serving.service import Checkpoint, RetrievalService
@@ -65,11 +65,7 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
                                                f"got {request.top_k}")
             result = recommender.recommend(request.user_id, list(request.history_item_ids), request.top_k,
                                            _deadline_checkpoint(context))
-        return pb.RecommendResponse(
-            items=[pb.RecommendedItem(item_id=item.item_id, score=item.score, title=item.title)
-                   for item in result.items],
-            model_version=result.model_version, strategy=result.strategy,
-            latency_ms=(time.perf_counter() - started) * 1000)
+        return to_recommend_response(result, latency_ms=(time.perf_counter() - started) * 1000)
 
     def _loaded(self, context: grpc.ServicerContext) -> RetrievalService:
         service = self.service

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -12,6 +13,7 @@ import pytest
 from conftest import SPARK_TEST_OVERRIDES
 from pyspark.sql import SparkSession
 
+from personalization.recommender import COLD_START, PERSONALISED
 from pipelines.interaction_formats import (
     parse_csv_item,
     parse_dat_interaction,
@@ -20,9 +22,10 @@ from pipelines.interaction_formats import (
     parse_ml100k_user,
 )
 from pipelines.interactions import run_interactions
+from towerline.artifacts import read_manifest
 from towerline.beir import RowRejected
 from towerline.config import TowerlineConfig, load_config
-from towerline.errors import DataError
+from towerline.errors import ConfigError, DataError
 from towerline.synthetic_rec import SyntheticRecSpec, write_synthetic_interactions
 
 SPEC = SyntheticRecSpec(users=300, items=60, interactions_per_user=30, seed=3)
@@ -238,3 +241,61 @@ def test_recommend_over_grpc_equals_the_in_process_pipeline(rec_root: Path) -> N
         assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     finally:
         bare.stop(None).wait()
+
+
+def test_rec_eval_scores_the_pipeline_from_the_test_start_and_refuses_the_latest_state(rec_root: Path,
+                                                                                       tmp_path: Path) -> None:
+    from evaluation.recommend import evaluate_recommend_artifacts, evaluate_recommend_service, liked_in_test_period
+    from personalization.recommender import Recommender, RecommenderPaths
+    from serving.server import start_server
+
+    config = load_config(None, ["serve.port=0"])
+    paths = RecommenderPaths.under(rec_root)
+    replay = Recommender(paths, config.index, state="test-start")
+    latest = Recommender(paths, config.index)
+    samples = pd.read_parquet(rec_root / "interactions" / "samples.parquet")
+    before_test = samples[samples["split"] != "test"].groupby("user_index").size()
+    for user, history in latest.histories.items():
+        assert replay.histories.get(user, []) == history[: before_test.get(user, 0)]
+    in_process = evaluate_recommend_artifacts(config, rec_root, tmp_path / "in-process", top_k=20)
+    qrels = liked_in_test_period(rec_root / "interactions")
+    assert in_process["users"] == len(qrels) > 0
+    assert 0 < in_process["recall@50"] <= 1 and 0 < in_process["ndcg@10"] <= 1
+    for recommender, outcome in ((replay, None), (latest, "recommend_state=test-start")):
+        server, port = start_server(None, config.serve, recommender)
+        try:
+            if outcome is None:
+                live = evaluate_recommend_service(config, f"127.0.0.1:{port}", rec_root / "interactions",
+                                                  tmp_path / "live", top_k=20)
+                assert {key: live[key] for key in ("recall@50", "ndcg@10")} == pytest.approx(
+                    {key: in_process[key] for key in ("recall@50", "ndcg@10")})
+            else:
+                with pytest.raises(ConfigError, match=outcome):
+                    evaluate_recommend_service(config, f"127.0.0.1:{port}", rec_root / "interactions",
+                                               tmp_path / "refused", top_k=20)
+                assert not (tmp_path / "refused").exists()
+        finally:
+            server.stop(None).wait()
+    report = read_manifest(tmp_path / "live", "rec-eval-report")
+    # Users who arrived during the test period have no history at its start: they get the cold-start answer.
+    known = sum(replay.user_indexes[user] in replay.histories for user in qrels)
+    assert 0 < known < len(qrels)
+    assert report.metadata["strategies"] == {PERSONALISED: known, COLD_START: len(qrels) - known}
+
+
+def test_bench_rec_writes_one_table_over_seeds(synthetic_dir: Path, tiny_backbone: Path, tmp_path: Path) -> None:
+    from benchmarks.rec import run_rec_bench
+
+    config = rec_config(tmp_path, "synthetic", "rec.crm.max_epochs=2", "rec.crm.history_length=8",
+                        "rec.crm.embedding_dim=8", f"rec.two_tower.title_encoder={tiny_backbone}",
+                        "rec.two_tower.history_length=8", "rec.two_tower.epochs=2")
+    results = tmp_path / "rec.json"
+    summary = run_rec_bench(config, [str(synthetic_dir), str(tmp_path / "absent")], [0, 1], tmp_path / "work", results)
+    assert json.loads(results.read_text()) == summary
+    [table] = summary["datasets"].values()
+    assert set(table["ctr_test"]) == {"popularity", "logreg", "din"}
+    assert set(table["candidates_test"]) == {"two_tower", "most_popular", "recommend_two_tower_din"}
+    for metric in table["ctr_test"]["din"].values():
+        assert metric["std"] >= 0 and 0 < metric["mean"] < 1
+    assert [row["seed"] for row in table["per_seed"]] == [0, 1]
+    assert table["recommend_grpc"]["concurrency_8"]["requests"] > 0

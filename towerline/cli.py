@@ -252,6 +252,41 @@ def rec_index(
     _produce(config, "rec-index", output, "item index", lambda tracker: build_item_index(config, source, output))
 
 
+@command(rec_app, "eval")
+def rec_eval(
+    address: Annotated[
+        str | None, typer.Option(help="host:port of a live service started with --recommender and "
+                                      "serve.recommend_state=test-start (default: score the artifacts in process)")
+    ] = None,
+    root: Annotated[
+        Path | None, typer.Option(help="the rec artifacts DIR/{interactions,two-tower,crm,item-index} "
+                                       "(default: RUN_DIR); with --address only DIR/interactions is read")
+    ] = None,
+    top_k: Annotated[int, typer.Option(min=10, help="items asked of Recommend per test user (Recall@K)")] = 50,
+    config_file: ConfigOption = None,
+    out: OutOption = None,
+    overrides: Overrides = None,
+) -> None:
+    """Score the whole Recommend pipeline (two-tower candidates → DIN re-rank) on the test period:
+    Recall@K and NDCG@10 over test users, from the state at the test period's start. Writes a
+    rec-eval-report artifact."""
+    from evaluation.recommend import evaluate_recommend_artifacts, evaluate_recommend_service
+    from towerline.tracking import track
+
+    config = _config(config_file, overrides)
+    output = _out(out, config, "rec-eval")
+    artifacts = root or config.run_dir
+    with track(config, "rec-eval") as tracker:
+        if address:
+            metrics = evaluate_recommend_service(config, address, artifacts / "interactions", output, top_k)
+        else:
+            metrics = evaluate_recommend_artifacts(config, artifacts, output, top_k)
+        tracker.metrics({f"rec_eval.{key}": value for key, value in metrics.items()})
+        tracker.artifact_dir(output, "rec-eval")
+    for name, value in metrics.items():
+        console.print(f"[bold]{name}[/]: {value:.4f}")
+
+
 @command(app, "pseudo-queries")
 def pseudo_queries(config_file: ConfigOption = None, out: OutOption = None, overrides: Overrides = None) -> None:
     """Spark job: unlabeled query texts (titles, sentences) drawn from the corpus, for `distill`."""
@@ -368,7 +403,9 @@ def serve(
     onnx: Annotated[Path | None, typer.Option(help="onnx-query-encoder artifact (default: RUN_DIR/onnx)")] = None,
     recommender: Annotated[
         Path | None, typer.Option(help="also serve Recommend from DIR/{interactions,two-tower,crm,item-index} "
-                                       "(the `towerline rec ...` outputs, e.g. RUN_DIR)")
+                                       "(the `towerline rec ...` outputs, e.g. RUN_DIR); "
+                                       "serve.recommend_state=test-start replays the test period's start "
+                                       "for `rec eval`")
     ] = None,
     config_file: ConfigOption = None,
     overrides: Overrides = None,

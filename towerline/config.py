@@ -175,6 +175,9 @@ class ServeConfig(Section):
     max_batch: int = Field(256, ge=1)
     max_query_chars: int = Field(4096, ge=1)
     intra_op_threads: int = Field(1, ge=1)
+    # Users' histories behind Recommend: "latest" (every interaction) or "test-start" (only those
+    # before the test period: a replay of that moment, so that `rec eval` can score a live service).
+    recommend_state: Literal["latest", "test-start"] = "latest"
 
 
 class EvalConfig(Section):

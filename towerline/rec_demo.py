@@ -5,14 +5,20 @@ over gRPC on loopback, ending with a few example recommendations."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
 from towerline.config import TowerlineConfig
 from towerline.progress import console
 from towerline.tracking import track
+
+if TYPE_CHECKING:
+    from personalization.recommender import Recommender, RecommendState
+    from serving.results import Recommendation
 
 EXAMPLE_USERS = 3
 
@@ -40,42 +46,55 @@ def run_rec_demo(config: TowerlineConfig) -> dict[str, Any]:
         two_tower = stage("train-twotower", lambda: run_train_two_tower(config, root / "interactions",
                                                                           root / "two-tower", tracker))
         stage("index", lambda: build_item_index(config, root / "two-tower", root / "item-index"))
+        pipeline = stage("rec eval (gRPC)", lambda: _evaluate_over_grpc(config, root))
+        tracker.metrics({f"rec_eval.{key}": value for key, value in pipeline.items()})
         examples = stage("recommend (gRPC)", lambda: _examples_over_grpc(config, root))
-    _print_tables(data.metadata, crm.metadata, two_tower.metadata, examples)
+    _print_tables(data.metadata, crm.metadata, two_tower.metadata, pipeline, examples)
     total = round(time.perf_counter() - started, 1)
     console.print(f"rec demo done in {total:.0f} s; artifacts under [bold]{root}[/] "
                   f"(serve them with `towerline serve --recommender {root}`)")
     return {"seconds": seconds, "total_seconds": total}
 
 
-def _examples_over_grpc(config: TowerlineConfig, root: Path) -> list[tuple[str, list[str], Any]]:
-    import grpc
-
+@contextmanager
+def _serving(config: TowerlineConfig, root: Path, state: RecommendState) -> Iterator[tuple[Recommender, str]]:
+    """A Recommend server on a free loopback port over the artifacts under `root`."""
     from personalization.recommender import Recommender, RecommenderPaths
-    from serving.proto.towerline.v1 import retrieval_pb2 as pb
-    from serving.proto.towerline.v1 import retrieval_pb2_grpc as pb_grpc
     from serving.server import start_server
 
-    recommender = Recommender(RecommenderPaths.under(root), config.index, threads=config.serve.intra_op_threads)
+    recommender = Recommender(RecommenderPaths.under(root), config.index, threads=config.serve.intra_op_threads,
+                              state=state)
     server, port = start_server(None, config.serve.model_copy(update={"port": 0}), recommender)
-    users = sorted(recommender.user_indexes, key=lambda user: -len(recommender.histories.get(
-        recommender.user_indexes[user], [])))[:EXAMPLE_USERS]
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = pb_grpc.RetrievalServiceStub(channel)
-            examples = []
-            for user in [*users, ""]:
-                history = [recommender.titles[item] for item in
-                           recommender.histories.get(recommender.user_indexes.get(user, 0), [])[-3:]]
-                response = stub.Recommend(pb.RecommendRequest(user_id=user, top_k=5), timeout=30)
-                examples.append((user or "(new user, no history)", history, response))
-            return examples
+        yield recommender, f"127.0.0.1:{port}"
     finally:
         server.stop(None).wait()
 
 
-def _print_tables(data: dict[str, Any], crm: dict[str, Any], two_tower: dict[str, Any],
-                  examples: list[tuple[str, list[str], Any]]) -> None:
+def _evaluate_over_grpc(config: TowerlineConfig, root: Path) -> dict[str, float]:
+    """`rec eval` against a server replaying the test period's start."""
+    from evaluation.recommend import EVAL_DEPTH, evaluate_recommend_service
+
+    with _serving(config, root, "test-start") as (_, address):
+        return evaluate_recommend_service(config, address, root / "interactions", root / "rec-eval", EVAL_DEPTH)
+
+
+def _examples_over_grpc(config: TowerlineConfig, root: Path) -> list[tuple[str, list[str], Recommendation]]:
+    from serving.client import RetrievalClient
+
+    with _serving(config, root, "latest") as (recommender, address), RetrievalClient(address, timeout_s=30) as client:
+        users = sorted(recommender.user_indexes, key=lambda user: -len(recommender.histories.get(
+            recommender.user_indexes[user], [])))[:EXAMPLE_USERS]
+        examples = []
+        for user in [*users, ""]:
+            history = [recommender.titles[item] for item in
+                       recommender.histories.get(recommender.user_indexes.get(user, 0), [])[-3:]]
+            examples.append((user or "(new user, no history)", history, client.recommend(user, top_k=5)))
+        return examples
+
+
+def _print_tables(data: dict[str, Any], crm: dict[str, Any], two_tower: dict[str, Any], pipeline: dict[str, float],
+                  examples: list[tuple[str, list[str], Recommendation]]) -> None:
     quality = Table(title=f"{data['dataset']['name']}: {data['users']} users, {data['items']} items, "
                           f"{data['samples']} interactions; test split")
     for column in ("model", "AUC", "LogLoss", "GAUC"):
@@ -89,6 +108,8 @@ def _print_tables(data: dict[str, Any], crm: dict[str, Any], two_tower: dict[str
         candidates.add_column(column, justify="left" if column == "model" else "right")
     for name in ("two_tower", "most_popular"):
         candidates.add_row(name, f"{two_tower[name]['recall@50']:.4f}", f"{two_tower[name]['ndcg@10']:.4f}")
+    candidates.add_row("Recommend (two-tower → DIN), gRPC", f"{pipeline['recall@50']:.4f}",
+                       f"{pipeline['ndcg@10']:.4f}")
     console.print(candidates)
     for user, history, response in examples:
         table = Table(title=f"Recommend {user} — {response.strategy}, {response.latency_ms:.1f} ms"
