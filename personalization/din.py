@@ -1,10 +1,14 @@
 """Deep Interest Network (Zhou et al., KDD 2018): the CTR ranking model (CRM) of the recommendation side.
 
-An item is [item-id embedding ; mean of its genre embeddings]. The local activation unit scores
-each history item h against the target item t with an MLP over [h, t, h − t, h * t]; as in the
-paper the weights are not softmax-normalised (their scale carries the intensity of the interest),
-padding slots get weight 0, and the interest vector is the weighted sum of the history items.
-The final MLP reads [user features ; interest ; target item] and outputs one logit.
+An item is [item-id embedding ; mean of its genre embeddings]. A history item also carries the
+user's feedback on it (liked / not liked, known before the sample: a learned vector added to it),
+because on explicit-rating data such as MovieLens whether a user liked the past items says much
+of whether they will like the next one. The local activation unit scores each history item h
+against the target item t with an MLP over [h, t, h − t, h * t]; as in the paper the weights are
+not softmax-normalised (their scale carries the intensity of the interest), padding slots get
+weight 0, and the interest vector is the weighted sum of the history items. The final MLP reads
+[user features ; interest ; mean history item ; target item] and outputs one logit (the mean is
+DIN's sum pooling of the other behaviour features: it carries how often the user likes things).
 
 Activations are PReLU (the paper's alternative to Dice): Dice normalises with batch statistics,
 which makes a sample's score depend on its batch during training; PReLU keeps every score a
@@ -24,14 +28,23 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from personalization.interactions import USER_FIELDS, CtrData, CtrSplit, VocabSizes, split_batch
+from personalization.interactions import (
+    FEEDBACK_UNKNOWN,
+    FEEDBACK_VALUES,
+    USER_FIELDS,
+    CtrData,
+    CtrSplit,
+    VocabSizes,
+    split_batch,
+)
 from towerline.config import CrmConfig
 from towerline.errors import ArtifactError
 
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "crm.json"
-SPEC_FORMAT = "towerline-din/1"
-USER_REPRESENTATION = "user id, gender, age, occupation embeddings; mean of the history items' [id ; genre-mean]"
+SPEC_FORMAT = "towerline-din/2"
+USER_REPRESENTATION = ("[user id,] gender, age, occupation embeddings; mean of the history items' "
+                       "[id ; genre-mean] + feedback")
 
 
 def _mlp(inputs: int, hidden: Sequence[int], outputs: int) -> nn.Sequential:
@@ -68,10 +81,10 @@ class DinModel(nn.Module):
     travel with the weights, so a batch needs only indexes (see `CtrCollator`).
 
     `user_representation` is the fixed-size, target-independent user vector for later stages
-    (RecLoRA's gating network): [user-feature embeddings (4E) ; mean of the history items'
-    representations (2E)], E = embedding_dim. DIN's own interest vector depends on the target item,
-    so it cannot serve; the mean uses only weights trained by the CTR loss (a learned query would
-    add an attention head no loss trains).
+    (RecLoRA's gating network): [user-feature embeddings (3E, or 4E with the user id) ; mean of the
+    history items' representations, feedback included (2E)], E = embedding_dim. DIN's own interest
+    vector depends on the target item, so it cannot serve; the mean uses only weights trained by the
+    CTR loss (a learned query would add an attention head no loss trains).
     """
 
     def __init__(self, sizes: VocabSizes, settings: CrmConfig, item_genres: np.ndarray | torch.Tensor | None = None,
@@ -83,13 +96,17 @@ class DinModel(nn.Module):
         # Row 0 pads item histories and genre lists, and is the unknown user: a fixed zero vector.
         self.item_embedding = nn.Embedding(sizes.items, dim, padding_idx=0)
         self.genre_embedding = nn.Embedding(sizes.genres, dim, padding_idx=0)
-        self.user_embedding = nn.Embedding(sizes.users, dim, padding_idx=0)
+        self.user_embedding = nn.Embedding(sizes.users, dim, padding_idx=0) if settings.user_id_embedding else None
         # Row 0 of a feature is "missing", a category of its own: learned like the others.
         self.gender_embedding = nn.Embedding(sizes.genders, dim)
         self.age_embedding = nn.Embedding(sizes.ages, dim)
         self.occupation_embedding = nn.Embedding(sizes.occupations, dim)
+        # Added to a history item's [id ; genre-mean]; row 0 (unknown, padding) adds nothing.
+        self.feedback_embedding = nn.Embedding(FEEDBACK_VALUES, 2 * dim, padding_idx=FEEDBACK_UNKNOWN)
         for embedding in (self.item_embedding, self.genre_embedding, self.user_embedding, self.gender_embedding,
-                          self.age_embedding, self.occupation_embedding):
+                          self.age_embedding, self.occupation_embedding, self.feedback_embedding):
+            if embedding is None:
+                continue
             # Small initial vectors keep the h * t products of the activation unit near zero at the start.
             nn.init.normal_(embedding.weight, std=0.05)
             if embedding.padding_idx is not None:
@@ -99,10 +116,10 @@ class DinModel(nn.Module):
         self.register_buffer("user_fields", _table(user_fields, (sizes.users, len(USER_FIELDS))))
 
         self.item_dim = 2 * dim
-        self.user_dim = 4 * dim
+        self.user_dim = (len(USER_FIELDS) + settings.user_id_embedding) * dim
         self.representation_dim = self.user_dim + self.item_dim
         self.attention = ActivationUnit(self.item_dim, settings.attention_hidden)
-        self.mlp = _mlp(self.user_dim + 2 * self.item_dim, settings.mlp_hidden, 1)
+        self.mlp = _mlp(self.user_dim + 3 * self.item_dim, settings.mlp_hidden, 1)
 
     @classmethod
     def from_data(cls, data: CtrData, settings: CrmConfig) -> DinModel:
@@ -116,18 +133,29 @@ class DinModel(nn.Module):
         return torch.cat([self.item_embedding(items), genre_mean], dim=-1)
 
     def user_features(self, users: torch.Tensor) -> torch.Tensor:
-        """users [B] → [B, 4E]: user id, gender, age and occupation embeddings."""
+        """users [B] → [B, user_dim]: gender, age and occupation embeddings, after the user id's if it has one."""
         fields = self.user_fields[users]
-        return torch.cat([self.user_embedding(users), self.gender_embedding(fields[:, 0]),
-                          self.age_embedding(fields[:, 1]), self.occupation_embedding(fields[:, 2])], dim=-1)
+        parts = [self.gender_embedding(fields[:, 0]), self.age_embedding(fields[:, 1]),
+                 self.occupation_embedding(fields[:, 2])]
+        if self.user_embedding is not None:
+            parts.insert(0, self.user_embedding(users))
+        return torch.cat(parts, dim=-1)
+
+    def behaviours(self, history: torch.Tensor, history_feedback: torch.Tensor | None) -> torch.Tensor:
+        """history [B, L] (and the user's feedback on each item, unknown when None) → [B, L, 2E]."""
+        items = self.item_representation(history)
+        return items if history_feedback is None else items + self.feedback_embedding(history_feedback)
 
     def forward(self, user_index: torch.Tensor, item_index: torch.Tensor, history: torch.Tensor,
-                history_mask: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                history_mask: torch.Tensor, history_feedback: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         target = self.item_representation(item_index)
-        behaviours = self.item_representation(history)
-        weights = self.attention(behaviours, target, history_mask.bool())
+        behaviours = self.behaviours(history, history_feedback)
+        mask = history_mask.bool()
+        weights = self.attention(behaviours, target, mask)
         interest = (weights.unsqueeze(-1) * behaviours).sum(1)
-        logits = self.mlp(torch.cat([self.user_features(user_index), interest, target], dim=-1)).squeeze(-1)
+        features = [self.user_features(user_index), interest, _masked_mean(behaviours, mask), target]
+        logits = self.mlp(torch.cat(features, dim=-1)).squeeze(-1)
         outputs = {"logits": logits}
         if labels is not None:
             outputs["loss"] = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
@@ -136,11 +164,15 @@ class DinModel(nn.Module):
     def user_representation(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """[B, representation_dim] from a batch's user_index, history and history_mask (other keys
         are ignored); the same width for any history length, history-less users included."""
-        mask = batch["history_mask"].bool()
-        items = self.item_representation(batch["history"])
-        weights = mask.unsqueeze(-1).to(items.dtype)
-        history_mean = (items * weights).sum(1) / weights.sum(1).clamp(min=1)
+        behaviours = self.behaviours(batch["history"], batch.get("history_feedback"))
+        history_mean = _masked_mean(behaviours, batch["history_mask"].bool())
         return torch.cat([self.user_features(batch["user_index"]), history_mean], dim=-1)
+
+
+def _masked_mean(items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """items [B, L, D] averaged over the real slots of mask [B, L]; 0 for an empty history."""
+    weights = mask.unsqueeze(-1).to(items.dtype)
+    return (items * weights).sum(1) / weights.sum(1).clamp(min=1)
 
 
 def _table(values: np.ndarray | torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor:

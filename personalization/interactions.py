@@ -40,7 +40,10 @@ USER_FIELDS = ("gender", "age", "occupation")
 
 _ITEM_COLUMNS = ("item_index", "genres")
 _USER_COLUMNS = ("user_index", *USER_FIELDS)
-_SAMPLE_COLUMNS = ("user_index", "item_index", "label", "timestamp", "split", "long_history")
+_SAMPLE_COLUMNS = ("user_index", "item_index", "label", "timestamp", "split", "long_history", "long_history_labels")
+# history_feedback values: what the user thought of a history item, when it is known.
+FEEDBACK_UNKNOWN, FEEDBACK_DISLIKED, FEEDBACK_LIKED = 0, 1, 2
+FEEDBACK_VALUES = 3
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,9 @@ class CtrSplit:
     timestamp: np.ndarray  # int64 [n]
     history: np.ndarray  # int32 [n, L] (item indexes < 2^31; batches are int64)
     history_length: np.ndarray  # int64 [n], 0..L
+    # int8 [n, L]: FEEDBACK_LIKED / FEEDBACK_DISLIKED per history item (the user's label, given
+    # before the sample), FEEDBACK_UNKNOWN on padding.
+    history_feedback: np.ndarray
 
     def __len__(self) -> int:
         return len(self.label)
@@ -89,9 +95,11 @@ class CtrSplit:
         # Row i's kept items start at history_length[i] - keep[i] (the oldest ones are dropped).
         columns = (self.history_length - keep)[:, None] + np.arange(length)
         valid = np.arange(length) < keep[:, None]
-        gathered = np.take_along_axis(self.history, np.minimum(columns, self.history.shape[1] - 1), axis=1)
-        history = np.where(valid, gathered, PAD).astype(self.history.dtype)
-        return dataclasses.replace(self, history=history, history_length=keep.astype(np.int64))
+        source = np.minimum(columns, self.history.shape[1] - 1)
+        history = np.where(valid, np.take_along_axis(self.history, source, axis=1), PAD).astype(self.history.dtype)
+        feedback = np.where(valid, np.take_along_axis(self.history_feedback, source, axis=1), FEEDBACK_UNKNOWN)
+        return dataclasses.replace(self, history=history, history_length=keep.astype(np.int64),
+                                   history_feedback=feedback.astype(np.int8))
 
 
 @dataclass(frozen=True, eq=False)
@@ -137,10 +145,14 @@ def liked_counts(item_index: np.ndarray, label: np.ndarray, items: int) -> np.nd
     return np.bincount(np.asarray(item_index)[np.asarray(label) > 0], minlength=items).astype(np.float64)
 
 
-def positive_samples(split: CtrSplit) -> CtrSplit:
-    keep = split.label > 0
-    return dataclasses.replace(split, **{field.name: getattr(split, field.name)[keep]
+def take_rows(split: CtrSplit, rows: np.ndarray) -> CtrSplit:
+    """The samples at `rows` (indexes or a boolean mask), in that order."""
+    return dataclasses.replace(split, **{field.name: getattr(split, field.name)[rows]
                                          for field in dataclasses.fields(split)})
+
+
+def positive_samples(split: CtrSplit) -> CtrSplit:
+    return take_rows(split, split.label > 0)
 
 
 @dataclass(frozen=True)
@@ -293,16 +305,26 @@ def _read_splits(samples: pa.Table, sizes: VocabSizes, history_length: int) -> d
         raise fail(f"unknown split value(s) {sorted(map(str, unknown_splits))}; expected {', '.join(SPLITS)}")
     if len(real) and (real.min() < 1 or real.max() >= sizes.items):
         raise fail(f"long_history holds item indexes outside 1..{sizes.items - 1}")
+    feedback_rows, feedback_cols, feedback_sources, feedback_lengths, feedback_values = _list_entries(
+        samples.column("long_history_labels"), history_length)
+    feedback_labels = _int_array(feedback_values)[feedback_sources]
+    if not np.array_equal(feedback_lengths, lengths):
+        raise fail("long_history_labels must hold one label per long_history item")
+    if not np.isin(feedback_labels, (0, 1)).all():
+        raise fail("long_history_labels must be 0 or 1")
     # int32 halves the largest array (MovieLens-1M: 10^6 samples × 60); batches convert to int64.
     history = np.zeros((len(user), history_length), dtype=np.int32)
     history[rows, cols] = real
+    feedback = np.full((len(user), history_length), FEEDBACK_UNKNOWN, dtype=np.int8)
+    feedback[feedback_rows, feedback_cols] = np.where(feedback_labels == 1, FEEDBACK_LIKED, FEEDBACK_DISLIKED)
     # Spark writes rows in no particular order: sort so that a run is reproducible.
     order = np.lexsort((item, user, timestamp))
     splits: dict[str, CtrSplit] = {}
     for name in SPLITS:
         rows = order[split[order] == name]
         splits[name] = CtrSplit(user_index=user[rows], item_index=item[rows], label=label[rows].astype(np.float32),
-                                timestamp=timestamp[rows], history=history[rows], history_length=lengths[rows])
+                                timestamp=timestamp[rows], history=history[rows], history_length=lengths[rows],
+                                history_feedback=feedback[rows])
     return splits
 
 
@@ -319,21 +341,24 @@ class CtrDataset(Dataset):
         split = self.split
         return {"user_index": split.user_index[index], "item_index": split.item_index[index],
                 "history": split.history[index], "history_length": split.history_length[index],
-                "labels": split.label[index]}
+                "history_feedback": split.history_feedback[index], "labels": split.label[index]}
 
 
 class CtrCollator:
     """Stacks per-sample dicts into the model's batch: user_index, item_index, history [B, L],
-    history_mask [B, L] (True on real items) and, when every sample has one, labels (float)."""
+    history_mask [B, L] (True on real items), history_feedback [B, L] and, when every sample has
+    one, labels (float)."""
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         lengths = np.array([row["history_length"] for row in rows], dtype=np.int64)
         history = np.stack([row["history"] for row in rows]).astype(np.int64)
+        feedback = np.stack([row["history_feedback"] for row in rows])
         labels = None
         if all(row.get("labels") is not None for row in rows):
             labels = np.array([row["labels"] for row in rows], dtype=np.float32)
         return _batch(np.array([row["user_index"] for row in rows], dtype=np.int64),
-                      np.array([row["item_index"] for row in rows], dtype=np.int64), history, lengths, labels)
+                      np.array([row["item_index"] for row in rows], dtype=np.int64), history, lengths, feedback,
+                      labels)
 
 
 def split_batch(split: CtrSplit, rows: slice | np.ndarray | None = None, labels: bool = True
@@ -341,16 +366,17 @@ def split_batch(split: CtrSplit, rows: slice | np.ndarray | None = None, labels:
     """A batch straight from a split's arrays (no per-sample dicts): for prediction loops."""
     rows = slice(None) if rows is None else rows
     return _batch(split.user_index[rows], split.item_index[rows], split.history[rows], split.history_length[rows],
-                  split.label[rows] if labels else None)
+                  split.history_feedback[rows], split.label[rows] if labels else None)
 
 
-def _batch(user: np.ndarray, item: np.ndarray, history: np.ndarray, lengths: np.ndarray,
+def _batch(user: np.ndarray, item: np.ndarray, history: np.ndarray, lengths: np.ndarray, feedback: np.ndarray,
            labels: np.ndarray | None) -> dict[str, torch.Tensor]:
     mask = np.arange(history.shape[1]) < lengths[:, None]
     batch = {"user_index": torch.as_tensor(user, dtype=torch.long),
              "item_index": torch.as_tensor(item, dtype=torch.long),
              "history": torch.as_tensor(history, dtype=torch.long),
-             "history_mask": torch.as_tensor(mask)}
+             "history_mask": torch.as_tensor(mask),
+             "history_feedback": torch.as_tensor(feedback, dtype=torch.long)}
     if labels is not None:
         batch["labels"] = torch.as_tensor(labels, dtype=torch.float32)
     return batch

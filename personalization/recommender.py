@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from indexing.load import LoadedIndex, load_index
 from personalization.din import DinModel, load_din
-from personalization.interactions import VocabSizes, liked_counts
+from personalization.interactions import FEEDBACK_DISLIKED, FEEDBACK_LIKED, FEEDBACK_UNKNOWN, VocabSizes, liked_counts
 from personalization.two_tower import TwoTowerModel, user_state_batch
 from personalization.two_tower_run import SETTINGS_FILE, TWO_TOWER_KIND, WEIGHTS_FILE
 from serving.errors import InvalidArgument
@@ -71,7 +71,7 @@ class Recommender:
         self.user_indexes = dict(zip(users["user_id"].tolist(), users["user_index"].tolist(), strict=True))
         samples = pd.read_parquet(paths.interactions / "samples.parquet",
                                   columns=["user_index", "item_index", "label", "timestamp", "split"])
-        self.histories = _histories(paths.interactions, samples, state)
+        self.histories, self.feedback = _histories(samples, state)
         train = samples[samples["split"] == "train"]
         counts = liked_counts(train["item_index"].to_numpy(), train["label"].to_numpy(), max(self.item_ids) + 1)
         # Most liked first, ties by item index; row 0 (padding) is not an item.
@@ -92,10 +92,12 @@ class Recommender:
         history = self.histories.get(user, []) + recent if user else recent
         if not history:
             return Recommendation(self._popular(top_k, set()), COLD_START, self.model_version)
+        # The user's known feedback on past items; none yet on the recent ones sent with the call.
+        feedback = (self.feedback.get(user, []) if user else []) + [FEEDBACK_UNKNOWN] * len(recent)
         seen = set(history)
         candidates = self._candidates(user, history, top_k, seen)
         checkpoint()
-        scores = self._din_scores(user, history, candidates)
+        scores = self._din_scores(user, history, feedback, candidates)
         order = np.argsort(-scores, kind="stable")[:top_k]
         items = [RecommendedItem(self.item_ids[candidates[row]], float(scores[row]), self.titles[candidates[row]])
                  for row in order]
@@ -113,15 +115,15 @@ class Recommender:
         return [int(doc_id) for doc_id, _ in hits if int(doc_id) not in seen][: max(MIN_CANDIDATES, top_k)]
 
     @torch.no_grad()
-    def _din_scores(self, user: int, history: list[int], candidates: list[int]) -> np.ndarray:
+    def _din_scores(self, user: int, history: list[int], feedback: list[int], candidates: list[int]) -> np.ndarray:
         if not candidates:
             return np.zeros(0)
         length = self.crm.settings.history_length
-        state = user_state_batch({user: history}, [user], length)
+        state = user_state_batch({user: history}, [user], length, {user: feedback})
         count = len(candidates)
+        repeated = {key: state[key].repeat(count, 1) for key in ("history", "history_mask", "history_feedback")}
         logits = self.crm(user_index=state["user_index"].repeat(count), item_index=torch.as_tensor(candidates),
-                          history=state["history"].repeat(count, 1),
-                          history_mask=state["history_mask"].repeat(count, 1))["logits"]
+                          **repeated)["logits"]
         return torch.sigmoid(logits).numpy()
 
     def _popular(self, count: int, exclude: set[int]) -> list[RecommendedItem]:
@@ -131,15 +133,23 @@ class Recommender:
                 for rank, item in enumerate(picked)]
 
 
-def _histories(interactions: Path, samples: pd.DataFrame, state: RecommendState) -> dict[int, list[int]]:
-    """Each user's items, oldest first: every interaction, or those before the test period."""
-    if state == "latest":
-        sequences = pd.read_parquet(interactions / "sequences.parquet", columns=["user_index", "item_indexes"])
-        return {int(user): [int(item) for item in items]
-                for user, items in zip(sequences["user_index"], sequences["item_indexes"], strict=True)}
+def _histories(samples: pd.DataFrame, state: RecommendState) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+    """Each user's items, oldest first (every interaction, or those before the test period), and the
+    user's feedback on each (FEEDBACK_LIKED / FEEDBACK_DISLIKED from the sample's label)."""
     # The split is global by time: every train and valid sample came before the test period.
-    before = samples[samples["split"] != "test"].sort_values(["user_index", "timestamp"], kind="stable")
-    return {int(user): group.tolist() for user, group in before.groupby("user_index", sort=False)["item_index"]}
+    kept = samples if state == "latest" else samples[samples["split"] != "test"]
+    # The order of the pipeline's histories: by time, then item index among equal timestamps.
+    ordered = kept.sort_values(["user_index", "timestamp", "item_index"], kind="stable")
+    feedback = np.where(ordered["label"].to_numpy() > 0, FEEDBACK_LIKED, FEEDBACK_DISLIKED)
+    histories: dict[int, list[int]] = {}
+    opinions: dict[int, list[int]] = {}
+    users = ordered["user_index"].to_numpy()
+    items = ordered["item_index"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if len(users) else np.zeros(0, dtype=int)
+    for start, end in zip(starts, [*starts[1:], len(users)], strict=True):
+        histories[int(users[start])] = items[start:end].tolist()
+        opinions[int(users[start])] = feedback[start:end].tolist()
+    return histories, opinions
 
 
 def _load_two_tower(directory: Path) -> TwoTowerModel:

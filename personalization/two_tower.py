@@ -76,13 +76,18 @@ def _tower_mlp(inputs: int, outputs: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(inputs, 2 * outputs), nn.ReLU(), nn.Linear(2 * outputs, outputs))
 
 
-def user_state_batch(history: Mapping[int, list[int]], users: list[int], length: int) -> dict[str, torch.Tensor]:
-    """A batch for `user_vectors` from each user's latest `length` item indexes (oldest first)."""
+def user_state_batch(history: Mapping[int, list[int]], users: list[int], length: int,
+                     feedback: Mapping[int, list[int]] | None = None) -> dict[str, torch.Tensor]:
+    """A batch of user states from each user's latest `length` item indexes (oldest first) and,
+    when given, the user's feedback on each of them (FEEDBACK_* values; unknown otherwise)."""
     rows = np.zeros((len(users), length), dtype=np.int64)
     mask = np.zeros((len(users), length), dtype=bool)
+    known = np.zeros((len(users), length), dtype=np.int64)
     for row, user in enumerate(users):
         recent = history.get(user, [])[-length:]
         rows[row, : len(recent)] = recent
         mask[row, : len(recent)] = True
+        if feedback is not None and recent:
+            known[row, : len(recent)] = feedback[user][-len(recent):]
     return {"user_index": torch.as_tensor(users, dtype=torch.long), "history": torch.as_tensor(rows),
-            "history_mask": torch.as_tensor(mask)}
+            "history_mask": torch.as_tensor(mask), "history_feedback": torch.as_tensor(known)}

@@ -9,7 +9,8 @@ does, and writes an "interactions" artifact:
     samples.parquet     one CTR sample per interaction: user_index, item_index, label (rating above
                         rec.data.label_threshold), rating, timestamp, split, long_history (item indexes
                         of the user's interactions strictly before the sample's timestamp, oldest first,
-                        the latest rec.data.long_history of them), short_history (the latest
+                        the latest rec.data.long_history of them), long_history_labels (the user's
+                        label of each of those items, known by then), short_history (the latest
                         rec.data.short_history) and short_history_titles
     sequences.parquet   user_index, item_indexes, timestamps, ratings: each user's chronological sequence
     quarantine.parquet  source, line, reason, raw
@@ -62,7 +63,8 @@ ITEM_SCHEMA = _ROW + "item_id string, title string, genres array<string>, reason
 USER_SCHEMA = _ROW + "user_id string, gender string, age string, occupation string, reason string"
 SAMPLE_SCHEMA = (
     "user_index long, item_index long, label byte, rating double, timestamp long, split string, "
-    "long_history array<long>, short_history array<long>, short_history_titles array<string>"
+    "long_history array<long>, long_history_labels array<byte>, short_history array<long>, "
+    "short_history_titles array<string>"
 )
 SAMPLE_COLUMNS = tuple(column.split()[0] for column in SAMPLE_SCHEMA.split(", "))
 
@@ -257,12 +259,15 @@ def _user_samples(long_length: int, short_length: int, titles: Broadcast[dict[in
     frame = frame.sort_values(["timestamp", "item_index"], kind="stable").reset_index(drop=True)
     timestamps = frame["timestamp"].to_numpy()
     items = frame["item_index"].to_numpy()
+    labels = frame["label"].to_numpy()
     # Interactions with the same timestamp are not "before" each other: ties never leak.
     before = np.searchsorted(timestamps, timestamps, side="left")
     long = [items[max(0, count - long_length):count].tolist() for count in before]
     short = [history[-short_length:] for history in long]
     lookup = titles.value
     frame["long_history"] = long
+    # Whether the user liked each history item: feedback the user gave before this sample.
+    frame["long_history_labels"] = [labels[max(0, count - long_length):count].tolist() for count in before]
     frame["short_history"] = short
     frame["short_history_titles"] = [[lookup.get(item, "") for item in history] for history in short]
     return frame[list(SAMPLE_COLUMNS)]

@@ -29,7 +29,8 @@ USERS_SCHEMA = pa.schema([("user_index", pa.int64()), ("user_id", pa.string()), 
                           ("age", pa.string()), ("occupation", pa.string())])
 SAMPLES_SCHEMA = pa.schema([("user_index", pa.int64()), ("item_index", pa.int64()), ("label", pa.int8()),
                             ("timestamp", pa.int64()), ("split", pa.string()),
-                            ("long_history", pa.list_(pa.int64())), ("short_history", pa.list_(pa.int64())),
+                            ("long_history", pa.list_(pa.int64())), ("long_history_labels", pa.list_(pa.int8())),
+                            ("short_history", pa.list_(pa.int64())),
                             ("short_history_titles", pa.list_(pa.string()))])
 
 
@@ -75,6 +76,7 @@ def write_interactions_artifact(directory: Path, users: int = 300, items: int = 
         count = int(rng.integers(interactions[0], interactions[1] + 1))
         times = np.sort(rng.choice(horizon, size=count, replace=False)) + 1_000_000_000
         history: list[int] = []
+        liked: list[int] = []
         for time in times:
             current = first if time - 1_000_000_000 < switch else second
             pool = np.flatnonzero(item_topic == current) if rng.random() < focus else np.arange(items)
@@ -87,9 +89,11 @@ def write_interactions_artifact(directory: Path, users: int = 300, items: int = 
             long_history = [index + 1 for index in history[-LONG_HISTORY:]]
             short_history = long_history[-SHORT_HISTORY:]
             rows.append({"user_index": user, "item_index": item + 1, "label": label, "timestamp": int(time),
-                         "long_history": long_history, "short_history": short_history,
+                         "long_history": long_history, "long_history_labels": liked[-LONG_HISTORY:],
+                         "short_history": short_history,
                          "short_history_titles": [titles[index - 1] for index in short_history]})
             history.append(item)
+            liked.append(label)
 
     samples = pd.DataFrame(rows)
     order = np.argsort(samples["timestamp"].to_numpy(), kind="stable")

@@ -20,7 +20,15 @@ from sklearn.metrics import log_loss, roc_auc_score
 from personalization.ctr_baselines import ItemPopularity, LogisticRegressionCtr
 from personalization.ctr_metrics import ctr_metrics
 from personalization.din import DinModel, load_din, predict_din
-from personalization.interactions import CtrCollator, CtrData, CtrDataset, load_ctr_data, split_batch
+from personalization.interactions import (
+    FEEDBACK_DISLIKED,
+    FEEDBACK_LIKED,
+    CtrCollator,
+    CtrData,
+    CtrDataset,
+    load_ctr_data,
+    split_batch,
+)
 from personalization.train_crm import CrmResult, train_din
 from towerline.config import CrmConfig
 from towerline.errors import ArtifactError
@@ -75,12 +83,17 @@ def test_load_reads_the_layout_by_index(artifact: Path, data: CtrData) -> None:
     # Histories: the most recent `history_length` items, oldest first, right-padded with 0.
     split = data.train
     by_key = samples.set_index(["user_index", "timestamp"])["long_history"]
+    feedback_by_key = samples.set_index(["user_index", "timestamp"])["long_history_labels"]
     for row in (0, len(split) // 2, len(split) - 1):
         full = list(by_key.loc[(split.user_index[row], split.timestamp[row])])
         length = split.history_length[row]
         assert length == min(len(full), SETTINGS.history_length)
         assert list(split.history[row, :length]) == full[len(full) - length:]
         assert not split.history[row, length:].any()
+        labels = list(feedback_by_key.loc[(split.user_index[row], split.timestamp[row])])
+        assert list(split.history_feedback[row, :length]) == [
+            FEEDBACK_LIKED if label else FEEDBACK_DISLIKED for label in labels[len(labels) - length:]]
+        assert not split.history_feedback[row, length:].any()
 
 
 def test_shorter_history_keeps_the_most_recent_items(data: CtrData) -> None:
@@ -90,6 +103,7 @@ def test_shorter_history_keeps_the_most_recent_items(data: CtrData) -> None:
     length = split.history_length[row]
     assert short.history.shape == (len(split), 5)
     assert list(short.history[row, : short.history_length[row]]) == list(split.history[row, length - 5: length])
+    assert list(short.history_feedback[row, :5]) == list(split.history_feedback[row, length - 5: length])
 
 
 def test_nulls_truncation_and_spark_directories(tmp_path: Path) -> None:
@@ -100,7 +114,8 @@ def test_nulls_truncation_and_spark_directories(tmp_path: Path) -> None:
                      schema=USERS_SCHEMA)
     samples = pa.table({"user_index": [1, 1, 0], "item_index": [1, 2, 3], "label": [1, 0, 1],
                         "timestamp": [5, 3, 9], "split": ["train", "train", "test"],
-                        "long_history": [[3, 2, 1, 3], None, []], "short_history": [[3], None, []],
+                        "long_history": [[3, 2, 1, 3], None, []], "long_history_labels": [[1, 0, 0, 1], None, []],
+                        "short_history": [[3], None, []],
                         "short_history_titles": [["C"], None, []]}, schema=SAMPLES_SCHEMA)
     for name, table in (("items", items), ("users", users)):
         pq.write_table(table, tmp_path / f"{name}.parquet")
@@ -116,6 +131,8 @@ def test_nulls_truncation_and_spark_directories(tmp_path: Path) -> None:
     assert data.genders == ("<unk>",) and data.user_fields.tolist() == [[0, 0, 0], [0, 0, 1]]
     train = data.train  # in time order: the null history first
     assert train.history.tolist() == [[0, 0, 0], [2, 1, 3]] and train.history_length.tolist() == [0, 3]
+    liked, disliked = FEEDBACK_LIKED, FEEDBACK_DISLIKED
+    assert train.history_feedback.tolist() == [[0, 0, 0], [disliked, disliked, liked]]
     assert len(data.valid) == 0 and data.test.user_index.tolist() == [0]
 
 
@@ -169,7 +186,9 @@ def test_attention_masks_padding(data: CtrData) -> None:
     batch = split_batch(split, rows)
     assert not batch["history_mask"].all()
     scrambled = dict(batch, history=torch.where(batch["history_mask"], batch["history"],
-                                                torch.randint(1, data.sizes.items, batch["history"].shape)))
+                                                torch.randint(1, data.sizes.items, batch["history"].shape)),
+                     history_feedback=torch.where(batch["history_mask"], batch["history_feedback"],
+                                                  torch.randint(1, 3, batch["history"].shape)))
     assert not torch.equal(scrambled["history"], batch["history"])
     with torch.no_grad():
         assert torch.equal(model(**batch)["logits"], model(**scrambled)["logits"])
@@ -178,12 +197,18 @@ def test_attention_masks_padding(data: CtrData) -> None:
         changed = dict(batch, history=batch["history"].clone())
         changed["history"][:, 0] = (changed["history"][:, 0] % (data.sizes.items - 1)) + 1
         assert not torch.equal(model(**batch)["logits"], model(**changed)["logits"])
+        # And so does the user's feedback on it (liked ↔ disliked).
+        flipped = dict(batch, history_feedback=batch["history_feedback"].clone())
+        flipped["history_feedback"][:, 0] = FEEDBACK_LIKED + FEEDBACK_DISLIKED - flipped["history_feedback"][:, 0]
+        assert not torch.equal(model(**batch)["logits"], model(**flipped)["logits"])
 
 
 def test_user_representation_has_a_fixed_size(data: CtrData) -> None:
     torch.manual_seed(0)
     model = DinModel.from_data(data, SETTINGS).eval()
-    assert model.representation_dim == 6 * SETTINGS.embedding_dim
+    assert model.representation_dim == 5 * SETTINGS.embedding_dim  # gender, age, occupation; history mean (2E)
+    with_ids = DinModel.from_data(data, SETTINGS.model_copy(update={"user_id_embedding": True}))
+    assert with_ids.representation_dim == 6 * SETTINGS.embedding_dim
     rows = np.arange(32)
     with torch.no_grad():
         for length in (1, 5, 40):

@@ -221,6 +221,10 @@ class CrmConfig(Section):
 
     # Width of every field's embedding (item id, genre, user id, gender, age, occupation).
     embedding_dim: int = Field(18, ge=1)
+    # A learned vector per user id. Off by default: on a global time split most test users are new
+    # (ML-100K: 86 % of test samples), and an id embedding no training step reached is noise to the
+    # MLP. Measured on ML-100K (seed 0): valid / test AUC 0.741 / 0.762 without, test 0.754 with.
+    user_id_embedding: bool = False
     attention_hidden: tuple[PositiveInt, ...] = Field((80, 40), min_length=1)
     mlp_hidden: tuple[PositiveInt, ...] = Field((200, 80), min_length=1)
     learning_rate: float = Field(1e-3, gt=0)
@@ -251,12 +255,46 @@ class TwoTowerConfig(Section):
     seed: int = 0
 
 
+class RecLoraConfig(Section):
+    """RecLoRA (arXiv 2408.03533): an LLM CTR scorer with a bank of meta-LoRAs mixed per user by a gate
+    fed with the CRM's user representation; the LLM trains on a sample of the train split (Few2Many)."""
+
+    # A registered decoder (smollm2) or a Hugging Face causal-LM directory.
+    llm: str = "smollm2"
+    experts: int = Field(8, ge=1)
+    rank: int = Field(8, ge=1)
+    lora_alpha: float = Field(16.0, gt=0)
+    target_modules: tuple[str, ...] = Field(("q_proj", "v_proj"), min_length=1)
+    # soft: α = softmax(gate(user)/T); top_k: only the k largest α kept; uniform: α = 1/K for every
+    # user (the ablation without the CRM's gate). experts=1 with uniform is one shared LoRA (TALLRec).
+    routing: Literal["soft", "top_k", "uniform"] = "soft"
+    top_k: int = Field(2, ge=1)
+    gate_hidden: int = Field(64, ge=1)
+    gate_temperature: float = Field(1.0, gt=0)
+    # Items of the long history put into the prompt, picked by title relevance to the target or the latest.
+    prompt_history: int = Field(5, ge=0)
+    prompt_history_mode: Literal["relevant", "recent"] = "relevant"
+    # Text tower embedding titles for the relevance pick: a registered backbone or a model directory.
+    title_encoder: str = "minilm"
+    max_prompt_tokens: int = Field(160, ge=16)
+    # Few2Many: the CRM saw the whole train split; the LLM and the bank see this many train samples.
+    train_samples: int = Field(3000, ge=1)
+    # Test samples scored (a seeded sample when fewer than the split; None: all of them).
+    eval_samples: int | None = Field(None, ge=1)
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(8, ge=1)
+    eval_batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    seed: int = 0
+
+
 class RecConfig(Section):
     """The recommendation side (`towerline rec ...`)."""
 
     data: RecDataConfig = RecDataConfig()
     crm: CrmConfig = CrmConfig()
     two_tower: TwoTowerConfig = TwoTowerConfig()
+    reclora: RecLoraConfig = RecLoraConfig()
 
 
 class TowerlineConfig(Section):
