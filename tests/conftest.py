@@ -47,11 +47,12 @@ def build_tiny_backbone(directory: Path, extra_words: list[str]) -> Path:
     return directory
 
 
-def build_tiny_decoder(directory: Path, extra_words: list[str]) -> Path:
-    """A 2-layer, 32-wide Llama with a word-level tokenizer that has EOS and PAD: a decoder LLM in miniature."""
+def build_tiny_decoder(directory: Path, extra_words: list[str], causal_lm: bool = False) -> Path:
+    """A 2-layer, 32-wide Llama with a word-level tokenizer that has EOS and PAD: a decoder LLM in miniature
+    (with its language-model head when `causal_lm`)."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel, PreTrainedTokenizerFast
 
     directory.mkdir(parents=True, exist_ok=True)
     vocab = ["<pad>", "<unk>", "<s>", "</s>", *sorted(set(extra_words))]
@@ -65,7 +66,7 @@ def build_tiny_decoder(directory: Path, extra_words: list[str]) -> Path:
         num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=2, eos_token_id=3,
     )
     torch.manual_seed(0)
-    LlamaModel(config).save_pretrained(directory)
+    (LlamaForCausalLM if causal_lm else LlamaModel)(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
 

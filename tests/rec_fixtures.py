@@ -28,7 +28,7 @@ ITEMS_SCHEMA = pa.schema([("item_index", pa.int64()), ("item_id", pa.string()), 
 USERS_SCHEMA = pa.schema([("user_index", pa.int64()), ("user_id", pa.string()), ("gender", pa.string()),
                           ("age", pa.string()), ("occupation", pa.string())])
 SAMPLES_SCHEMA = pa.schema([("user_index", pa.int64()), ("item_index", pa.int64()), ("label", pa.int8()),
-                            ("timestamp", pa.int64()), ("split", pa.string()),
+                            ("rating", pa.float64()), ("timestamp", pa.int64()), ("split", pa.string()),
                             ("long_history", pa.list_(pa.int64())), ("long_history_labels", pa.list_(pa.int8())),
                             ("short_history", pa.list_(pa.int64())),
                             ("short_history_titles", pa.list_(pa.string()))])
@@ -88,7 +88,9 @@ def write_interactions_artifact(directory: Path, users: int = 300, items: int = 
             label = int(rng.random() < 1 / (1 + np.exp(-logit)))
             long_history = [index + 1 for index in history[-LONG_HISTORY:]]
             short_history = long_history[-SHORT_HISTORY:]
-            rows.append({"user_index": user, "item_index": item + 1, "label": label, "timestamp": int(time),
+            rating = float(rng.integers(4, 6) if label else rng.integers(1, 4))
+            rows.append({"user_index": user, "item_index": item + 1, "label": label, "rating": rating,
+                         "timestamp": int(time),
                          "long_history": long_history, "long_history_labels": liked[-LONG_HISTORY:],
                          "short_history": short_history,
                          "short_history_titles": [titles[index - 1] for index in short_history]})

@@ -112,7 +112,7 @@ def test_nulls_truncation_and_spark_directories(tmp_path: Path) -> None:
                       "genres": [None, ["Drama", None, "Comedy"], []]}, schema=ITEMS_SCHEMA)
     users = pa.table({"user_index": [1], "user_id": ["u"], "gender": [""], "age": [None], "occupation": ["7"]},
                      schema=USERS_SCHEMA)
-    samples = pa.table({"user_index": [1, 1, 0], "item_index": [1, 2, 3], "label": [1, 0, 1],
+    samples = pa.table({"user_index": [1, 1, 0], "item_index": [1, 2, 3], "label": [1, 0, 1], "rating": [5.0, 2.0, 4.0],
                         "timestamp": [5, 3, 9], "split": ["train", "train", "test"],
                         "long_history": [[3, 2, 1, 3], None, []], "long_history_labels": [[1, 0, 0, 1], None, []],
                         "short_history": [[3], None, []],

@@ -299,3 +299,29 @@ def test_bench_rec_writes_one_table_over_seeds(synthetic_dir: Path, tiny_backbon
         assert metric["std"] >= 0 and 0 < metric["mean"] < 1
     assert [row["seed"] for row in table["per_seed"]] == [0, 1]
     assert table["recommend_grpc"]["concurrency_8"]["requests"] > 0
+
+
+def test_rec_train_reclora_writes_a_scorer_gated_by_its_crm(rec_root: Path, tiny_backbone: Path,
+                                                             tmp_path: Path) -> None:
+    from conftest import build_tiny_decoder
+    from typer.testing import CliRunner
+
+    from personalization.reclora import load_scorer
+    from towerline.cli import app
+
+    llm = build_tiny_decoder(tmp_path / "llm", ["The", "user", "watched", "Will", "like", "Answer", "Yes", "No"],
+                             causal_lm=True)
+    outcome = CliRunner().invoke(app, [
+        "rec", "train-reclora", "--interactions", str(rec_root / "interactions"), "--crm", str(rec_root / "crm"),
+        "--out", str(tmp_path / "reclora"), f"rec.reclora.llm={llm}", f"rec.reclora.title_encoder={tiny_backbone}",
+        "rec.reclora.experts=2", "rec.reclora.rank=2", "rec.reclora.train_samples=64", "rec.reclora.eval_samples=48",
+        "rec.reclora.batch_size=16", "rec.reclora.max_prompt_tokens=48",
+        f"tracking.uri=sqlite:///{tmp_path / 'ml.db'}"])
+    assert outcome.exit_code == 0, outcome.output
+    manifest = read_manifest(tmp_path / "reclora", "reclora")
+    crm = read_manifest(rec_root / "crm", "crm")
+    assert manifest.metadata["gated_by_crm"] == manifest.inputs["crm"] == crm.fingerprint
+    assert manifest.metadata["train_samples"] == 64 and manifest.metadata["test_samples"] == 48
+    assert set(manifest.metadata["test"]) == set(manifest.metadata["din_same_rows"]) == {"auc", "logloss", "gauc"}
+    scorer, _, spec = load_scorer(tmp_path / "reclora")
+    assert spec["crm"] == crm.fingerprint and scorer.settings.experts == 2

@@ -227,6 +227,29 @@ def rec_train_two_tower(
              lambda tracker: run_train_two_tower(config, source, output, tracker))
 
 
+@command(rec_app, "train-reclora")
+def rec_train_reclora(
+    interactions: Annotated[
+        Path | None, typer.Option(help="interactions artifact (default: RUN_DIR/interactions)")
+    ] = None,
+    crm: Annotated[Path | None, typer.Option(help="crm artifact whose DIN gates the LoRA bank (default: RUN_DIR/crm)")
+                   ] = None,
+    config_file: ConfigOption = None,
+    out: OutOption = None,
+    overrides: Overrides = None,
+) -> None:
+    """Train RecLoRA (Few2Many): an LLM CTR scorer with a bank of meta-LoRAs mixed per user by a gate over
+    the CRM's user representation, on rec.reclora.train_samples train samples; reports test AUC, LogLoss
+    and GAUC beside DIN's on the same rows. Settings: rec.reclora.* (llm=smollm2 needs `make install-llm`)."""
+    from personalization.reclora_run import run_train_reclora
+
+    config = _config(config_file, overrides)
+    output = _out(out, config, "reclora")
+    sources = (interactions or config.run_dir / "interactions", crm or config.run_dir / "crm")
+    _produce(config, "rec-train-reclora", output, "RecLoRA scorer",
+             lambda tracker: run_train_reclora(config, *sources, output, tracker))
+
+
 @command(rec_app, "demo")
 def rec_demo(config_file: ConfigOption = None, overrides: Overrides = None) -> None:
     """The recommendation side end to end (synthetic interactions by default, a few minutes on 2 cores):
