@@ -72,8 +72,28 @@ def run_train_reclora(config: TowerlineConfig, interactions: Path, crm_dir: Path
         save_scorer(result.scorer, staged.path, extra={"crm": crm_manifest.fingerprint})
         staged.metadata.update({"dataset": source.metadata.get("dataset"), "llm": settings.llm,
                                 "gated_by_crm": crm_manifest.fingerprint, **result.summary()})
+        if settings.export_onnx:
+            from personalization.reclora_onnx import export_and_check
+
+            staged.metadata["onnx"] = export_and_check(result.scorer, _parity_batches(data, crm, texts, result),
+                                                       staged.path, config.export.opset)
     assert staged.manifest is not None
     return staged.manifest
+
+
+def _parity_batches(data: CtrData, crm: DinModel, texts: ItemTexts, result: RecLoraResult,
+                    samples: int = 64, batch_size: int = 16) -> list[dict[str, torch.Tensor]]:
+    """Collated test prompts (lengths vary, so padding is covered) to check the ONNX graph on."""
+    settings = result.scorer.settings
+    inputs = build_inputs(data.test, few2many_rows(data.test, samples, settings.seed + 1), crm, texts, settings)
+    collator = RecLoraCollator(result.tokenizer, settings.max_prompt_tokens)
+    dataset = RecLoraDataset(inputs)
+    batches = []
+    for start in range(0, len(dataset), batch_size):
+        batch = collator([dataset[index] for index in range(start, min(start + batch_size, len(dataset)))])
+        batch.pop("labels", None)
+        batches.append(batch)
+    return batches
 
 
 def train_reclora(data: CtrData, crm: DinModel, texts: ItemTexts, settings: RecLoraConfig,

@@ -325,3 +325,8 @@ def test_rec_train_reclora_writes_a_scorer_gated_by_its_crm(rec_root: Path, tiny
     assert set(manifest.metadata["test"]) == set(manifest.metadata["din_same_rows"]) == {"auc", "logloss", "gauc"}
     scorer, _, spec = load_scorer(tmp_path / "reclora")
     assert spec["crm"] == crm.fingerprint and scorer.settings.experts == 2
+    # One ONNX graph, α an input: checked against torch on test prompts of several users.
+    onnx = manifest.metadata["onnx"]
+    assert (tmp_path / "reclora" / onnx["file"]).is_file() and onnx["samples"] == 64
+    assert onnx["max_abs_probability_diff"] <= onnx["parity_tolerance"]
+    assert set(onnx["samples_per_s"]) == {"torch", "onnxruntime"}

@@ -285,6 +285,8 @@ class RecLoraConfig(Section):
     batch_size: int = Field(8, ge=1)
     eval_batch_size: int = Field(16, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
+    # Export the scorer (LLM + bank, α as an input) to ONNX in the artifact, parity-checked on test prompts.
+    export_onnx: bool = True
     seed: int = 0
 
 
