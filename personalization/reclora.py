@@ -26,7 +26,7 @@ from personalization.reclora_prompt import ANSWER_NO, ANSWER_YES
 from towerline.config import RecLoraConfig
 from towerline.errors import ArtifactError, ConfigError
 
-ADAPTER_FILE, SPEC_FILE = "reclora.safetensors", "reclora.json"
+ADAPTER_FILE, SPEC_FILE, TITLE_VECTORS_FILE = "reclora.safetensors", "reclora.json", "title_vectors.npy"
 SPEC_FORMAT = "towerline-reclora/1"
 
 

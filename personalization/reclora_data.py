@@ -33,21 +33,34 @@ class ItemTexts:
 
     @classmethod
     def load(cls, interactions: Path, items: int, title_encoder: str) -> ItemTexts:
+        """Embeds every title with the text tower `title_encoder`."""
         from personalization.two_tower_run import title_embeddings
         from towerline.config import TwoTowerConfig
 
-        table = pd.read_parquet(interactions / "items.parquet", columns=["item_index", "title"])
-        titles = [""] * items
-        for index, title in zip(table["item_index"].tolist(), table["title"].fillna("").tolist(), strict=True):
-            titles[index] = title
         vectors = title_embeddings(interactions, TwoTowerConfig(title_encoder=title_encoder), items)
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        return cls.with_vectors(interactions, vectors / np.maximum(norms, 1e-12))
+
+    @classmethod
+    def with_vectors(cls, interactions: Path, title_vectors: np.ndarray) -> ItemTexts:
+        """Titles and ratings from the interactions artifact, title vectors as given (e.g. saved ones)."""
+        table = pd.read_parquet(interactions / "items.parquet", columns=["item_index", "title"])
+        titles = [""] * len(title_vectors)
+        for index, title in zip(table["item_index"].tolist(), table["title"].fillna("").tolist(), strict=True):
+            titles[index] = title
         samples = pd.read_parquet(interactions / "samples.parquet", columns=["user_index", "item_index", "rating"])
         # A history item is strictly earlier than the sample: its rating was known when the sample happened.
         ratings = {(user, item): rating for user, item, rating in zip(
             samples["user_index"].tolist(), samples["item_index"].tolist(), samples["rating"].tolist(), strict=True)
             if rating == rating}  # NaN (a click without a rating) is left out
-        return cls(titles, vectors / np.maximum(norms, 1e-12), ratings)
+        return cls(titles, title_vectors, ratings)
+
+    def prompt(self, user: int, long_history: Sequence[int], target: int, settings: RecLoraConfig) -> str:
+        """The CTR prompt for `target`: the short history picked from `long_history` (oldest first)."""
+        picked = pick_short_history(long_history, target, self.title_vectors, settings.prompt_history,
+                                    settings.prompt_history_mode)
+        history = [PromptItem(self.titles[item], self.ratings.get((user, item))) for item in picked]
+        return build_prompt(history, self.titles[target])
 
 
 @dataclass(frozen=True)
@@ -76,14 +89,8 @@ def build_inputs(split: CtrSplit, rows: np.ndarray, crm: DinModel, texts: ItemTe
     for start in range(0, len(rows), batch_size):
         batch = split_batch(split, rows[start:start + batch_size], labels=False)
         representations.append(crm.user_representation(batch).float().numpy())
-    prompts = []
-    for row in rows.tolist():
-        user, target = int(split.user_index[row]), int(split.item_index[row])
-        long_history = split.history[row, : split.history_length[row]].tolist()
-        picked = pick_short_history(long_history, target, texts.title_vectors, settings.prompt_history,
-                                    settings.prompt_history_mode)
-        history = [PromptItem(texts.titles[item], texts.ratings.get((user, item))) for item in picked]
-        prompts.append(build_prompt(history, texts.titles[target]))
+    prompts = [texts.prompt(int(split.user_index[row]), split.history[row, : split.history_length[row]].tolist(),
+                            int(split.item_index[row]), settings) for row in rows.tolist()]
     width = crm.representation_dim
     return RecLoraInputs(prompts, np.concatenate(representations) if representations else np.zeros((0, width)),
                          split.label[rows].astype(np.float32), split.user_index[rows].astype(np.int64))

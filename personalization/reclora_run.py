@@ -22,7 +22,7 @@ from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 from personalization.ctr_metrics import ctr_metrics
 from personalization.din import DinModel, load_din, predict_din
 from personalization.interactions import CtrData, load_ctr_data, take_rows
-from personalization.reclora import RecLoraScorer, build_scorer, save_scorer
+from personalization.reclora import TITLE_VECTORS_FILE, RecLoraScorer, build_scorer, save_scorer
 from personalization.reclora_data import (
     ItemTexts,
     RecLoraCollator,
@@ -70,6 +70,8 @@ def run_train_reclora(config: TowerlineConfig, interactions: Path, crm_dir: Path
     with ArtifactWriter(output, RECLORA_KIND, producer="rec train-reclora",
                         inputs={"interactions": source, "crm": crm_manifest}, config=config) as staged:
         save_scorer(result.scorer, staged.path, extra={"crm": crm_manifest.fingerprint})
+        # The retriever's title vectors travel with the scorer: serving needs no text tower.
+        np.save(staged.path / TITLE_VECTORS_FILE, texts.title_vectors.astype(np.float32))
         staged.metadata.update({"dataset": source.metadata.get("dataset"), "llm": settings.llm,
                                 "gated_by_crm": crm_manifest.fingerprint, **result.summary()})
         if settings.export_onnx:

@@ -11,7 +11,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -25,8 +25,11 @@ from personalization.two_tower import TwoTowerModel, user_state_batch
 from personalization.two_tower_run import SETTINGS_FILE, TWO_TOWER_KIND, WEIGHTS_FILE
 from serving.errors import InvalidArgument
 from serving.results import Recommendation, RecommendedItem
-from towerline.artifacts import read_manifest, require_same_space
+from towerline.artifacts import MANIFEST_NAME, read_manifest, require_same_space
 from towerline.config import IndexConfig, TwoTowerConfig
+
+if TYPE_CHECKING:
+    from personalization.reclora_rerank import RecLoraReranker
 
 RecommendState = Literal["latest", "test-start"]
 STATE_SUFFIX: dict[str, str] = {"latest": "", "test-start": "@test-start"}
@@ -46,15 +49,20 @@ class RecommenderPaths:
     two_tower: Path
     crm: Path
     item_index: Path
+    # Optional last stage: a `rec train-reclora` artifact gated by this CRM.
+    reclora: Path | None = None
 
     @classmethod
     def under(cls, root: Path) -> RecommenderPaths:
-        return cls(root / "interactions", root / "two-tower", root / "crm", root / "item-index")
+        """DIR/{interactions,two-tower,crm,item-index}, and DIR/reclora when there is one."""
+        reclora = root / "reclora"
+        return cls(root / "interactions", root / "two-tower", root / "crm", root / "item-index",
+                   reclora if (reclora / MANIFEST_NAME).is_file() else None)
 
 
 class Recommender:
     def __init__(self, paths: RecommenderPaths, index_config: IndexConfig, threads: int = 1,
-                 state: RecommendState = "latest") -> None:
+                 state: RecommendState = "latest", reclora_top_n: int = 5) -> None:
         torch.set_num_threads(threads)
         interactions = read_manifest(paths.interactions, "interactions")
         two_tower_manifest = read_manifest(paths.two_tower, TWO_TOWER_KIND)
@@ -63,6 +71,12 @@ class Recommender:
                            self.index.embedding_space, "the item index")
         self.two_tower = _load_two_tower(paths.two_tower)
         self.crm: DinModel = load_din(paths.crm).eval()
+        self.reclora: RecLoraReranker | None = None
+        if paths.reclora is not None:
+            from personalization.reclora_rerank import RecLoraReranker
+
+            crm_fingerprint = read_manifest(paths.crm, "crm").fingerprint
+            self.reclora = RecLoraReranker(paths.reclora, paths.interactions, crm_fingerprint, reclora_top_n, threads)
         items = pd.read_parquet(paths.interactions / "items.parquet", columns=["item_index", "item_id", "title"])
         self.item_ids = dict(zip(items["item_index"].tolist(), items["item_id"].tolist(), strict=True))
         self.item_indexes = {item_id: index for index, item_id in self.item_ids.items()}
@@ -78,7 +92,9 @@ class Recommender:
         self.popular = [int(item) for item in np.argsort(-counts[1:], kind="stable") + 1]
         self.state = state
         # The state is part of the version: `rec eval` refuses a service that does not replay test-start.
-        self.model_version = f"{interactions.fingerprint[:8]}-{two_tower_manifest.fingerprint[:8]}{STATE_SUFFIX[state]}"
+        reclora_version = f"-{self.reclora.fingerprint[:8]}" if self.reclora else ""
+        self.model_version = (f"{interactions.fingerprint[:8]}-{two_tower_manifest.fingerprint[:8]}{reclora_version}"
+                              f"{STATE_SUFFIX[state]}")
 
     def recommend(self, user_id: str, recent_item_ids: list[str], top_k: int,
                   checkpoint: Callable[[], None] = lambda: None) -> Recommendation:
@@ -98,12 +114,32 @@ class Recommender:
         candidates = self._candidates(user, history, top_k, seen)
         checkpoint()
         scores = self._din_scores(user, history, feedback, candidates)
-        order = np.argsort(-scores, kind="stable")[:top_k]
+        order = np.argsort(-scores, kind="stable")
+        strategy = PERSONALISED
+        if self.reclora is not None and len(order) > 1:
+            checkpoint()
+            order, scores, strategy = self._reclora_rerank(user, history, feedback, candidates, order, scores)
+        order = order[:top_k]
         items = [RecommendedItem(self.item_ids[candidates[row]], float(scores[row]), self.titles[candidates[row]])
                  for row in order]
         if len(items) < top_k:  # a small catalogue: fill up with popular items not yet shown
             items += self._popular(top_k - len(items), seen | {candidates[row] for row in order})
-        return Recommendation(items, PERSONALISED, self.model_version)
+        return Recommendation(items, strategy, self.model_version)
+
+    @torch.no_grad()
+    def _reclora_rerank(self, user: int, history: list[int], feedback: list[int], candidates: list[int],
+                        order: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
+        """The DIN top-N in RecLoRA's order, with RecLoRA's probabilities as their scores; the rest as DIN left it."""
+        assert self.reclora is not None
+        head = order[: self.reclora.top_n]
+        length = self.crm.settings.history_length
+        state = user_state_batch({user: history}, [user], length, {user: feedback})
+        probabilities = self.reclora.probabilities(user, history[-length:], self.crm.user_representation(state),
+                                                   [candidates[row] for row in head])
+        scores = scores.astype(np.float64).copy()
+        scores[head] = probabilities
+        reordered = np.concatenate([head[np.argsort(-probabilities, kind="stable")], order[len(head):]])
+        return reordered, scores, f"{PERSONALISED}, RecLoRA re-rank of the top {len(head)} ({self.reclora.engine})"
 
     @torch.no_grad()
     def _candidates(self, user: int, history: list[int], top_k: int, seen: set[int]) -> list[int]:

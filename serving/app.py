@@ -40,7 +40,7 @@ def load_recommender(config: TowerlineConfig, root: Path) -> RecommendBackend:
     from personalization.recommender import Recommender, RecommenderPaths
 
     return Recommender(RecommenderPaths.under(root), config.index, threads=config.serve.intra_op_threads,
-                       state=config.serve.recommend_state)
+                       state=config.serve.recommend_state, reclora_top_n=config.rec.reclora.rerank_top_n)
 
 
 def serve_until_stopped(config: TowerlineConfig, index_path: Path, encoder_path: Path,

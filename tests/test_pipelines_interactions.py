@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -25,7 +26,7 @@ from pipelines.interactions import run_interactions
 from towerline.artifacts import read_manifest
 from towerline.beir import RowRejected
 from towerline.config import TowerlineConfig, load_config
-from towerline.errors import ConfigError, DataError
+from towerline.errors import ArtifactError, ConfigError, DataError
 from towerline.synthetic_rec import SyntheticRecSpec, write_synthetic_interactions
 
 SPEC = SyntheticRecSpec(users=300, items=60, interactions_per_user=30, seed=3)
@@ -301,32 +302,79 @@ def test_bench_rec_writes_one_table_over_seeds(synthetic_dir: Path, tiny_backbon
     assert table["recommend_grpc"]["concurrency_8"]["requests"] > 0
 
 
-def test_rec_train_reclora_writes_a_scorer_gated_by_its_crm(rec_root: Path, tiny_backbone: Path,
-                                                             tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def reclora_root(rec_root: Path, tiny_backbone: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """rec_root's artifacts plus reclora/, trained by the command line with a tiny random Llama."""
     from conftest import build_tiny_decoder
     from typer.testing import CliRunner
 
-    from personalization.reclora import load_scorer
     from towerline.cli import app
 
-    llm = build_tiny_decoder(tmp_path / "llm", ["The", "user", "watched", "Will", "like", "Answer", "Yes", "No"],
+    root = tmp_path_factory.mktemp("reclora-root")
+    for name in ("interactions", "two-tower", "crm", "item-index"):
+        shutil.copytree(rec_root / name, root / name)
+    llm = build_tiny_decoder(root / "llm", ["The", "user", "watched", "Will", "like", "Answer", "Yes", "No"],
                              causal_lm=True)
     outcome = CliRunner().invoke(app, [
-        "rec", "train-reclora", "--interactions", str(rec_root / "interactions"), "--crm", str(rec_root / "crm"),
-        "--out", str(tmp_path / "reclora"), f"rec.reclora.llm={llm}", f"rec.reclora.title_encoder={tiny_backbone}",
+        "rec", "train-reclora", "--interactions", str(root / "interactions"), "--crm", str(root / "crm"),
+        "--out", str(root / "reclora"), f"rec.reclora.llm={llm}", f"rec.reclora.title_encoder={tiny_backbone}",
         "rec.reclora.experts=2", "rec.reclora.rank=2", "rec.reclora.train_samples=64", "rec.reclora.eval_samples=48",
         "rec.reclora.batch_size=16", "rec.reclora.max_prompt_tokens=48",
-        f"tracking.uri=sqlite:///{tmp_path / 'ml.db'}"])
+        f"tracking.uri=sqlite:///{root / 'mlflow.db'}"])
     assert outcome.exit_code == 0, outcome.output
-    manifest = read_manifest(tmp_path / "reclora", "reclora")
-    crm = read_manifest(rec_root / "crm", "crm")
+    return root
+
+
+def test_rec_train_reclora_writes_a_scorer_gated_by_its_crm(reclora_root: Path) -> None:
+    from personalization.reclora import load_scorer
+
+    manifest = read_manifest(reclora_root / "reclora", "reclora")
+    crm = read_manifest(reclora_root / "crm", "crm")
     assert manifest.metadata["gated_by_crm"] == manifest.inputs["crm"] == crm.fingerprint
     assert manifest.metadata["train_samples"] == 64 and manifest.metadata["test_samples"] == 48
     assert set(manifest.metadata["test"]) == set(manifest.metadata["din_same_rows"]) == {"auc", "logloss", "gauc"}
-    scorer, _, spec = load_scorer(tmp_path / "reclora")
+    scorer, _, spec = load_scorer(reclora_root / "reclora")
     assert spec["crm"] == crm.fingerprint and scorer.settings.experts == 2
     # One ONNX graph, α an input: checked against torch on test prompts of several users.
     onnx = manifest.metadata["onnx"]
-    assert (tmp_path / "reclora" / onnx["file"]).is_file() and onnx["samples"] == 64
+    assert (reclora_root / "reclora" / onnx["file"]).is_file() and onnx["samples"] == 64
     assert onnx["max_abs_probability_diff"] <= onnx["parity_tolerance"]
     assert set(onnx["samples_per_s"]) == {"torch", "onnxruntime"}
+
+
+def test_recommend_re_ranks_the_din_top_n_with_reclora_over_grpc(reclora_root: Path, tmp_path: Path) -> None:
+    from personalization.crm_run import run_train_crm
+    from personalization.recommender import Recommender, RecommenderPaths
+    from serving.client import RetrievalClient
+    from serving.server import start_server
+    from towerline.tracking import Tracker
+
+    config = load_config(None, ["serve.port=0"])
+    paths = RecommenderPaths.under(reclora_root)
+    assert paths.reclora == reclora_root / "reclora"
+    with_llm = Recommender(paths, config.index, reclora_top_n=3)
+    din_only = Recommender(dataclasses.replace(paths, reclora=None), config.index)
+    server, port = start_server(None, config.serve, with_llm)
+    try:
+        with RetrievalClient(f"127.0.0.1:{port}", timeout_s=30) as client:
+            for user_id, top_k in (("u3", 5), ("u7", 2), ("u11", 8)):
+                remote = client.recommend(user_id, top_k=top_k)
+                local = with_llm.recommend(user_id, [], top_k)
+                assert [item.item_id for item in remote.items] == [item.item_id for item in local.items]
+                assert remote.strategy == local.strategy == (
+                    f"{PERSONALISED}, RecLoRA re-rank of the top 3 (onnxruntime)")
+                din = din_only.recommend(user_id, [], 8)
+                # The LLM reorders DIN's top 3, in its own score order; below them DIN's order stands.
+                head = min(3, top_k)
+                assert {item.item_id for item in remote.items[:head]} <= {item.item_id for item in din.items[:3]}
+                scores = [item.score for item in remote.items[:head]]
+                assert scores == sorted(scores, reverse=True)
+                assert [item.item_id for item in remote.items[3:]] == [item.item_id for item in din.items[3:top_k]]
+    finally:
+        server.stop(None).wait()
+    other_crm = tmp_path / "other-crm"
+    run_train_crm(rec_config(tmp_path, "synthetic", "rec.crm.max_epochs=1", "rec.crm.seed=5",
+                             "rec.crm.history_length=8", "rec.crm.embedding_dim=8"),
+                  reclora_root / "interactions", other_crm, Tracker(None))
+    with pytest.raises(ArtifactError, match="gated by CRM"):
+        Recommender(dataclasses.replace(paths, crm=other_crm), config.index)

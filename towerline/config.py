@@ -287,6 +287,8 @@ class RecLoraConfig(Section):
     learning_rate: float = Field(1e-3, gt=0)
     # Export the scorer (LLM + bank, α as an input) to ONNX in the artifact, parity-checked on test prompts.
     export_onnx: bool = True
+    # Recommend with a reclora artifact: the DIN top-N re-scored by the LLM (N prompts per call on CPU).
+    rerank_top_n: int = Field(5, ge=1)
     seed: int = 0
 
 
