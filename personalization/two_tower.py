@@ -23,13 +23,16 @@ class TwoTowerModel(nn.Module):
     items of the batch; an item clicked twice in one batch is never its own negative."""
 
     def __init__(self, sizes: VocabSizes, settings: TwoTowerConfig, item_genres: np.ndarray,
-                 user_fields: np.ndarray, title_embeddings: np.ndarray) -> None:
+                 user_fields: np.ndarray, title_embeddings: np.ndarray, item_counts: np.ndarray | None = None) -> None:
         super().__init__()
         dim = settings.embedding_dim
         self.settings = settings
         self.item_embedding = nn.Embedding(sizes.items, dim, padding_idx=0)
         self.genre_embedding = nn.Embedding(sizes.genres, dim, padding_idx=0)
-        self.user_embedding = nn.Embedding(sizes.users, dim, padding_idx=0)
+        self.user_embedding = nn.Embedding(sizes.users, dim, padding_idx=0) if settings.user_id_embedding else None
+        # log q(item): how often an item is a training positive, hence an in-batch negative (add-one smoothed).
+        counts = np.ones(sizes.items) if item_counts is None else np.asarray(item_counts, dtype=np.float64) + 1
+        self.register_buffer("item_log_frequency", torch.as_tensor(np.log(counts / counts.sum()), dtype=torch.float32))
         self.field_embeddings = nn.ModuleList(
             nn.Embedding(size, dim) for size in (sizes.genders, sizes.ages, sizes.occupations))
         self.register_buffer("item_genres", torch.as_tensor(item_genres, dtype=torch.long))
@@ -38,7 +41,7 @@ class TwoTowerModel(nn.Module):
         self.register_buffer("title_embeddings", torch.as_tensor(title_embeddings, dtype=torch.float32))
         self.title_projection = nn.Linear(self.title_embeddings.shape[1], dim)
         self.item_mlp = _tower_mlp(3 * dim, settings.output_dim)
-        self.user_mlp = _tower_mlp((2 + len(USER_FIELDS)) * dim + dim, settings.output_dim)
+        self.user_mlp = _tower_mlp((2 + len(USER_FIELDS) + settings.user_id_embedding) * dim, settings.output_dim)
         self.log_scale = nn.Parameter(torch.tensor(1.0 / settings.temperature).log(), requires_grad=False)
 
     def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
@@ -56,8 +59,10 @@ class TwoTowerModel(nn.Module):
         genre_count = (genres != 0).sum(-1, keepdim=True).clamp(min=1)
         genre_mean = ((self.genre_embedding(genres).sum(-2) / genre_count) * mask).sum(1) / mask.sum(1).clamp(min=1)
         fields = self.user_fields[user_index]
-        features = [self.user_embedding(user_index), history_mean, genre_mean,
+        features = [history_mean, genre_mean,
                     *(embedding(fields[:, column]) for column, embedding in enumerate(self.field_embeddings))]
+        if self.user_embedding is not None:
+            features.insert(0, self.user_embedding(user_index))
         return F.normalize(self.user_mlp(torch.cat(features, dim=-1)), dim=-1)
 
     def forward(self, user_index: torch.Tensor, item_index: torch.Tensor, history: torch.Tensor,
@@ -65,6 +70,8 @@ class TwoTowerModel(nn.Module):
         users = self.user_vectors(user_index, history, history_mask)
         items = self.item_vectors(item_index)
         scores = users @ items.T * self.log_scale.exp()
+        if self.settings.logq_correction:
+            scores = scores - self.item_log_frequency[item_index][None, :]
         same_item = item_index[:, None] == item_index[None, :]
         scores = scores.masked_fill(same_item & ~torch.eye(len(item_index), dtype=torch.bool,
                                                            device=scores.device), float("-inf"))

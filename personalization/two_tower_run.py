@@ -82,8 +82,9 @@ def title_embeddings(interactions: Path, settings: TwoTowerConfig, items: int) -
 
 def train_two_tower(data: CtrData, settings: TwoTowerConfig, titles: np.ndarray) -> TwoTowerModel:
     set_seed(settings.seed)
-    model = TwoTowerModel(data.sizes, settings, data.item_genres, data.user_fields, titles)
     train = positive_samples(data.train)
+    counts = np.bincount(train.item_index, minlength=data.sizes.items)
+    model = TwoTowerModel(data.sizes, settings, data.item_genres, data.user_fields, titles, counts)
     if len(train) < 2:
         raise DataError("two-tower training: the train split has fewer than 2 positive samples")
     with tempfile.TemporaryDirectory(prefix="towerline-two-tower-") as scratch:

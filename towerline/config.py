@@ -252,6 +252,11 @@ class TwoTowerConfig(Section):
     history_length: int = Field(20, ge=1)
     # Text tower for item titles: a registered backbone or a model directory ("" leaves titles out).
     title_encoder: str = "minilm"
+    # In-batch negatives are drawn by popularity: subtract log(item frequency) from the training logits
+    # (Yi et al., RecSys 2019) so that the scores estimate the full softmax, popularity included.
+    logq_correction: bool = True
+    # A learned vector per user id (off: most users of a time-split test period are new, see rec.crm).
+    user_id_embedding: bool = False
     seed: int = 0
 
 
