@@ -77,13 +77,13 @@ def run_train_reclora(config: TowerlineConfig, interactions: Path, crm_dir: Path
         if settings.export_onnx:
             from personalization.reclora_onnx import export_and_check
 
-            staged.metadata["onnx"] = export_and_check(result.scorer, _parity_batches(data, crm, texts, result),
+            staged.metadata["onnx"] = export_and_check(result.scorer, parity_batches(data, crm, texts, result),
                                                        staged.path, config.export.opset)
     assert staged.manifest is not None
     return staged.manifest
 
 
-def _parity_batches(data: CtrData, crm: DinModel, texts: ItemTexts, result: RecLoraResult,
+def parity_batches(data: CtrData, crm: DinModel, texts: ItemTexts, result: RecLoraResult,
                     samples: int = 64, batch_size: int = 16) -> list[dict[str, torch.Tensor]]:
     """Collated test prompts (lengths vary, so padding is covered) to check the ONNX graph on."""
     settings = result.scorer.settings

@@ -378,3 +378,30 @@ def test_recommend_re_ranks_the_din_top_n_with_reclora_over_grpc(reclora_root: P
                   reclora_root / "interactions", other_crm, Tracker(None))
     with pytest.raises(ArtifactError, match="gated by CRM"):
         Recommender(dataclasses.replace(paths, crm=other_crm), config.index)
+
+
+def test_bench_reclora_scores_every_row_on_the_same_test_rows(synthetic_dir: Path, tiny_backbone: Path,
+                                                              tmp_path: Path) -> None:
+    from conftest import build_tiny_decoder
+
+    from benchmarks.reclora import LLM_ROWS, run_reclora_bench
+
+    llm = build_tiny_decoder(tmp_path / "llm", ["The", "user", "watched", "Will", "like", "Answer", "Yes", "No"],
+                             causal_lm=True)
+    config = rec_config(tmp_path, "synthetic", "rec.crm.max_epochs=1", "rec.crm.history_length=8",
+                        "rec.crm.embedding_dim=8", f"rec.reclora.llm={llm}",
+                        f"rec.reclora.title_encoder={tiny_backbone}", "rec.reclora.experts=2", "rec.reclora.rank=2",
+                        "rec.reclora.train_samples=48", "rec.reclora.eval_samples=40", "rec.reclora.batch_size=16",
+                        "rec.reclora.max_prompt_tokens=48")
+    summary = run_reclora_bench(config, str(synthetic_dir), [0, 1], list(LLM_ROWS), tmp_path / "work",
+                                tmp_path / "reclora.json")
+    assert json.loads((tmp_path / "reclora.json").read_text()) == summary
+    assert summary["test_rows_scored"] == 40 and [row["seed"] for row in summary["din"]["per_seed"]] == [0, 1]
+    gate_crm = summary["din"]["per_seed"][0]["scored_rows"]
+    for name in LLM_ROWS:
+        row = summary["llm_rows"][name]
+        assert row["test_samples"] == 40 and row["train_samples"] == 48
+        assert row["din_same_rows"] == pytest.approx(gate_crm)  # every row scored on the rows DIN was
+    assert summary["llm_rows"]["shared_lora"]["settings_changed"] == {"experts": 1, "routing": "uniform"}
+    onnx = summary["llm_rows"]["reclora"]["onnx"]
+    assert onnx["max_abs_probability_diff"] <= onnx["parity_tolerance"]

@@ -18,7 +18,7 @@ from rich.markup import escape
 
 from towerline.artifacts import Manifest
 from towerline.config import TowerlineConfig, load_config
-from towerline.errors import TowerlineError
+from towerline.errors import ConfigError, TowerlineError
 from towerline.progress import console
 
 if TYPE_CHECKING:
@@ -634,6 +634,30 @@ def bench_scalingnote(
 
     config = _config(config_file, overrides)
     run_scalingnote_bench(config, teacher or ["minilm", "mpnet"], student, work_dir, results, reuse=reuse)
+
+
+@command(bench_app, "reclora")
+def bench_reclora(
+    dataset: Annotated[str, typer.Option(help="rec.data.dataset: a name under $TOWERLINE_DATA_DIR, a directory "
+                                              "or synthetic")] = "ml-100k",
+    din_seed: Annotated[list[int] | None, typer.Option(help="DIN seeds (repeat); the first gates the LLM")] = None,
+    row: Annotated[list[str] | None, typer.Option(help="LLM rows to run (repeat): shared_lora, reclora, "
+                                                       "reclora_recent_history, reclora_uniform_alpha")] = None,
+    work_dir: Annotated[Path, typer.Option(help="where the benchmark's artifacts go")] = Path("runs/bench-reclora"),
+    results: Annotated[Path, typer.Option(help="output JSON")] = Path("benchmarks/results/reclora.json"),
+    config_file: ConfigOption = None,
+    overrides: Overrides = None,
+) -> None:
+    """RecLoRA table: DIN alone, one shared LoRA, RecLoRA, RecLoRA with the most recent history, RecLoRA
+    with uniform α — test AUC, LogLoss and GAUC on the same rows, ONNX parity and throughput. Long on CPU
+    (each LLM row trains on rec.reclora.train_samples); llm=smollm2 needs `make install-llm`."""
+    from benchmarks.reclora import LLM_ROWS, run_reclora_bench
+
+    config = _config(config_file, overrides)
+    unknown = sorted(set(row or []) - set(LLM_ROWS))
+    if unknown:
+        raise ConfigError(f"--row {unknown[0]!r}: expected one of {', '.join(LLM_ROWS)}")
+    run_reclora_bench(config, dataset, din_seed or [0, 1, 2], row or list(LLM_ROWS), work_dir, results)
 
 
 @command(bench_app, "rec")
