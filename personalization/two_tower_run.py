@@ -94,10 +94,13 @@ def train_two_tower(data: CtrData, settings: TwoTowerConfig, titles: np.ndarray)
 
 def _fit(model: TwoTowerModel, train: CtrSplit, settings: TwoTowerConfig, scratch: str) -> None:
     """transformers' Trainer, no checkpoints (a few epochs over the positives): `scratch` stays empty."""
-    total_steps = max(1, len(train) // settings.batch_size) * settings.epochs
+    # Batches drop their remainder (an in-batch softmax over a handful of items says little), so a
+    # train split smaller than one batch trains on one batch of everything.
+    batch_size = min(settings.batch_size, len(train))
+    total_steps = max(1, len(train) // batch_size) * settings.epochs
     args = TrainingArguments(
         output_dir=scratch, num_train_epochs=settings.epochs, warmup_steps=int(0.05 * total_steps),
-        per_device_train_batch_size=settings.batch_size, learning_rate=settings.learning_rate,
+        per_device_train_batch_size=batch_size, learning_rate=settings.learning_rate,
         lr_scheduler_type="linear", optim="adamw_torch", save_strategy="no",
         logging_strategy="no", seed=settings.seed, use_cpu=not torch.cuda.is_available(),
         remove_unused_columns=False, report_to="none", disable_tqdm=True, dataloader_drop_last=True,

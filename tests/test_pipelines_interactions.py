@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 from conftest import SPARK_TEST_OVERRIDES
 from pyspark.sql import SparkSession
 
@@ -405,3 +406,29 @@ def test_bench_reclora_scores_every_row_on_the_same_test_rows(synthetic_dir: Pat
     assert summary["llm_rows"]["shared_lora"]["settings_changed"] == {"experts": 1, "routing": "uniform"}
     onnx = summary["llm_rows"]["reclora"]["onnx"]
     assert onnx["max_abs_probability_diff"] <= onnx["parity_tolerance"]
+
+
+def test_rec_demo_with_reclora_ends_in_personalised_recommendations_over_grpc(tiny_backbone: Path,
+                                                                              tmp_path: Path) -> None:
+    from conftest import build_tiny_decoder
+    from typer.testing import CliRunner
+
+    from towerline.cli import app
+
+    llm = build_tiny_decoder(tmp_path / "llm", ["The", "user", "watched", "Will", "like", "Answer", "Yes", "No"],
+                             causal_lm=True)
+    outcome = CliRunner().invoke(app, [
+        "rec", "demo", "--reclora", f"run_dir={tmp_path / 'runs'}", *SPARK_TEST_OVERRIDES,
+        "rec.data.synthetic_users=80", "rec.data.synthetic_items=40", "rec.crm.max_epochs=1",
+        "rec.crm.embedding_dim=8", "rec.two_tower.epochs=1", f"rec.two_tower.title_encoder={tiny_backbone}",
+        f"rec.reclora.llm={llm}", f"rec.reclora.title_encoder={tiny_backbone}", "rec.reclora.experts=2",
+        "rec.reclora.rank=2", "rec.reclora.train_samples=32", "rec.reclora.eval_samples=32",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    assert outcome.exit_code == 0, outcome.output
+    root = tmp_path / "runs" / "rec-demo"
+    reclora = read_manifest(root / "reclora", "reclora")
+    # The demo sizes what the command line left unset, and keeps what it set.
+    settings = yaml.safe_load((root / "reclora" / "config.yaml").read_text())["rec"]["reclora"]
+    assert reclora.metadata["train_samples"] == settings["train_samples"] == 32 and settings["prompt_history"] == 3
+    assert "RecLoRA re-rank of the top" in outcome.output and "rec demo done" in outcome.output
+    assert read_manifest(root / "rec-eval", "rec-eval-report").metadata["users"] > 0

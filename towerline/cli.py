@@ -251,12 +251,18 @@ def rec_train_reclora(
 
 
 @command(rec_app, "demo")
-def rec_demo(config_file: ConfigOption = None, overrides: Overrides = None) -> None:
+def rec_demo(
+    reclora: Annotated[bool, typer.Option(help="also train RecLoRA (rec.reclora.*; demo-sized unless set) and "
+                                               "re-rank Recommend's DIN top-N with it")] = False,
+    config_file: ConfigOption = None,
+    overrides: Overrides = None,
+) -> None:
     """The recommendation side end to end (synthetic interactions by default, a few minutes on 2 cores):
-    rec data → train-crm → train-twotower → index → Recommend over gRPC, with example recommendations."""
+    rec data → train-crm → train-twotower → index [→ train-reclora] → rec eval and example
+    recommendations through gRPC. Artifacts under RUN_DIR/rec-demo."""
     from towerline.rec_demo import run_rec_demo
 
-    run_rec_demo(_config(config_file, overrides))
+    run_rec_demo(_config(config_file, overrides), reclora=reclora)
 
 
 @command(rec_app, "index")
