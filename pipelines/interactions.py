@@ -33,8 +33,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from pyspark import Broadcast
-from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql.types import LongType, StructField, StructType
 
 from pipelines.interaction_formats import HEADER, InteractionFormat, detect_format
 from pipelines.parquet_output import write_parquet
@@ -187,7 +188,7 @@ def _enforce(tables: dict[str, DataFrame], settings: RecDataConfig, files: Inter
 
 def publish(spark: SparkSession, tables: dict[str, DataFrame], files: InteractionFiles, settings: RecDataConfig,
             config: TowerlineConfig, output: Path) -> Manifest:
-    items = valid_rows(tables["items"]).withColumn("item_index", F.row_number().over(Window.orderBy("item_id")))
+    items = _numbered(valid_rows(tables["items"]), "item_id", "item_index")
     interactions = valid_rows(tables["interactions"])
     users = _indexed_users(tables.get("users"), interactions)
     threshold = 0.0 if files.format.clicks else settings.label_threshold
@@ -231,7 +232,15 @@ def _indexed_users(users: DataFrame | None, interactions: DataFrame) -> DataFram
             "user_id", *(F.lit(None).cast("string").alias(c) for c in ("gender", "age", "occupation")))
     else:
         known = valid_rows(users).select("user_id", "gender", "age", "occupation")
-    return known.withColumn("user_index", F.row_number().over(Window.orderBy("user_id")))
+    return _numbered(known, "user_id", "user_index")
+
+
+def _numbered(frame: DataFrame, key: str, column: str) -> DataFrame:
+    """`frame` with `column` = 1, 2, … in `key` order. A sort and RDD.zipWithIndex, which run in
+    parallel; a row_number over a window without partitions would pull the table into one task."""
+    ordered = frame.orderBy(key)
+    numbered = ordered.rdd.zipWithIndex().map(lambda pair: (*pair[0], pair[1] + 1))
+    return numbered.toDF(StructType([*ordered.schema.fields, StructField(column, LongType(), nullable=False)]))
 
 
 def _time_cutoffs(events: DataFrame, settings: RecDataConfig) -> tuple[int, int]:
