@@ -8,9 +8,7 @@ user: personalisation is data (α), not weights.
 
 from __future__ import annotations
 
-import logging
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ import numpy as np
 import torch
 
 from personalization.reclora import RecLoraScorer
+from serving.onnx_export import quiet_export
 from towerline.errors import ArtifactError
 
 ONNX_SCORER_FILE = "scorer.onnx"
@@ -39,10 +38,7 @@ def export_scorer(scorer: RecLoraScorer, sample: dict[str, torch.Tensor], onnx_p
     scorer.eval()
     alpha = scorer.mixture(sample["user_representation"]).detach()
     batch, length = torch.export.Dim("batch"), torch.export.Dim("length")
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=UserWarning)
-        warnings.simplefilter("ignore", category=FutureWarning)
+    with quiet_export():
         torch.onnx.export(
             _ScorerGraph(scorer), (sample["input_ids"], sample["attention_mask"], alpha), str(onnx_path),
             input_names=["input_ids", "attention_mask", "alpha"], output_names=["logits"],

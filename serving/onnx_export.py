@@ -10,7 +10,8 @@ import logging
 import os
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -47,16 +48,22 @@ class _ExportWrapper(torch.nn.Module):
         return self.tower(input_ids=input_ids, attention_mask=attention_mask)
 
 
-def export_query_tower(tower: Tower, onnx_path: Path, opset: int) -> None:
-    tower.eval()
-    sample = tower.tokenize(PARITY_TEXTS[:2])
-    batch, length = torch.export.Dim("batch"), torch.export.Dim("length")
-    # The exporter's axis-renaming, pytree and "torchvision is not installed" messages say
-    # nothing actionable here.
+@contextmanager
+def quiet_export() -> Iterator[None]:
+    """Gradient-free tracing for torch.onnx.export, without the exporter's chatter: its axis-renaming,
+    pytree and "torchvision is not installed" messages say nothing actionable here."""
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", category=UserWarning)
         warnings.simplefilter("ignore", category=FutureWarning)
+        yield
+
+
+def export_query_tower(tower: Tower, onnx_path: Path, opset: int) -> None:
+    tower.eval()
+    sample = tower.tokenize(PARITY_TEXTS[:2])
+    batch, length = torch.export.Dim("batch"), torch.export.Dim("length")
+    with quiet_export():
         torch.onnx.export(
             _ExportWrapper(tower),
             (sample["input_ids"], sample["attention_mask"]),
