@@ -94,13 +94,16 @@ def _dataset_rows(config: TowerlineConfig, dataset: str, seeds: list[int], root:
 
 def _mean_std(rows: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
     """{model: {metric: {"mean", "std"}}} over seeds (std 0.0 for a single seed)."""
-    table: dict[str, dict[str, dict[str, float]]] = {}
-    for model in rows[0]:
-        table[model] = {}
-        for metric in rows[0][model]:
-            values = [row[model][metric] for row in rows if row[model][metric] is not None]
-            table[model][metric] = {"mean": statistics.fmean(values) if values else float("nan"),
-                                    "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+    return {model: metric_mean_std([row[model] for row in rows]) for model in rows[0]}
+
+
+def metric_mean_std(rows: list[dict[str, float | None]]) -> dict[str, dict[str, float]]:
+    """{metric: {"mean", "std"}} over rows, None values left out (std 0.0 for a single value)."""
+    table = {}
+    for metric in rows[0]:
+        values = [row[metric] for row in rows if row[metric] is not None]
+        table[metric] = {"mean": statistics.fmean(values) if values else float("nan"),
+                         "std": statistics.stdev(values) if len(values) > 1 else 0.0}
     return table
 
 

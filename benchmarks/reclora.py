@@ -13,11 +13,11 @@ batch, learning rate). The reclora row is also exported to ONNX: parity and samp
 
 from __future__ import annotations
 
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.rec import metric_mean_std
 from towerline.config import TowerlineConfig
 from towerline.progress import console
 from towerline.results import result_header, write_results
@@ -74,8 +74,8 @@ def run_reclora_bench(config: TowerlineConfig, dataset: str, din_seeds: list[int
         **result_header("reclora"),
         "dataset": {key: interactions.metadata[key] for key in ("dataset", "users", "items", "samples", "label")},
         "llm": settings.llm, "train_samples": settings.train_samples, "test_rows_scored": len(eval_rows),
-        "din": {"per_seed": din_rows, "scored_rows": _mean_std([row["scored_rows"] for row in din_rows]),
-                "full_test": _mean_std([row["test"] for row in din_rows])},
+        "din": {"per_seed": din_rows, "scored_rows": metric_mean_std([row["scored_rows"] for row in din_rows]),
+                "full_test": metric_mean_std([row["test"] for row in din_rows])},
         "llm_rows": llm_rows,
         "total_seconds": round(time.perf_counter() - started, 1), "config": config.flat(),
     }
@@ -92,9 +92,3 @@ def _onnx_report(result: Any, data: Any, crm: Any, texts: Any, directory: Path, 
 
     directory.mkdir(parents=True, exist_ok=True)
     return export_and_check(result.scorer, parity_batches(data, crm, texts, result), directory, opset)
-
-
-def _mean_std(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]:
-    return {metric: {"mean": statistics.fmean(row[metric] for row in rows),
-                     "std": statistics.stdev(row[metric] for row in rows) if len(rows) > 1 else 0.0}
-            for metric in rows[0]}

@@ -28,6 +28,7 @@ from towerline.errors import ArtifactError, ConfigError
 
 ADAPTER_FILE, SPEC_FILE, TITLE_VECTORS_FILE = "reclora.safetensors", "reclora.json", "title_vectors.npy"
 SPEC_FORMAT = "towerline-reclora/1"
+RECLORA_KIND = "reclora"
 
 
 class RecLoraScorer(nn.Module):

@@ -7,7 +7,7 @@ computes the representations was trained on all of it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,3 +124,13 @@ class RecLoraCollator:
         if all(row.get("labels") is not None for row in rows):
             batch["labels"] = torch.as_tensor([row["labels"] for row in rows], dtype=torch.float32)
         return batch
+
+
+def scoring_batches(inputs: RecLoraInputs, collator: RecLoraCollator, batch_size: int
+                    ) -> Iterator[dict[str, torch.Tensor]]:
+    """Collated batches of `inputs` in order, without labels (what the scorer and its graph take)."""
+    dataset = RecLoraDataset(inputs)
+    for start in range(0, len(dataset), batch_size):
+        batch = collator([dataset[index] for index in range(start, min(start + batch_size, len(dataset)))])
+        batch.pop("labels", None)
+        yield batch

@@ -12,13 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from personalization.reclora import TITLE_VECTORS_FILE, load_scorer
+from personalization.reclora import RECLORA_KIND, TITLE_VECTORS_FILE, load_scorer
 from personalization.reclora_data import ItemTexts, RecLoraCollator
 from personalization.reclora_onnx import ONNX_SCORER_FILE, OnnxScorer
 from towerline.artifacts import read_manifest
 from towerline.errors import ArtifactError
-
-RECLORA_KIND = "reclora"
 
 
 class RecLoraReranker:

@@ -22,7 +22,7 @@ from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 from personalization.ctr_metrics import ctr_metrics
 from personalization.din import DinModel, load_din, predict_din
 from personalization.interactions import CtrData, load_ctr_data, take_rows
-from personalization.reclora import TITLE_VECTORS_FILE, RecLoraScorer, build_scorer, save_scorer
+from personalization.reclora import RECLORA_KIND, TITLE_VECTORS_FILE, RecLoraScorer, build_scorer, save_scorer
 from personalization.reclora_data import (
     ItemTexts,
     RecLoraCollator,
@@ -30,6 +30,7 @@ from personalization.reclora_data import (
     RecLoraInputs,
     build_inputs,
     few2many_rows,
+    scoring_batches,
 )
 from personalization.train_crm import json_safe
 from towerline.artifacts import ArtifactWriter, Manifest, read_manifest
@@ -38,8 +39,6 @@ from towerline.errors import DataError
 from towerline.hf_trainer import ProgressAndTracking
 from towerline.progress import progress_bar
 from towerline.tracking import Tracker
-
-RECLORA_KIND = "reclora"
 
 
 @dataclass
@@ -88,14 +87,7 @@ def parity_batches(data: CtrData, crm: DinModel, texts: ItemTexts, result: RecLo
     """Collated test prompts (lengths vary, so padding is covered) to check the ONNX graph on."""
     settings = result.scorer.settings
     inputs = build_inputs(data.test, few2many_rows(data.test, samples, settings.seed + 1), crm, texts, settings)
-    collator = RecLoraCollator(result.tokenizer, settings.max_prompt_tokens)
-    dataset = RecLoraDataset(inputs)
-    batches = []
-    for start in range(0, len(dataset), batch_size):
-        batch = collator([dataset[index] for index in range(start, min(start + batch_size, len(dataset)))])
-        batch.pop("labels", None)
-        batches.append(batch)
-    return batches
+    return list(scoring_batches(inputs, RecLoraCollator(result.tokenizer, settings.max_prompt_tokens), batch_size))
 
 
 def train_reclora(data: CtrData, crm: DinModel, texts: ItemTexts, settings: RecLoraConfig,
@@ -154,13 +146,9 @@ def predict_reclora(scorer: RecLoraScorer, inputs: RecLoraInputs, collator: RecL
                     batch_size: int) -> np.ndarray:
     """Click probabilities in the inputs' order."""
     scorer.eval()
-    dataset = RecLoraDataset(inputs)
     probabilities = []
-    with progress_bar("reclora score", len(dataset)) as bar:
-        for start in range(0, len(dataset), batch_size):
-            rows = [dataset[index] for index in range(start, min(start + batch_size, len(dataset)))]
-            batch = collator(rows)
-            batch.pop("labels", None)
+    with progress_bar("reclora score", len(inputs)) as bar:
+        for batch in scoring_batches(inputs, collator, batch_size):
             probabilities.append(torch.sigmoid(scorer(**batch)["logits"]).numpy())
-            bar.advance(0, len(rows))
+            bar.advance(0, len(batch["input_ids"]))
     return np.concatenate(probabilities) if probabilities else np.zeros(0, dtype=np.float32)

@@ -113,12 +113,14 @@ class Recommender:
         seen = set(history)
         candidates = self._candidates(user, history, top_k, seen)
         checkpoint()
-        scores = self._din_scores(user, history, feedback, candidates)
+        # The CRM's view of the user: DIN scores from it, and RecLoRA's gate reads its representation.
+        state = user_state_batch({user: history}, [user], self.crm.settings.history_length, {user: feedback})
+        scores = self._din_scores(state, candidates)
         order = np.argsort(-scores, kind="stable")
         strategy = PERSONALISED
         if self.reclora is not None and len(order) > 1:
             checkpoint()
-            order, scores, strategy = self._reclora_rerank(user, history, feedback, candidates, order, scores)
+            order, scores, strategy = self._reclora_rerank(user, history, state, candidates, order, scores)
         order = order[:top_k]
         items = [RecommendedItem(self.item_ids[candidates[row]], float(scores[row]), self.titles[candidates[row]])
                  for row in order]
@@ -127,14 +129,13 @@ class Recommender:
         return Recommendation(items, strategy, self.model_version)
 
     @torch.no_grad()
-    def _reclora_rerank(self, user: int, history: list[int], feedback: list[int], candidates: list[int],
+    def _reclora_rerank(self, user: int, history: list[int], state: dict[str, torch.Tensor], candidates: list[int],
                         order: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
         """The DIN top-N in RecLoRA's order, with RecLoRA's probabilities as their scores; the rest as DIN left it."""
         assert self.reclora is not None
         head = order[: self.reclora.top_n]
-        length = self.crm.settings.history_length
-        state = user_state_batch({user: history}, [user], length, {user: feedback})
-        probabilities = self.reclora.probabilities(user, history[-length:], self.crm.user_representation(state),
+        long_history = history[-self.crm.settings.history_length:]
+        probabilities = self.reclora.probabilities(user, long_history, self.crm.user_representation(state),
                                                    [candidates[row] for row in head])
         scores = scores.astype(np.float64).copy()
         scores[head] = probabilities
@@ -151,11 +152,9 @@ class Recommender:
         return [int(doc_id) for doc_id, _ in hits if int(doc_id) not in seen][: max(MIN_CANDIDATES, top_k)]
 
     @torch.no_grad()
-    def _din_scores(self, user: int, history: list[int], feedback: list[int], candidates: list[int]) -> np.ndarray:
+    def _din_scores(self, state: dict[str, torch.Tensor], candidates: list[int]) -> np.ndarray:
         if not candidates:
             return np.zeros(0)
-        length = self.crm.settings.history_length
-        state = user_state_batch({user: history}, [user], length, {user: feedback})
         count = len(candidates)
         repeated = {key: state[key].repeat(count, 1) for key in ("history", "history_mask", "history_feedback")}
         logits = self.crm(user_index=state["user_index"].repeat(count), item_index=torch.as_tensor(candidates),
