@@ -74,23 +74,44 @@ def count_parameters(tower: Tower) -> int:
 
 
 class DistillationModel(torch.nn.Module):
-    """loss = λ·‖s − t‖² + μ·(1 − cos(s, t)), averaged over queries (ScalingNote stage 2).
+    """loss = λ·‖s − t‖² + μ·(1 − cos(s, t)) [+ ν·KL(teacher ‖ student) over the teacher's documents],
+    averaged over queries (ScalingNote stage 2, plus an optional ranking term).
 
     The squared distance is summed over dimensions, so on unit vectors both terms share a scale
-    (‖s − t‖² = 2 − 2·cos); the teacher's embeddings come precomputed with the batch.
+    (‖s − t‖² = 2 − 2·cos); the teacher's embeddings come precomputed with the batch. The ranking
+    term scores every query of the batch against the union of the batch's candidate documents (the
+    teacher's top hits, rows of `doc_vectors`, the teacher's index as it is searched).
     """
 
-    def __init__(self, student: Tower, mse_weight: float, cosine_weight: float) -> None:
+    def __init__(self, student: Tower, mse_weight: float, cosine_weight: float, *, rank_weight: float = 0.0,
+                 rank_temperature: float = 0.05, doc_vectors: torch.Tensor | None = None) -> None:
         super().__init__()
+        if rank_weight > 0 and doc_vectors is None:
+            raise ValueError("a ranking term needs the teacher index's document vectors")
         self.student = student
         self.mse_weight = mse_weight
         self.cosine_weight = cosine_weight
+        self.rank_weight = rank_weight
+        self.rank_temperature = rank_temperature
+        # Not a parameter and not saved: the index's vectors, read again from the index when needed.
+        self.register_buffer("doc_vectors", doc_vectors, persistent=False)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                teacher_embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, teacher_embeddings: torch.Tensor,
+                candidate_rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         student_embeddings = self.student(input_ids=input_ids, attention_mask=attention_mask)
         teacher_embeddings = teacher_embeddings.to(student_embeddings.dtype)
         squared = (student_embeddings - teacher_embeddings).pow(2).sum(dim=-1)
         cosine = F.cosine_similarity(student_embeddings, teacher_embeddings, dim=-1)
         loss = (self.mse_weight * squared + self.cosine_weight * (1 - cosine)).mean()
+        if self.rank_weight > 0 and candidate_rows is not None:
+            loss = loss + self.rank_weight * self._rank_loss(student_embeddings, teacher_embeddings, candidate_rows)
         return {"loss": loss}
+
+    def _rank_loss(self, student_embeddings: torch.Tensor, teacher_embeddings: torch.Tensor,
+                   candidate_rows: torch.Tensor) -> torch.Tensor:
+        assert self.doc_vectors is not None
+        rows = torch.unique(candidate_rows[candidate_rows >= 0])  # FAISS pads short result lists with -1
+        docs = self.doc_vectors[rows].to(student_embeddings.dtype)
+        teacher_log_probs = F.log_softmax(teacher_embeddings @ docs.T / self.rank_temperature, dim=-1)
+        student_log_probs = F.log_softmax(student_embeddings @ docs.T / self.rank_temperature, dim=-1)
+        return F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="batchmean")

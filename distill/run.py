@@ -18,6 +18,7 @@ from transformers import TrainerCallback
 
 from distill.model import DistillationModel, build_student, count_parameters, fit_projection
 from distill.queries import DistillQueries, collect_queries
+from distill.ranking import index_vectors, teacher_candidates
 from evaluation.retrieval import retrieval_metrics
 from indexing.load import LoadedIndex, load_index
 from towerline.artifacts import ArtifactWriter, Manifest, read_manifest, require_same_space
@@ -34,26 +35,31 @@ PROJECTION_FIT_SAMPLE = 8192
 
 
 class TeacherTargets(Dataset):
-    """(query text, the frozen teacher's embedding of it), in training order."""
+    """(query text, the frozen teacher's embedding of it, the teacher's top index rows for it), in
+    training order."""
 
-    def __init__(self, texts: list[str], embeddings: np.ndarray, order: list[int]) -> None:
-        self.texts, self.embeddings, self.order = texts, embeddings, order
+    def __init__(self, texts: list[str], embeddings: np.ndarray, order: list[int],
+                 candidates: np.ndarray | None = None) -> None:
+        self.texts, self.embeddings, self.order, self.candidates = texts, embeddings, order, candidates
 
     def __len__(self) -> int:
         return len(self.order)
 
-    def __getitem__(self, position: int) -> tuple[str, np.ndarray]:
+    def __getitem__(self, position: int) -> tuple[str, np.ndarray, np.ndarray | None]:
         row = self.order[position]
-        return self.texts[row], self.embeddings[row]
+        return self.texts[row], self.embeddings[row], None if self.candidates is None else self.candidates[row]
 
 
 class StudentCollator:
     def __init__(self, student: Tower) -> None:
         self.student = student
 
-    def __call__(self, items: list[tuple[str, np.ndarray]]) -> dict[str, torch.Tensor]:
-        batch = self.student.tokenize([text for text, _ in items])
-        return {**batch, "teacher_embeddings": torch.from_numpy(np.stack([target for _, target in items]))}
+    def __call__(self, items: list[tuple[str, np.ndarray, np.ndarray | None]]) -> dict[str, torch.Tensor]:
+        batch = self.student.tokenize([text for text, _, _ in items])
+        batch["teacher_embeddings"] = torch.from_numpy(np.stack([target for _, target, _ in items]))
+        if items[0][2] is not None:
+            batch["candidate_rows"] = torch.from_numpy(np.stack([rows for _, _, rows in items]))
+        return batch
 
 
 def dev_ndcg(tower: Tower, queries: DistillQueries, index: LoadedIndex, positive_min: int) -> dict[str, float]:
@@ -105,6 +111,10 @@ def run_distill(
     student = build_student(settings, teacher, encoder_path / QUERY_DIR)
     start_cosine = (fit_projection(student, queries.train_texts, torch.as_tensor(targets), PROJECTION_FIT_SAMPLE,
                                    settings.seed) if settings.projection_init == "least_squares" else None)
+    doc_vectors, candidates = None, None
+    if settings.rank_weight > 0:
+        doc_vectors = torch.from_numpy(index_vectors(index))
+        candidates = teacher_candidates(index, targets, settings.rank_candidates)
     order = _epoch_order(len(targets), settings.batch_size, settings.epochs, settings.max_steps, settings.seed)
     total_steps = max(1, len(order) // settings.batch_size // settings.gradient_accumulation_steps)
     steps_per_epoch = max(1, len(targets) // settings.batch_size // settings.gradient_accumulation_steps)
@@ -112,10 +122,12 @@ def run_distill(
     progress = ProgressAndTracking(tracker, total_steps, stage="distill")
     checkpoints = output.parent / f"{output.name}.checkpoints"
     trainer = OrderedLossTrainer(
-        model=DistillationModel(student, settings.mse_weight, settings.cosine_weight),
+        model=DistillationModel(student, settings.mse_weight, settings.cosine_weight,
+                                rank_weight=settings.rank_weight, rank_temperature=settings.rank_temperature,
+                                doc_vectors=doc_vectors),
         args=training_arguments(settings, checkpoints, total_steps),
         data_collator=StudentCollator(student),
-        train_dataset=TeacherTargets(queries.train_texts, targets, order),
+        train_dataset=TeacherTargets(queries.train_texts, targets, order, candidates),
         callbacks=[progress, dev],
     )
     outcome = trainer.train(resume_from_checkpoint=last_checkpoint(checkpoints) if resume else None)

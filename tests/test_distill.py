@@ -89,6 +89,7 @@ def test_the_student_serves_against_the_teacher_index_and_no_other(
 ) -> None:
     config = distill_config(tiny_config)
     config.distill.max_steps = 2
+    config.distill.rank_weight = 1.0  # the ranking term on the way (its maths: test_ranking_term_...)
     teacher_dir, index_dir = teacher
     run_distill(config, teacher_dir, index_dir, tmp_path / "student", Tracker(None))
     run_export(config, tmp_path / "student", tmp_path / "student-onnx")
@@ -138,3 +139,43 @@ def test_a_fresh_projection_starts_at_the_least_squares_map_to_the_teacher(
     assert fitted is not None and after > before + 0.3, (before, after)
     assert after == pytest.approx(fitted, abs=0.05)  # the fit's own report (40 of the 60 texts)
     assert fit_projection(Tower.from_backbone(str(tiny_decoder), TowerSpec()), texts, targets, 40, 0) is None
+
+
+@pytest.mark.parametrize("index_type", ["flat", "ivf"])
+def test_ranking_term_reads_the_teacher_index_and_is_zero_only_when_the_student_ranks_as_the_teacher(
+    tiny_config: TowerlineConfig, tmp_path: Path, index_type: str
+) -> None:
+    import torch
+
+    from distill.model import DistillationModel
+    from distill.ranking import index_vectors, teacher_candidates
+    from indexing.load import load_index
+
+    config = tiny_config.model_copy(deep=True)
+    config.index.type = index_type
+    init_dual_encoder(config, tmp_path / "teacher")
+    build_index(config, tmp_path / "teacher", tmp_path / "index")
+    index = load_index(tmp_path / "index", config.index)
+    vectors = index_vectors(index)
+    assert vectors.shape == (index.size, index.dim)
+    # The stored vectors by row: each finds itself first at its own norm (unit vectors).
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+    assert [hits[0][0] for hits in index.search(vectors[[0, 7]], 1)] == [index.doc_ids[0], index.doc_ids[7]]
+    doc_tower = Tower.load(tmp_path / "teacher" / "doc")
+    queries = Tower.load(tmp_path / "teacher" / "query").encode(["d1 d2 zebra", "topic words", "d7"])
+    candidates = teacher_candidates(index, queries, 4, batch_size=2)
+    assert candidates.shape == (3, 4)
+    assert candidates[:, 0].tolist() == [index.doc_ids.index(hits[0][0]) for hits in index.search(queries, 1)]
+
+    model = DistillationModel(doc_tower, 0.0, 0.0, rank_weight=1.0, doc_vectors=torch.from_numpy(vectors))
+    teacher = torch.from_numpy(queries)
+    rows = torch.from_numpy(candidates)
+    rows[0, -1] = -1  # FAISS's padding for a short result list is skipped
+    assert float(model._rank_loss(teacher, teacher, rows)) == pytest.approx(0.0, abs=1e-6)
+    student = teacher.flip(0).clone().requires_grad_(True)  # each query answered as another would be
+    loss = model._rank_loss(student, teacher, rows)
+    assert float(loss.detach()) > 0.01
+    loss.backward()
+    assert student.grad is not None and float(student.grad.abs().sum()) > 0
+    with pytest.raises(ValueError, match="document vectors"):
+        DistillationModel(doc_tower, 1.0, 1.0, rank_weight=1.0)
