@@ -111,15 +111,13 @@ def _timed(seconds: dict[str, float], name: str, work: Any) -> Any:
 
 
 def _bm25(config: TowerlineConfig, dataset: Any, queries: dict[str, str]) -> dict[str, Any]:
-    from pipelines.negatives import build_index, tokenize
+    from towerline.bm25 import build_index
 
     doc_ids = list(dataset.corpus)
     index = build_index(doc_ids, [dataset.corpus[d].full_text for d in doc_ids], "english")
     query_ids = list(queries)
-    found = index.retriever.retrieve(tokenize([queries[q] for q in query_ids], "english"),
-                                     k=min(100, len(doc_ids)), show_progress=False, n_threads=1)
-    run = {qid: {doc_ids[row]: float(score) for row, score in zip(rows, scores, strict=True)}
-           for qid, rows, scores in zip(query_ids, found.documents, found.scores, strict=True)}
+    found = index.search([queries[q] for q in query_ids], 100)
+    run = {qid: dict(hits) for qid, hits in zip(query_ids, found, strict=True)}
     return {"model": "bm25s + english stemming", **score_run(dataset.split(config.eval.split), run,
                                                               config.data.positive_min)}
 

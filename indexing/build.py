@@ -11,6 +11,7 @@ from pydantic import BaseModel
 
 from indexing.factory import create_index, search_params
 from indexing.layout import INDEX_FILE, INDEX_KIND, METRIC, write_doc_ids
+from indexing.sparse import write_sparse_side
 from towerline.artifacts import ArtifactWriter, Manifest
 from towerline.beir import load_dataset
 from towerline.config import IndexConfig, TowerlineConfig
@@ -29,6 +30,7 @@ def build_index(config: TowerlineConfig, encoder_path: Path, output: Path) -> Ma
     # Rendered with the template the doc tower was trained with (saved in its spec).
     template = doc_tower.spec.document_template
     doc_embeddings = embed_texts(doc_tower, [corpus[doc_id].render(template) for doc_id in doc_ids], config.index)
+    sparse_texts = [corpus[doc_id].full_text for doc_id in doc_ids] if config.index.sparse else None
     return build_index_from_embeddings(
         doc_embeddings,
         doc_ids,
@@ -42,6 +44,7 @@ def build_index(config: TowerlineConfig, encoder_path: Path, output: Path) -> Ma
             "quarantined_documents": dataset.rejected_in(dataset.files.corpus),
             "encoder": str(encoder_path),
         },
+        sparse_texts=sparse_texts,
     )
 
 
@@ -61,13 +64,18 @@ def build_index_from_embeddings(
     inputs: dict[str, Manifest] | None = None,
     config: BaseModel | None = None,
     metadata: dict[str, Any] | None = None,
+    sparse_texts: list[str] | None = None,
 ) -> Manifest:
-    """Index precomputed, L2-normalised embeddings (row i belongs to doc_ids[i])."""
+    """Index precomputed, L2-normalised embeddings (row i belongs to doc_ids[i]); with `sparse_texts`
+    (row-aligned), a BM25 index of them too, in the same version."""
     doc_embeddings = _checked_embeddings(doc_embeddings, doc_ids)
     index = create_index(doc_embeddings, index_config)
     with ArtifactWriter(output, INDEX_KIND, producer=producer, inputs=inputs, config=config) as staged:
         faiss.write_index(index, str(staged.path / INDEX_FILE))
         write_doc_ids(staged.path, doc_ids)
+        if sparse_texts is not None:
+            staged.metadata["sparse"] = write_sparse_side(staged.path, doc_ids, sparse_texts,
+                                                          index_config.sparse_stemmer)
         staged.metadata.update(metadata or {})
         staged.metadata.update(
             embedding_space=embedding_space,

@@ -1,15 +1,21 @@
-"""What a "faiss-index" artifact holds: the index file, the row → doc id map, and names for both."""
+"""What a "faiss-index" artifact holds: the index file, the row → doc id map, the BM25 side
+(indexing.sparse) and the fusion settings tuned for it, and names for them."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from towerline.config import FusionConfig
 from towerline.errors import ArtifactError
 
 INDEX_KIND = "faiss-index"
 INDEX_FILE = "index.faiss"
 DOC_IDS_FILE = "doc_ids.json"
+# Written by `towerline eval tune-fusion` into a new seal of the same index artifact.
+FUSION_FILE = "fusion.json"
 # Every index is built over L2-normalised embeddings, so inner product is cosine similarity.
 METRIC = "ip"
 
@@ -28,3 +34,13 @@ def read_doc_ids(directory: Path, expected_count: int) -> list[str]:
         found = len(doc_ids) if isinstance(doc_ids, list) else type(doc_ids).__name__
         raise ArtifactError(f"{path}: id map holds {found} ids but the index holds {expected_count} rows")
     return [str(doc_id) for doc_id in doc_ids]
+
+
+def read_tuned_fusion(directory: Path) -> FusionConfig | None:
+    path = directory / FUSION_FILE
+    if not path.is_file():
+        return None
+    try:
+        return FusionConfig.model_validate(json.loads(path.read_text()))
+    except (ValueError, ValidationError) as exc:
+        raise ArtifactError(f"{path}: unreadable fusion settings ({exc.__class__.__name__})") from None

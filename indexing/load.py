@@ -10,10 +10,12 @@ import numpy as np
 
 from indexing.factory import apply_search_params
 from indexing.gpu import place_index
-from indexing.layout import INDEX_FILE, INDEX_KIND, read_doc_ids
+from indexing.layout import INDEX_FILE, INDEX_KIND, read_doc_ids, read_tuned_fusion
 from indexing.publish import is_registry_entry, resolve_published
+from indexing.sparse import load_sparse_side
 from towerline.artifacts import Manifest, read_manifest
-from towerline.config import IndexConfig
+from towerline.bm25 import Bm25Index
+from towerline.config import FusionConfig, IndexConfig
 from towerline.errors import ArtifactError
 
 Hits = list[tuple[str, float]]
@@ -28,6 +30,10 @@ class LoadedIndex:
     # Published version name ("v0003") when loaded from a registry; "" for a bare artifact.
     published_version: str = ""
     on_gpu: bool = False
+    # The BM25 side of the same version (indexing.sparse), when it was built with one.
+    sparse: Bm25Index | None = None
+    # The fusion settings `eval tune-fusion` chose on dev for this version (FUSION_FILE), if any.
+    tuned_fusion: FusionConfig | None = None
 
     @property
     def embedding_space(self) -> str:
@@ -86,7 +92,8 @@ def load_index(path: Path, config: IndexConfig | None = None) -> LoadedIndex:
         apply_search_params(index, config)
     doc_ids = read_doc_ids(path, int(index.ntotal))
     index, on_gpu = place_index(index, config.use_gpu if config is not None else "auto")
-    return LoadedIndex(index, doc_ids, manifest, path, published_version, on_gpu)
+    return LoadedIndex(index, doc_ids, manifest, path, published_version, on_gpu,
+                       sparse=load_sparse_side(path, doc_ids), tuned_fusion=read_tuned_fusion(path))
 
 
 def _read_faiss(index_path: Path) -> faiss.Index:

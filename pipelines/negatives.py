@@ -1,60 +1,27 @@
 """BM25 hard negatives: index the corpus once on the driver, retrieve per query in Spark workers.
 
 A hard negative is a document BM25 ranks high for a query but that is not judged relevant to
-it; those teach the towers more than random documents do. The index is built with `bm25s`
-(sparse scores precomputed, so retrieval is a cheap lookup) and shipped to workers as a
-broadcast variable.
+it; those teach the towers more than random documents do. The index (towerline.bm25: sparse
+scores precomputed, so retrieval is a cheap lookup) is shipped to workers as a broadcast variable.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
-from functools import cache, cached_property, partial
+from functools import partial
 from itertools import islice
 
-import bm25s
 import pandas as pd
-import Stemmer
 from pyspark import Broadcast
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from towerline.bm25 import Bm25Index, tokenize
 from towerline.config import PairsConfig
 
 NEGATIVES_SCHEMA = "query_id string, negative_ids array<string>"
 # (query_id, query_text, positive_ids, known_negative_ids): what negatives are mined for.
 MINING_COLUMNS = ("query_id", "query_text", "positive_ids", "known_negative_ids")
-
-
-@dataclass
-class Bm25Index:
-    """A bm25s index and the doc id of each of its rows; picklable, for a Spark broadcast."""
-
-    doc_ids: list[str]
-    retriever: bm25s.BM25
-    stemmer: str
-
-    @cached_property
-    def row_of(self) -> dict[str, int]:
-        return {doc_id: row for row, doc_id in enumerate(self.doc_ids)}
-
-
-@cache
-def _stemmer(name: str) -> Stemmer.Stemmer | None:
-    # PyStemmer objects do not pickle, so each worker process builds its own once.
-    return None if name == "none" else Stemmer.Stemmer(name)
-
-
-def tokenize(texts: list[str], stemmer: str) -> list[list[str]]:
-    """Lower-cased, English stop words removed, optionally stemmed; the same for docs and queries."""
-    return bm25s.tokenize(texts, stopwords="en", stemmer=_stemmer(stemmer), return_ids=False, show_progress=False)
-
-
-def build_index(doc_ids: list[str], doc_texts: list[str], stemmer: str) -> Bm25Index:
-    retriever = bm25s.BM25()
-    retriever.index(tokenize(doc_texts, stemmer), show_progress=False)
-    return Bm25Index(doc_ids=doc_ids, retriever=retriever, stemmer=stemmer)
 
 
 def pick_negatives(

@@ -25,7 +25,7 @@ from pyspark import Broadcast
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from pipelines.negatives import Bm25Index, attach_texts, build_index, negatives_in_spark
+from pipelines.negatives import attach_texts, negatives_in_spark
 from pipelines.parquet_output import write_parquet
 from pipelines.records import (
     quarantined_rows,
@@ -37,6 +37,7 @@ from pipelines.records import (
 from pipelines.spark import spark_session
 from towerline.artifacts import ArtifactWriter, Manifest
 from towerline.beir import BeirDataset, DatasetFiles, load_dataset, positives, source_name
+from towerline.bm25 import Bm25Index, build_index
 from towerline.config import PairsConfig, TowerlineConfig
 from towerline.errors import DataError
 from towerline.progress import status

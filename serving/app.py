@@ -32,7 +32,7 @@ def load_query_encoder(path: Path, serve: ServeConfig) -> QueryEncoder:
 def build_service(config: TowerlineConfig, index_path: Path, encoder_path: Path) -> RetrievalService:
     """Load the index (a registry entry follows CURRENT) and the query encoder; refuse a mismatched pair."""
     index = load_index(index_path, config.index)
-    return RetrievalService(load_query_encoder(encoder_path, config.serve), index, config.serve)
+    return RetrievalService(load_query_encoder(encoder_path, config.serve), index, config.serve, config.fusion)
 
 
 def load_recommender(config: TowerlineConfig, root: Path) -> RecommendBackend:

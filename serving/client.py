@@ -11,7 +11,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving.errors import RetrievalRpcError
-from serving.messages import from_index_info_response, from_recommend_response, from_search_response
+from serving.messages import MODE_TO_PROTO, from_index_info_response, from_recommend_response, from_search_response
 from serving.proto.towerline.v1 import retrieval_pb2 as pb
 from serving.proto.towerline.v1 import retrieval_pb2_grpc as pb_grpc
 from serving.results import Hit, IndexInfo, Recommendation, SearchResult
@@ -32,24 +32,26 @@ class RetrievalClient:
         self._stub = pb_grpc.RetrievalServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
-    def search(self, query: str, top_k: int = 10) -> list[Hit]:
-        """Hits best first, each a (doc_id, score) named tuple."""
-        return self.search_result(query, top_k).hits
+    def search(self, query: str, top_k: int = 10, mode: str = "") -> list[Hit]:
+        """Hits best first, each a named tuple (doc_id, score, dense_score, sparse_score).
+        `mode`: "dense", "sparse", "hybrid", or "" for the server's default."""
+        return self.search_result(query, top_k, mode).hits
 
-    def search_result(self, query: str, top_k: int = 10) -> SearchResult:
-        """Hits plus the index version and the server-side latency."""
-        request = pb.SearchRequest(query=query, top_k=top_k)
+    def search_result(self, query: str, top_k: int = 10, mode: str = "") -> SearchResult:
+        """Hits plus the index version, the mode served and the server-side latency."""
+        request = pb.SearchRequest(query=query, top_k=top_k, mode=_mode_number(mode))
         return from_search_response(self._call(self._stub.Search, request))
 
-    def batch_search(self, queries: list[str], top_k: int = 10) -> list[list[Hit]]:
+    def batch_search(self, queries: list[str], top_k: int = 10, mode: str = "") -> list[list[Hit]]:
         """Hits per query, in query order (the `BatchSearch` shape evaluation takes)."""
-        return [result.hits for result in self.batch_search_results(queries, top_k)]
+        return [result.hits for result in self.batch_search_results(queries, top_k, mode)]
 
-    def batch_search_results(self, queries: list[str], top_k: int = 10) -> list[SearchResult]:
+    def batch_search_results(self, queries: list[str], top_k: int = 10, mode: str = "") -> list[SearchResult]:
         """Long lists go out as several BatchSearch calls of `batch_size` queries each."""
         results: list[SearchResult] = []
         for start in range(0, len(queries), self.batch_size):
-            request = pb.BatchSearchRequest(queries=queries[start : start + self.batch_size], top_k=top_k)
+            request = pb.BatchSearchRequest(queries=queries[start : start + self.batch_size], top_k=top_k,
+                                            mode=_mode_number(mode))
             response = self._call(self._stub.BatchSearch, request)
             results.extend(from_search_response(item) for item in response.results)
         return results
@@ -107,3 +109,9 @@ class RetrievalClient:
             return method(request, timeout=self.timeout_s)
         except grpc.RpcError as error:
             raise RetrievalRpcError(error.code().name, error.details() or "") from None
+
+
+def _mode_number(mode: str) -> int:
+    if mode not in MODE_TO_PROTO:
+        raise ValueError(f"mode must be one of dense, sparse, hybrid or '' (the server's default), got {mode!r}")
+    return MODE_TO_PROTO[mode]

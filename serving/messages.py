@@ -5,20 +5,35 @@ from __future__ import annotations
 from serving.proto.towerline.v1 import retrieval_pb2 as pb
 from serving.results import Hit, IndexInfo, Recommendation, RecommendedItem, SearchResult
 
+MODE_TO_PROTO = {"": pb.RETRIEVAL_MODE_UNSPECIFIED, "dense": pb.RETRIEVAL_MODE_DENSE,
+                 "sparse": pb.RETRIEVAL_MODE_SPARSE, "hybrid": pb.RETRIEVAL_MODE_HYBRID}
+MODE_FROM_PROTO = {number: name for name, number in MODE_TO_PROTO.items()}
+
+
+def mode_from_proto(number: int) -> str:
+    """"" for UNSPECIFIED (the server's default); an unknown number (a newer client) is named as such."""
+    return MODE_FROM_PROTO.get(number, f"unknown mode {number}")
+
 
 def to_search_response(result: SearchResult) -> pb.SearchResponse:
     return pb.SearchResponse(
-        hits=[pb.Hit(doc_id=hit.doc_id, score=hit.score) for hit in result.hits],
+        hits=[pb.Hit(doc_id=hit.doc_id, score=hit.score, dense_score=hit.dense_score, sparse_score=hit.sparse_score)
+              for hit in result.hits],
         index_version=result.index_version,
         latency_ms=result.latency_ms,
+        mode=MODE_TO_PROTO[result.mode],
     )
 
 
 def from_search_response(response: pb.SearchResponse) -> SearchResult:
     return SearchResult(
-        hits=[Hit(hit.doc_id, hit.score) for hit in response.hits],
+        hits=[Hit(hit.doc_id, hit.score,
+                  hit.dense_score if hit.HasField("dense_score") else None,
+                  hit.sparse_score if hit.HasField("sparse_score") else None)
+              for hit in response.hits],
         index_version=response.index_version,
         latency_ms=response.latency_ms,
+        mode=mode_from_proto(response.mode),
     )
 
 
@@ -37,6 +52,9 @@ def from_index_info_response(response: pb.GetIndexInfoResponse) -> IndexInfo:
         index_fingerprint=response.index_fingerprint,
         index_version=response.index_version,
         metric=response.metric,
+        sparse=response.sparse,
+        default_mode=response.default_mode,
+        fusion=response.fusion,
     )
 
 

@@ -5,12 +5,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+RETRIEVAL_MODES = ("dense", "sparse", "hybrid")
+
 
 class Hit(NamedTuple):
-    """A (doc_id, score) pair: unpacks like the tuples `LoadedIndex.search` returns."""
+    """A document found: `score` ranks the hits of the mode served; `dense_score` (cosine) and
+    `sparse_score` (BM25) are each side's own score, None when that side did not return it."""
 
     doc_id: str
     score: float
+    dense_score: float | None = None
+    sparse_score: float | None = None
+
+    @property
+    def found_by(self) -> tuple[str, ...]:
+        return tuple(side for side, score in (("dense", self.dense_score), ("sparse", self.sparse_score))
+                     if score is not None)
 
 
 @dataclass(frozen=True)
@@ -18,6 +28,8 @@ class SearchResult:
     hits: list[Hit] = field(default_factory=list)
     index_version: str = ""
     latency_ms: float = 0.0
+    # The retrieval mode that produced the hits: "dense", "sparse" or "hybrid".
+    mode: str = "dense"
 
 
 @dataclass(frozen=True)
@@ -31,6 +43,10 @@ class IndexInfo:
     index_fingerprint: str
     index_version: str
     metric: str
+    # Whether the version has a BM25 side, the mode a request naming none gets, and the fusion used.
+    sparse: bool = False
+    default_mode: str = "dense"
+    fusion: str = ""
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,7 @@
-"""The retrieval logic behind the gRPC API, as a plain class: validate → encode → search.
+"""The retrieval logic behind the gRPC API, as a plain class: validate → encode → search → fuse.
+
+Three modes per request: dense (query encoder + FAISS), sparse (the index version's BM25 side) and
+hybrid (both, in the same batch, fused by serving.fusion with the version's tuned settings).
 
 No gRPC here: the servicer translates requests and errors, so this class is tested in-process
 and reused by offline evaluation.
@@ -12,10 +15,12 @@ from collections.abc import Callable
 from indexing.layout import INDEX_KIND, METRIC
 from indexing.load import LoadedIndex
 from serving.errors import InvalidArgument
+from serving.fusion import describe, fuse, one_side
 from serving.query_encoder import QueryEncoder
-from serving.results import Hit, IndexInfo, SearchResult
+from serving.results import RETRIEVAL_MODES, IndexInfo, SearchResult
 from towerline.artifacts import require_same_space
-from towerline.config import ServeConfig
+from towerline.config import FusionConfig, ServeConfig
+from towerline.errors import ConfigError
 
 # Called between stages; raises (e.g. DeadlineExceeded) to stop before the next expensive step.
 Checkpoint = Callable[[], None]
@@ -26,7 +31,8 @@ def _no_checkpoint() -> None:
 
 
 class RetrievalService:
-    def __init__(self, query_encoder: QueryEncoder, index: LoadedIndex, limits: ServeConfig) -> None:
+    def __init__(self, query_encoder: QueryEncoder, index: LoadedIndex, limits: ServeConfig,
+                 fusion: FusionConfig | None = None) -> None:
         require_same_space(
             query_encoder.embedding_space,
             f"query encoder {query_encoder.name}",
@@ -36,14 +42,22 @@ class RetrievalService:
         self.query_encoder = query_encoder
         self.index = index
         self.limits = limits
+        # Settings tuned on dev for this index version win over the configured defaults.
+        self.fusion = index.tuned_fusion or fusion or FusionConfig()
+        self.default_mode = limits.mode if limits.mode != "auto" else ("hybrid" if index.sparse else "dense")
+        if self.default_mode != "dense" and index.sparse is None:
+            raise ConfigError(f"serve.mode={self.default_mode}: needs a BM25 side, and index {index.path} has none; "
+                              "rebuild it with index.sparse=true")
 
-    def search(self, query: str, top_k: int, checkpoint: Checkpoint = _no_checkpoint) -> SearchResult:
+    def search(self, query: str, top_k: int, checkpoint: Checkpoint = _no_checkpoint,
+               mode: str = "") -> SearchResult:
+        """`mode`: "dense", "sparse", "hybrid", or "" for the server's default."""
         self._check_top_k(top_k)
         self._check_query(query, "query")
-        return self._run([query], top_k, checkpoint)[0]
+        return self._run([query], top_k, checkpoint, self._mode(mode))[0]
 
     def batch_search(
-        self, queries: list[str], top_k: int, checkpoint: Checkpoint = _no_checkpoint
+        self, queries: list[str], top_k: int, checkpoint: Checkpoint = _no_checkpoint, mode: str = ""
     ) -> list[SearchResult]:
         self._check_top_k(top_k)
         if not queries:
@@ -54,7 +68,7 @@ class RetrievalService:
             )
         for position, query in enumerate(queries):
             self._check_query(query, f"queries[{position}]")
-        return self._run(list(queries), top_k, checkpoint)
+        return self._run(list(queries), top_k, checkpoint, self._mode(mode))
 
     def info(self) -> IndexInfo:
         return IndexInfo(
@@ -67,24 +81,46 @@ class RetrievalService:
             index_fingerprint=self.index.manifest.fingerprint,
             index_version=self.index.version,
             metric=str(self.index.manifest.metadata.get("metric", METRIC)),
+            sparse=self.index.sparse is not None,
+            default_mode=self.default_mode,
+            fusion=describe(self.fusion) if self.index.sparse is not None else "",
         )
 
-    def _run(self, queries: list[str], top_k: int, checkpoint: Checkpoint) -> list[SearchResult]:
+    def _run(self, queries: list[str], top_k: int, checkpoint: Checkpoint, mode: str) -> list[SearchResult]:
         started = time.perf_counter()
-        checkpoint()
-        query_embeddings = self.query_encoder.encode(queries)
-        checkpoint()
-        ranked = self.index.search(query_embeddings, top_k)
-        # One encode + one search serve the whole batch, so every result reports the batch time.
+        # Hybrid fuses deeper lists than it returns: a document ranked low by one side and high by
+        # the other must be in both lists to be fused.
+        depth = max(top_k, self.fusion.depth) if mode == "hybrid" else top_k
+        dense = sparse = None
+        if mode != "sparse":
+            checkpoint()
+            query_embeddings = self.query_encoder.encode(queries)
+            checkpoint()
+            dense = self.index.search(query_embeddings, depth)
+        if mode != "dense":
+            checkpoint()
+            assert self.index.sparse is not None  # checked by _mode
+            sparse = self.index.sparse.search(queries, depth)
+        if dense is not None and sparse is not None:
+            hits = [fuse(d, s, self.fusion, top_k) for d, s in zip(dense, sparse, strict=True)]
+        elif dense is not None:
+            hits = [one_side(ranked, "dense") for ranked in dense]
+        else:
+            assert sparse is not None
+            hits = [one_side(ranked, "sparse") for ranked in sparse]
+        # One encode + one search per side serve the whole batch, so every result reports the batch time.
         latency_ms = (time.perf_counter() - started) * 1000.0
-        return [
-            SearchResult(
-                hits=[Hit(doc_id, score) for doc_id, score in hits],
-                index_version=self.index.version,
-                latency_ms=latency_ms,
-            )
-            for hits in ranked
-        ]
+        return [SearchResult(hits=found, index_version=self.index.version, latency_ms=latency_ms, mode=mode)
+                for found in hits]
+
+    def _mode(self, requested: str) -> str:
+        mode = requested or self.default_mode
+        if mode not in RETRIEVAL_MODES:
+            raise InvalidArgument("mode", f"expected one of {', '.join(RETRIEVAL_MODES)}, got {mode!r}")
+        if mode != "dense" and self.index.sparse is None:
+            raise InvalidArgument("mode", f"{mode!r} needs a BM25 side and index version {self.index.version} "
+                                          "has none (built with index.sparse=false)")
+        return mode
 
     def _check_top_k(self, top_k: int) -> None:
         if not 1 <= top_k <= self.limits.max_top_k:

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import grpc
 
 from serving.errors import DeadlineExceeded, InvalidArgument
-from serving.messages import to_index_info_response, to_recommend_response, to_search_response
+from serving.messages import mode_from_proto, to_index_info_response, to_recommend_response, to_search_response
 from serving.proto.towerline.v1 import retrieval_pb2 as pb
 from serving.proto.towerline.v1 import retrieval_pb2_grpc as pb_grpc
 from serving.service import Checkpoint, RetrievalService
@@ -41,12 +41,14 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
 
     def Search(self, request: pb.SearchRequest, context: grpc.ServicerContext) -> pb.SearchResponse:
         with self._admitted(context) as service:
-            result = service.search(request.query, request.top_k, _deadline_checkpoint(context))
+            result = service.search(request.query, request.top_k, _deadline_checkpoint(context),
+                                    mode_from_proto(request.mode))
         return to_search_response(result)
 
     def BatchSearch(self, request: pb.BatchSearchRequest, context: grpc.ServicerContext) -> pb.BatchSearchResponse:
         with self._admitted(context) as service:
-            results = service.batch_search(list(request.queries), request.top_k, _deadline_checkpoint(context))
+            results = service.batch_search(list(request.queries), request.top_k, _deadline_checkpoint(context),
+                                           mode_from_proto(request.mode))
         return pb.BatchSearchResponse(results=[to_search_response(result) for result in results])
 
     def GetIndexInfo(self, request: pb.GetIndexInfoRequest, context: grpc.ServicerContext) -> pb.GetIndexInfoResponse:

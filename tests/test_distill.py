@@ -100,7 +100,7 @@ def test_the_student_serves_against_the_teacher_index_and_no_other(
             hits = client.search("topic words of a query", 5)
             assert len(hits) == 5
             expected = service.search("topic words of a query", 5).hits
-            assert [doc_id for doc_id, _ in hits] == [doc_id for doc_id, _ in expected]
+            assert [hit.doc_id for hit in hits] == [hit.doc_id for hit in expected]
             assert client.info().embedding_space == json.loads(
                 (teacher_dir / "manifest.json").read_text())["metadata"]["embedding_space"]
     finally:

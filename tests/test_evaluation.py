@@ -40,8 +40,14 @@ def test_eval_in_process_equals_eval_through_grpc(tiny_config: TowerlineConfig, 
     assert found.exit_code == 0, found.output
     assert sum(line.startswith(("  1  ", "  2  ", "  3  ")) for line in found.output.splitlines()) == 3
 
-    offline_metrics = json.loads((tmp_path / "offline" / "metrics.json").read_text())
-    live_metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())
-    assert offline_metrics == live_metrics
-    assert live_metrics["queries"] == 20
-    assert (tmp_path / "live" / "run.trec").read_text() == (tmp_path / "offline" / "run.trec").read_text()
+    # Every mode of the index version (dense, BM25, hybrid) scores the same in-process and through gRPC.
+    for mode in ("dense", "sparse", "hybrid"):
+        offline_metrics = json.loads((tmp_path / "offline" / mode / "metrics.json").read_text())
+        live_metrics = json.loads((tmp_path / "live" / mode / "metrics.json").read_text())
+        assert offline_metrics == live_metrics, mode
+        assert live_metrics["queries"] == 20
+        live_run = (tmp_path / "live" / mode / "run.trec").read_text()
+        assert live_run == (tmp_path / "offline" / mode / "run.trec").read_text(), mode
+    assert "hybrid" in live.output and "sparse" in live.output
+    dense_run = (tmp_path / "live" / "dense" / "run.trec").read_text()
+    assert dense_run != (tmp_path / "live" / "hybrid" / "run.trec").read_text()

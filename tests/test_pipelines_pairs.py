@@ -137,7 +137,8 @@ def test_spark_quarantines_exactly_what_the_shared_reader_rejects(
 
 
 def test_positive_aware_mining_drops_candidates_that_score_like_the_positive() -> None:
-    from pipelines.negatives import build_index, mine_negatives
+    from pipelines.negatives import mine_negatives
+    from towerline.bm25 import build_index
 
     docs = {
         "pos": "vitamin d deficiency bone fracture risk",

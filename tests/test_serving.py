@@ -191,7 +191,7 @@ def test_search_over_grpc_equals_in_process(client: RetrievalClient, service: Re
     assert remote.hits == local.hits
     assert remote.index_version == local.index_version
     assert client.search("alpha beta", top_k=10) == local.hits
-    assert all(isinstance(doc_id, str) and isinstance(score, float) for doc_id, score in remote.hits)
+    assert all(isinstance(hit.doc_id, str) and isinstance(hit.score, float) for hit in remote.hits)
 
 
 def test_batch_search_over_grpc_equals_in_process(address: str, service: RetrievalService) -> None:

@@ -52,10 +52,11 @@ def sha256_file(path: Path) -> str:
 def checksum_tree(root: Path, under: str = "") -> dict[str, str]:
     """sha256 of every file below `root/under`, keyed by path relative to `root`."""
     base = root / under if under else root
+    # Only the artifact's own manifest is left out: a nested artifact's manifest is one of its files.
     return {
         path.relative_to(root).as_posix(): sha256_file(path)
         for path in sorted(base.rglob("*"))
-        if path.is_file() and path.name != MANIFEST_NAME
+        if path.is_file() and path != root / MANIFEST_NAME
     }
 
 
@@ -121,6 +122,28 @@ class ArtifactWriter:
         )
         (self.path / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2))
         return manifest
+
+
+def reseal_artifact(source: Path, dest: Path, kind: str, *, producer: str, new_files: dict[str, str],
+                    metadata: dict[str, Any]) -> Manifest:
+    """A new seal of an artifact: its files (hard-linked where the filesystem allows: artifact files are
+    never modified in place) plus `new_files` (name → text), its metadata updated, a fresh manifest.
+    `dest` may be `source`: the new seal replaces the old one only once complete."""
+    previous = read_manifest(source, kind, verify=True)
+    with ArtifactWriter(dest, kind, producer=producer) as staged:
+        for name in previous.files:
+            target = staged.path / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(source / name, target)
+            except OSError:
+                shutil.copy2(source / name, target)
+        for name, text in new_files.items():
+            (staged.path / name).write_text(text)
+        staged.inputs = dict(previous.inputs)
+        staged.metadata = {**previous.metadata, **metadata}
+    assert staged.manifest is not None
+    return staged.manifest
 
 
 def _swap_into_place(staging: Path, dest: Path) -> None:

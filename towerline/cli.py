@@ -13,8 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
+import click
 import typer
 from rich.markup import escape
+from rich.table import Table
+from typer.core import TyperGroup
 
 from towerline.artifacts import Manifest
 from towerline.config import TowerlineConfig, load_config
@@ -37,6 +40,23 @@ data_app = typer.Typer(help="Check BEIR-format datasets and split them; every st
 app.add_typer(data_app, name="data")
 bench_app = typer.Typer(help="Benchmarks; each writes JSON under benchmarks/results/.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+
+
+class DefaultCommandGroup(TyperGroup):
+    """A group that runs its `score` command when the first argument names no command, so that
+    `towerline eval --address ...` keeps working beside `towerline eval tune-fusion ...`."""
+
+    default_command = "score"
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or (args[0] not in self.commands and args[0] not in ("--help", "-h")):
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)
+
+
+eval_app = typer.Typer(cls=DefaultCommandGroup, help="Offline evaluation of retrieval: `score` (the default: "
+                       "`towerline eval --address ...` is `towerline eval score --address ...`) and `tune-fusion`.")
+app.add_typer(eval_app, name="eval")
 rec_app = typer.Typer(help="Recommendation side: interactions, ranking (CRM) and candidate models, Recommend.",
                       no_args_is_help=True)
 app.add_typer(rec_app, name="rec")
@@ -451,25 +471,29 @@ def search(
     query: Annotated[str, typer.Argument(help="query text")],
     address: Annotated[str, typer.Option(help="host:port of a running `towerline serve`")] = "127.0.0.1:50051",
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="hits to return")] = 10,
+    mode: Annotated[str, typer.Option(help="dense, sparse (BM25) or hybrid; default: the server's")] = "",
     titles: Annotated[
         bool, typer.Option(help="show titles from the configured dataset (data.dir / $TOWERLINE_DATA_DIR / bundled)")
     ] = True,
     config_file: ConfigOption = None,
     overrides: Overrides = None,
 ) -> None:
-    """Query a running retrieval service over gRPC and print the hits."""
+    """Query a running retrieval service over gRPC and print the hits (hybrid: D/S = found by dense/BM25)."""
     from serving.client import RetrievalClient
     from towerline.beir import load_dataset
     from towerline.display import print_hits
 
     config = _config(config_file, overrides)
     with RetrievalClient(address) as client:
-        hits = client.search(query, top_k)
+        try:
+            result = client.search_result(query, top_k, mode)
+        except ValueError as exc:
+            raise ConfigError(f"--mode: {exc}") from None
     corpus = load_dataset(config.data).corpus if titles else None
-    print_hits(query, hits, corpus)
+    print_hits(query, result.hits, corpus, show_sides=result.mode == "hybrid")
 
 
-@command(app, "eval")
+@command(eval_app, "score")
 def evaluate(
     address: Annotated[str, typer.Option(help="host:port of the retrieval service to score")] = "127.0.0.1:50051",
     index: Annotated[
@@ -478,28 +502,77 @@ def evaluate(
     encoder: Annotated[
         Path | None, typer.Option(help="with --index: onnx-query-encoder or dual-encoder artifact")
     ] = None,
+    mode: Annotated[
+        str, typer.Option(help="dense, sparse (BM25), hybrid, or all: every mode the index version has")
+    ] = "all",
     config_file: ConfigOption = None,
     out: OutOption = None,
     overrides: Overrides = None,
 ) -> None:
     """Score a live retrieval service (or, with --index, artifacts in-process) on the judged queries.
 
-    Reports nDCG@10, Recall@100 and MRR@10 and writes an eval-report artifact.
+    Reports nDCG@10, Recall@100 and MRR@10 per retrieval mode and writes an eval-report artifact per
+    mode (OUT/<mode> with --mode all, else OUT).
     """
-    from evaluation.service import evaluate_artifacts, evaluate_service
+    from evaluation.service import evaluate_artifacts, evaluate_service, modes_served
+    from serving.results import RETRIEVAL_MODES
     from towerline.tracking import track
 
+    if mode not in (*RETRIEVAL_MODES, "all"):
+        raise ConfigError(f"--mode {mode!r}: expected dense, sparse, hybrid or all")
     config = _config(config_file, overrides)
     output = _out(out, config, "eval")
+    if index is not None:
+        from indexing.load import load_index
+
+        has_sparse = load_index(index, config.index).sparse is not None
+    else:
+        from serving.client import RetrievalClient
+
+        with RetrievalClient(address) as client:
+            client.wait_ready(timeout=30)
+            has_sparse = client.info().sparse
+    modes = modes_served(has_sparse) if mode == "all" else (mode,)
+    rows: dict[str, dict[str, float]] = {}
     with track(config, "eval") as tracker:
-        if index is not None:
-            metrics = evaluate_artifacts(config, index, encoder or config.run_dir / "onnx", output)
-        else:
-            metrics = evaluate_service(config, address, output)
-        tracker.metrics({f"eval.{k}": v for k, v in metrics.items()})
-        tracker.artifact_dir(output, "eval")
-    for name, value in metrics.items():
-        console.print(f"[bold]{name}[/]: {value:.4f}")
+        for each in modes:
+            target = output / each if mode == "all" else output
+            rows[each] = (evaluate_artifacts(config, index, encoder or config.run_dir / "onnx", target, each)
+                          if index is not None else evaluate_service(config, address, target, each))
+            tracker.metrics({f"eval.{each}.{k}": v for k, v in rows[each].items()})
+            tracker.artifact_dir(target, f"eval/{each}")
+    table = Table(title=f"qrels/{config.eval.split}" + (f", {address}" if index is None else f", {index}"))
+    table.add_column("mode")
+    for name in ("nDCG@10", "R@100", "MRR@10"):
+        table.add_column(name, justify="right")
+    for each, metrics in rows.items():
+        table.add_row(each, *(f"{metrics[m]:.4f}" for m in ("ndcg@10", "recall@100", "mrr@10")))
+    console.print(table)
+
+
+@command(eval_app, "tune-fusion")
+def tune_fusion_command(
+    index: Annotated[Path, typer.Option(help="faiss-index artifact with a BM25 side (index.sparse=true)")],
+    encoder: Annotated[Path, typer.Option(help="the query encoder that will serve it (ONNX or dual encoder)")],
+    dev_from: Annotated[
+        Path | None, typer.Option(help="dual encoder whose held-out dev queries to tune on (default: the one "
+                                       "that built the index)")
+    ] = None,
+    config_file: ConfigOption = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="write the tuned index here (default: "
+                                                                 "re-seal --index in place)")] = None,
+    overrides: Overrides = None,
+) -> None:
+    """Pick the hybrid fusion by nDCG@10 on dev queries held out of the train split; write it into the index.
+
+    The grid: reciprocal-rank fusion over k, and convex combinations over the dense weight. The dev
+    queries are those the index's encoder held out of training (train.dev_queries); the eval split is
+    never read.
+    """
+    from evaluation.fusion_tuning import tune_fusion
+
+    config = _config(config_file, overrides)
+    tune_fusion(config, index, encoder, out, dev_from)
 
 
 @command(app)

@@ -171,6 +171,25 @@ class IndexConfig(Section):
     ivf_nlist: int = Field(256, ge=1)
     ivf_nprobe: int = Field(16, ge=1)
     use_gpu: Literal["auto", "never", "always"] = "auto"
+    # A BM25 index of the same corpus beside the dense one, in the same index version (hybrid search).
+    sparse: bool = True
+    sparse_stemmer: Literal["english", "none"] = "english"
+
+
+class FusionConfig(Section):
+    """How hybrid search merges the dense and the BM25 top lists. An index tuned by
+    `towerline eval tune-fusion` carries its own choice, which wins over these defaults."""
+
+    # "rrf": reciprocal-rank fusion, sum of 1 / (rrf_k + rank) over the sides that found a document;
+    # "convex": dense_weight * dense + (1 - dense_weight) * BM25, each min-max normalised per query.
+    method: Literal["rrf", "convex"] = "rrf"
+    rrf_k: int = Field(60, ge=1)
+    dense_weight: float = Field(0.5, ge=0, le=1)
+    # Hits taken from each side before fusing.
+    depth: int = Field(100, ge=1)
+    # tune-fusion: judged train queries held out as dev when the index's encoder held none out.
+    dev_queries: int = Field(100, ge=1)
+    seed: int = 13
 
 
 class ServeConfig(Section):
@@ -182,6 +201,9 @@ class ServeConfig(Section):
     max_batch: int = Field(256, ge=1)
     max_query_chars: int = Field(4096, ge=1)
     intra_op_threads: int = Field(1, ge=1)
+    # Retrieval mode of a request that names none: "auto" is hybrid when the index has a BM25 side,
+    # else dense.
+    mode: Literal["auto", "dense", "sparse", "hybrid"] = "auto"
     # Users' histories behind Recommend: "latest" (every interaction) or "test-start" (only those
     # before the test period: a replay of that moment, so that `rec eval` can score a live service).
     recommend_state: Literal["latest", "test-start"] = "latest"
@@ -324,6 +346,7 @@ class TowerlineConfig(Section):
     export: ExportConfig = ExportConfig()
     index: IndexConfig = IndexConfig()
     serve: ServeConfig = ServeConfig()
+    fusion: FusionConfig = FusionConfig()
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
     rec: RecConfig = RecConfig()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from rich.markup import escape
 
@@ -12,18 +13,28 @@ from towerline.progress import console
 
 def print_hits(
     query: str,
-    hits: Sequence[tuple[str, float]],
+    hits: Sequence[tuple[Any, ...]],
     corpus: dict[str, Document] | None = None,
     relevant: set[str] | None = None,
+    show_sides: bool = False,
 ) -> None:
-    """One line per hit; with `relevant` (judged doc ids), judged hits are marked with ✓."""
+    """One line per hit (doc id and score first in each hit); with `relevant` (judged doc ids), judged
+    hits are marked with ✓; with `show_sides`, which side found each hybrid hit (D: dense, S: BM25)."""
     console.print(f"[bold]query:[/] {escape(query)}")
-    id_width = max((len(doc_id) for doc_id, _ in hits), default=6)
-    for rank, (doc_id, score) in enumerate(hits, start=1):
+    id_width = max((len(hit[0]) for hit in hits), default=6)
+    for rank, hit in enumerate(hits, start=1):
+        doc_id, score = hit[0], hit[1]
         mark = "" if relevant is None else ("[green]✓[/] " if doc_id in relevant else "  ")
-        line = f"{rank:>3}  {mark}{score:7.4f}  {escape(doc_id):<{id_width}}"
+        sides = _sides(hit) if show_sides else ""
+        line = f"{rank:>3}  {mark}{score:7.4f}{sides}  {escape(doc_id):<{id_width}}"
         if corpus is not None:
             document = corpus.get(doc_id)
             line += "  " + (escape(document.title or document.text) if document else "(not in this corpus)")
         # One hit per line, cut to the terminal width.
         console.print(line, no_wrap=True, overflow="ellipsis")
+
+
+def _sides(hit: tuple[Any, ...]) -> str:
+    # serving.results.Hit: (doc_id, score, dense_score, sparse_score), a side's score None when it missed.
+    dense, sparse = (hit[2], hit[3]) if len(hit) >= 4 else (None, None)
+    return f" {'D' if dense is not None else '-'}{'S' if sparse is not None else '-'}"

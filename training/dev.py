@@ -92,7 +92,9 @@ class KeepBestOnDev(TrainerCallback):
         if self.best_step == 0:
             console.print(f"[yellow]fine-tuning never beat the starting towers on dev (nDCG@10 {self.initial:.4f}): "
                           "shipping the untrained towers")
-        return {"dev_ndcg@10": self.history, "dev_queries": len(self.dev.queries), "dev_pool": len(self.dev.doc_ids),
+        # The held-out ids travel with the towers: tune-fusion later tunes on exactly these queries.
+        return {"dev_ndcg@10": self.history, "dev_queries": len(self.dev.queries),
+                "query_ids": sorted(self.dev.queries), "dev_pool": len(self.dev.doc_ids),
                 "best_step": self.best_step, "shipped": "initial" if self.best_step == 0 else "trained"}
 
 

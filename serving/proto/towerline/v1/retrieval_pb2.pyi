@@ -1,4 +1,5 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -6,39 +7,60 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class RetrievalMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RETRIEVAL_MODE_UNSPECIFIED: _ClassVar[RetrievalMode]
+    RETRIEVAL_MODE_DENSE: _ClassVar[RetrievalMode]
+    RETRIEVAL_MODE_SPARSE: _ClassVar[RetrievalMode]
+    RETRIEVAL_MODE_HYBRID: _ClassVar[RetrievalMode]
+RETRIEVAL_MODE_UNSPECIFIED: RetrievalMode
+RETRIEVAL_MODE_DENSE: RetrievalMode
+RETRIEVAL_MODE_SPARSE: RetrievalMode
+RETRIEVAL_MODE_HYBRID: RetrievalMode
+
 class SearchRequest(_message.Message):
-    __slots__ = ("query", "top_k")
+    __slots__ = ("query", "top_k", "mode")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
     query: str
     top_k: int
-    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ...) -> None: ...
+    mode: RetrievalMode
+    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ...) -> None: ...
 
 class Hit(_message.Message):
-    __slots__ = ("doc_id", "score")
+    __slots__ = ("doc_id", "score", "dense_score", "sparse_score")
     DOC_ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
+    DENSE_SCORE_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_SCORE_FIELD_NUMBER: _ClassVar[int]
     doc_id: str
     score: float
-    def __init__(self, doc_id: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+    dense_score: float
+    sparse_score: float
+    def __init__(self, doc_id: _Optional[str] = ..., score: _Optional[float] = ..., dense_score: _Optional[float] = ..., sparse_score: _Optional[float] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("hits", "index_version", "latency_ms")
+    __slots__ = ("hits", "index_version", "latency_ms", "mode")
     HITS_FIELD_NUMBER: _ClassVar[int]
     INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
     LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
     hits: _containers.RepeatedCompositeFieldContainer[Hit]
     index_version: str
     latency_ms: float
-    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., index_version: _Optional[str] = ..., latency_ms: _Optional[float] = ...) -> None: ...
+    mode: RetrievalMode
+    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., index_version: _Optional[str] = ..., latency_ms: _Optional[float] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ...) -> None: ...
 
 class BatchSearchRequest(_message.Message):
-    __slots__ = ("queries", "top_k")
+    __slots__ = ("queries", "top_k", "mode")
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
     queries: _containers.RepeatedScalarFieldContainer[str]
     top_k: int
-    def __init__(self, queries: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ...) -> None: ...
+    mode: RetrievalMode
+    def __init__(self, queries: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ...) -> None: ...
 
 class BatchSearchResponse(_message.Message):
     __slots__ = ("results",)
@@ -51,7 +73,7 @@ class GetIndexInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetIndexInfoResponse(_message.Message):
-    __slots__ = ("index_kind", "index_type", "count", "dim", "embedding_space", "encoder_name", "index_fingerprint", "index_version", "metric")
+    __slots__ = ("index_kind", "index_type", "count", "dim", "embedding_space", "encoder_name", "index_fingerprint", "index_version", "metric", "sparse", "default_mode", "fusion")
     INDEX_KIND_FIELD_NUMBER: _ClassVar[int]
     INDEX_TYPE_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +83,9 @@ class GetIndexInfoResponse(_message.Message):
     INDEX_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_MODE_FIELD_NUMBER: _ClassVar[int]
+    FUSION_FIELD_NUMBER: _ClassVar[int]
     index_kind: str
     index_type: str
     count: int
@@ -70,7 +95,10 @@ class GetIndexInfoResponse(_message.Message):
     index_fingerprint: str
     index_version: str
     metric: str
-    def __init__(self, index_kind: _Optional[str] = ..., index_type: _Optional[str] = ..., count: _Optional[int] = ..., dim: _Optional[int] = ..., embedding_space: _Optional[str] = ..., encoder_name: _Optional[str] = ..., index_fingerprint: _Optional[str] = ..., index_version: _Optional[str] = ..., metric: _Optional[str] = ...) -> None: ...
+    sparse: bool
+    default_mode: str
+    fusion: str
+    def __init__(self, index_kind: _Optional[str] = ..., index_type: _Optional[str] = ..., count: _Optional[int] = ..., dim: _Optional[int] = ..., embedding_space: _Optional[str] = ..., encoder_name: _Optional[str] = ..., index_fingerprint: _Optional[str] = ..., index_version: _Optional[str] = ..., metric: _Optional[str] = ..., sparse: _Optional[bool] = ..., default_mode: _Optional[str] = ..., fusion: _Optional[str] = ...) -> None: ...
 
 class RecommendRequest(_message.Message):
     __slots__ = ("user_id", "top_k", "history_item_ids")
