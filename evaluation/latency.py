@@ -34,3 +34,15 @@ def encoder_latency(encoder: Any, texts: list[str]) -> dict[str, float]:
         "p95_ms_batch1": percentile(ordered, 0.95),
         "texts_per_s_batch32": encoder_throughput(encoder, texts, 32),
     }
+
+
+def search_latency(search: Any, texts: list[str]) -> dict[str, float]:
+    """End-to-end `search(text)` calls one at a time (e.g. gRPC Search): p50/p95 in ms."""
+    search(texts[0])
+    latencies_ms = []
+    for text in texts:
+        started = time.perf_counter()
+        search(text)
+        latencies_ms.append((time.perf_counter() - started) * 1000)
+    ordered = sorted(latencies_ms)
+    return {"search_p50_ms": percentile(ordered, 0.50), "search_p95_ms": percentile(ordered, 0.95)}

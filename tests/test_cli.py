@@ -51,6 +51,23 @@ def test_demo_runs_the_whole_slice(tiny_config: TowerlineConfig, tiny_overrides:
     assert {"distill", "export.distilled", "eval.distilled"} <= set(summary["stage_seconds"])
     assert "index.distilled" not in summary["stage_seconds"]  # the teacher's index is reused as it is
     assert all(summary[label]["p50_ms_batch1"] > 0 for label in ("zero_shot", "fine_tuned", "distilled"))
+    # Hybrid: the index version's BM25 side alone, and fused with each query tower, all through gRPC; the
+    # BM25 row equals bm25s run in-process, and the fusion was tuned on train queries before any of it.
+    from towerline.bm25 import build_index as build_bm25
+
+    beir = load_dataset(DataConfig(dir=tiny_config.data.dir), ["test"])
+    bm25 = build_bm25(list(beir.corpus), [doc.full_text for doc in beir.corpus.values()], "english")
+    test_ids = list(beir.split("test"))
+    direct = dict(zip(test_ids, map(dict, bm25.search([beir.queries[q] for q in test_ids], 20)), strict=True))
+    assert summary["bm25"]["ndcg@10"] == score_run(beir.split("test"), direct)["ndcg@10"]
+    assert summary["fusion"]["split"] == "train" and summary["fusion"]["chosen"]
+    for label in ("bm25", "hybrid", "distilled_hybrid"):
+        assert 0.0 < summary[label]["ndcg@10"] <= 1.0 and summary[label]["search_p50_ms"] > 0
+        assert "p50_ms_batch1" not in summary[label]  # no query encoder of its own to time
+    hybrid_run = (demo_root / "eval-hybrid" / "run.trec").read_text()
+    assert hybrid_run not in ((demo_root / "eval-fine_tuned" / "run.trec").read_text(),
+                              (demo_root / "eval-bm25" / "run.trec").read_text())
+    assert list(summary["stage_seconds"]).index("tune_fusion") < list(summary["stage_seconds"]).index("eval.fine_tuned")
 
 
 def _in_process_metrics(encoder_dir: Path, dataset: Path) -> dict[str, float]:

@@ -27,6 +27,10 @@ from towerline.splits import split_eval_queries, split_summary
 from towerline.tracking import Tracker, track
 
 T = TypeVar("T")
+# Single-query gRPC Search calls timed per demo row (the first N eval queries).
+LATENCY_QUERIES = 100
+# A dataset without train qrels: zero-shot dense, BM25 and their (untuned, default) fusion.
+_ROWS_ZERO_SHOT_ONLY = {"zero_shot": "dense", "bm25": "sparse", "zero_shot_hybrid": "hybrid"}
 
 
 class StageClock:
@@ -64,6 +68,7 @@ def run_demo(
     config: TowerlineConfig, results_path: Path, *, split_test_queries: float | None = None, split_seed: int = 13
 ) -> dict[str, Any]:
     from distill.run import run_distill
+    from evaluation.fusion_tuning import tune_fusion
     from indexing.build import build_index
     from pipelines.pairs import run_pairs
     from pipelines.pseudo_queries import run_pseudo_queries
@@ -92,6 +97,11 @@ def run_demo(
             clock.run("train", lambda t: run_train(config, root / "pairs", root / "encoder", t))
             # ScalingNote stage 2: only the query tower shrinks; the fine-tuned index is reused as it is.
             models["distilled"] = (root / "student", "fine_tuned")
+        # The rows each model's service is scored on: row label -> retrieval mode.
+        rows = {"zero_shot": {"zero_shot": "dense"} if fine_tunes else _ROWS_ZERO_SHOT_ONLY,
+                "fine_tuned": {"fine_tuned": "dense", "bm25": "sparse", "hybrid": "hybrid"},
+                "distilled": {"distilled": "dense", "distilled_hybrid": "hybrid"}}
+        fusion: dict[str, Any] | None = None
         for label, (encoder_dir, index_label) in models.items():
             onnx_dir, index_dir = root / f"onnx-{label}", root / f"index-{index_label}"
             if label == "distilled":
@@ -100,12 +110,17 @@ def run_demo(
             clock.run(f"export.{label}", lambda t, e=encoder_dir, o=onnx_dir: run_export(config, e, o, t))
             if index_label == label:
                 clock.run(f"index.{label}", lambda t, e=encoder_dir, i=index_dir: build_index(config, e, i))
-            scores[label] = clock.run(
+            if label == "fine_tuned" and config.index.sparse:
+                # Hybrid fusion chosen on the train queries the fine-tune held out (never on test).
+                fusion = clock.run("tune_fusion", lambda t, i=index_dir, o=onnx_dir: tune_fusion(config, i, o))
+            wanted = {row: mode for row, mode in rows[label].items() if mode == "dense" or config.index.sparse}
+            scores.update(clock.run(
                 f"eval.{label}",
-                lambda t, o=onnx_dir, i=index_dir, name=label: _serve_and_score(
-                    config, evaluated, root, name, i, o, t, show_examples=name == list(models)[-1]),
-            )
+                lambda t, o=onnx_dir, i=index_dir, w=wanted, name=label: _serve_and_score(
+                    config, evaluated, root, w, i, o, t, show_examples=name == list(models)[-1]),
+            ))
         summary = _summary(config, report, protocol, scores, clock.seconds, time.perf_counter() - started)
+        summary["fusion"] = fusion
         summary["mlflow_run_id"] = parent.run_id
         parent.metrics({f"{label}.{k}": v for label, m in scores.items() for k, v in m.items()})
     _print_table(report, config.eval.split, scores)
@@ -114,22 +129,33 @@ def run_demo(
     return summary
 
 
-def _serve_and_score(config: TowerlineConfig, evaluated: BeirDataset, root: Path, label: str, index_dir: Path,
-                     onnx_dir: Path, tracker: Tracker, *, show_examples: bool) -> dict[str, float]:
-    """Quality through the gRPC service, then the ONNX query encoder's own latency on the eval queries."""
-    from evaluation.latency import encoder_latency
+def _serve_and_score(config: TowerlineConfig, evaluated: BeirDataset, root: Path, rows: dict[str, str],
+                     index_dir: Path, onnx_dir: Path, tracker: Tracker, *, show_examples: bool,
+                     ) -> dict[str, dict[str, float]]:
+    """Per row (row label -> retrieval mode): quality and single-query Search latency through the gRPC
+    service; dense rows add the ONNX query encoder's own latency on the eval queries."""
+    from evaluation.latency import encoder_latency, search_latency
     from evaluation.service import evaluate_service
+    from serving.client import RetrievalClient
     from serving.onnx_encoder import OnnxQueryEncoder
 
-    with loopback_service(config, index_dir, onnx_dir) as address:
-        metrics = evaluate_service(config, address, root / f"eval-{label}")
-        if show_examples:
-            _example_search(config, evaluated, address, label)
     texts = [evaluated.queries[qid] for qid in evaluated.split(config.eval.split)]
+    scored: dict[str, dict[str, float]] = {}
+    with loopback_service(config, index_dir, onnx_dir) as address:
+        with RetrievalClient(address) as client:
+            for row, mode in rows.items():
+                metrics = evaluate_service(config, address, root / f"eval-{row}", mode)
+                latency = search_latency(lambda text, m=mode: client.search(text, 10, m), texts[:LATENCY_QUERIES])
+                scored[row] = {**metrics, **latency}
+        if show_examples:
+            _example_search(config, evaluated, address, list(rows)[-1], list(rows.values())[-1])
     encoder = OnnxQueryEncoder(onnx_dir, intra_op_threads=config.serve.intra_op_threads)
-    metrics = {**metrics, **encoder_latency(encoder, texts)}
-    tracker.metrics({f"eval.{k}": v for k, v in metrics.items()})
-    return metrics
+    speed = encoder_latency(encoder, texts)
+    for row, mode in rows.items():
+        if mode == "dense":
+            scored[row].update(speed)
+        tracker.metrics({f"eval.{row}.{k}": v for k, v in scored[row].items()})
+    return scored
 
 
 def check_demo_dataset(config: TowerlineConfig) -> DatasetReport:
@@ -174,7 +200,7 @@ def _training_plan(
                     "protocol": f"no qrels/{train_split}; zero-shot on qrels/{eval_split}"}
 
 
-def _example_search(config: TowerlineConfig, dataset: BeirDataset, address: str, label: str,
+def _example_search(config: TowerlineConfig, dataset: BeirDataset, address: str, label: str, mode: str,
                     examples: int = 3) -> None:
     """End on what a user of the service sees: the first test queries, their top hits through gRPC,
     with the judged-relevant documents marked."""
@@ -183,13 +209,14 @@ def _example_search(config: TowerlineConfig, dataset: BeirDataset, address: str,
 
     qrels = dataset.split(config.eval.split)
     judged = [qid for qid, docs in qrels.items() if positives(docs, config.data.positive_min)]
-    console.print(f"[bold]Example searches through gRPC[/], {label.replace('_', '-')} query encoder "
-                  f"(✓ = judged relevant in qrels/{config.eval.split})")
+    sides = "; D/S = found by dense/BM25" if mode == "hybrid" else ""
+    console.print(f"[bold]Example searches through gRPC[/], {label.replace('_', '-')} ({mode}; ✓ = judged "
+                  f"relevant in qrels/{config.eval.split}{sides})")
     with RetrievalClient(address) as client:
         for query_id in judged[:examples]:
             relevant = positives(qrels[query_id], config.data.positive_min)
             query = dataset.queries[query_id]
-            print_hits(query, client.search(query, 5), dataset.corpus, relevant)
+            print_hits(query, client.search(query, 5, mode), dataset.corpus, relevant, show_sides=mode == "hybrid")
 
 
 def _summary(config: TowerlineConfig, report: DatasetReport, protocol: dict[str, Any],
@@ -214,6 +241,10 @@ def _summary(config: TowerlineConfig, report: DatasetReport, protocol: dict[str,
         "zero_shot": scores["zero_shot"],
         "fine_tuned": fine_tuned,
         "distilled": distilled,
+        # The same index version's BM25 side, and its fusion with each query encoder's dense side.
+        "bm25": scores.get("bm25"),
+        "hybrid": scores.get("hybrid") or scores.get("zero_shot_hybrid"),
+        "distilled_hybrid": scores.get("distilled_hybrid"),
         "ndcg@10_gain": gain,
         "distilled_over_teacher": {
             "ndcg@10": distilled["ndcg@10"] / fine_tuned["ndcg@10"],
@@ -229,10 +260,12 @@ def _summary(config: TowerlineConfig, report: DatasetReport, protocol: dict[str,
 def _print_table(report: DatasetReport, split: str, scores: dict[str, dict[str, float]]) -> None:
     table = Table(title=f"{report.name} (fingerprint {report.fingerprint[:12]}), qrels/{split}, through gRPC")
     table.add_column("model")
-    for column in ("nDCG@10", "R@100", "MRR@10", "p50 ms (1 query)", "queries/s (batch 32)"):
+    for column in ("nDCG@10", "R@100", "MRR@10", "Search p50 ms", "encoder p50 ms (1 query)",
+                   "encoder queries/s (batch 32)"):
         table.add_column(column, justify="right")
     for label, metrics in scores.items():
         quality = (f"{metrics[m]:.4f}" for m in ("ndcg@10", "recall@100", "mrr@10"))
-        speed = (f"{metrics['p50_ms_batch1']:.2f}", f"{metrics['texts_per_s_batch32']:.0f}")
-        table.add_row(label.replace("_", "-"), *quality, *speed)
+        speed = (f"{metrics['p50_ms_batch1']:.2f}", f"{metrics['texts_per_s_batch32']:.0f}") \
+            if "p50_ms_batch1" in metrics else ("—", "—")
+        table.add_row(label.replace("_", "-"), *quality, f"{metrics['search_p50_ms']:.2f}", *speed)
     console.print(table)
