@@ -1,4 +1,5 @@
-"""`towerline bench serve`: query-encoder throughput (PyTorch vs ONNX Runtime) and gRPC latency.
+"""`towerline bench serve`: query-encoder throughput (PyTorch vs ONNX Runtime) and gRPC latency,
+dense-only and (when the index version has a BM25 side) hybrid, at the same concurrency.
 
 Every figure is measured in the same run on the same machine, so the ratios are what to read;
 absolute numbers move with the machine's load.
@@ -19,14 +20,15 @@ from towerline.progress import console, status
 from towerline.results import result_header, write_results
 
 
-def _grpc_load(address: str, texts: list[str], requests: int, concurrency: int, top_k: int) -> dict[str, float]:
-    """`requests` Search calls from `concurrency` client threads."""
+def _grpc_load(address: str, texts: list[str], requests: int, concurrency: int, top_k: int,
+               mode: str = "") -> dict[str, float]:
+    """`requests` Search calls from `concurrency` client threads, in retrieval `mode`."""
     from serving.client import RetrievalClient
 
     @contextmanager
     def open_caller() -> Iterator[Any]:
         with RetrievalClient(address, timeout_s=30) as client:
-            yield lambda i: client.search(texts[i % len(texts)], top_k)
+            yield lambda i: client.search(texts[i % len(texts)], top_k, mode)
 
     return run_load(open_caller, requests, concurrency)
 
@@ -62,12 +64,18 @@ def run_serve_bench(
                 "onnx_over_torch": onnx_rate / torch_rate,
             }
     serve_config = config.serve.model_copy(update={"host": "127.0.0.1", "port": 0})
-    server, port = start_server(build_service(config, index_path, onnx_path), serve_config)
+    service = build_service(config, index_path, onnx_path)
+    modes = ("dense", "hybrid") if service.index.sparse is not None else ("dense",)
+    server, port = start_server(service, serve_config)
+    grpc_modes: dict[str, dict[str, float]] = {}
     try:
-        with status(f"gRPC load: {requests} Search calls from {concurrency} client threads"):
-            grpc_figures = _grpc_load(f"127.0.0.1:{port}", texts, requests, concurrency, top_k=10)
+        for mode in modes:
+            with status(f"gRPC load, {mode}: {requests} Search calls from {concurrency} client threads"):
+                grpc_modes[mode] = _grpc_load(f"127.0.0.1:{port}", texts, requests, concurrency, 10, mode)
     finally:
         server.stop(grace=2).wait()
+    grpc_figures = grpc_modes["dense"]
+    hybrid = grpc_modes.get("hybrid")
     summary = {
         **result_header("serve"),
         "dataset": dataset.files.identity(),
@@ -77,7 +85,10 @@ def run_serve_bench(
         "index": str(index_path),
         "query_encoder": encoders,
         "grpc_search": grpc_figures,
+        "grpc_search_hybrid": hybrid,
+        "fusion": service.info().fusion,
+        "hybrid_qps_over_dense": hybrid["qps"] / grpc_figures["qps"] if hybrid else None,
     }
     write_results(results_path, summary)
-    console.print_json(data={"query_encoder": encoders, "grpc_search": grpc_figures})
+    console.print_json(data={"query_encoder": encoders, "grpc_search": grpc_figures, "grpc_search_hybrid": hybrid})
     return summary

@@ -29,6 +29,11 @@ def test_serve_bench_writes_its_results(tiny_config: TowerlineConfig, tmp_path: 
     assert 0 < latencies["latency_ms_p50"] <= latencies["latency_ms_p95"] <= latencies["latency_ms_p99"]
     for figures in summary["query_encoder"].values():
         assert figures["onnx_texts_per_s"] > 0 and figures["torch_texts_per_s"] > 0
+    # The hybrid row at the same load, beside dense-only.
+    hybrid = summary["grpc_search_hybrid"]
+    assert hybrid["requests"] == 20 and hybrid["concurrency"] == 2
+    assert summary["hybrid_qps_over_dense"] == hybrid["qps"] / latencies["qps"]
+    assert summary["fusion"].startswith("rrf")
 
 
 @pytest.mark.slow
