@@ -74,6 +74,7 @@ def test_the_serving_path_never_imports_torch(tmp_path: Path) -> None:
     script = (
         "import sys; sys.modules['torch'] = None\n"
         "import serving.app, serving.onnx_encoder, serving.server, indexing.load, evaluation.service\n"
+        "import serving.fusion, indexing.sparse, evaluation.fusion_tuning\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
