@@ -83,6 +83,14 @@ def test_the_bm25_side_lives_in_the_index_version_and_is_verified_with_it(
     assert index.sparse.search([query], 10) == direct.search([query], 10)
     assert index.sparse.search(["the and of"], 10) == [[]]  # stop words only: no BM25 hit
 
+    # Published as one version: the registry's CURRENT serves both sides.
+    from indexing.publish import publish_index
+
+    publish_index(index_dir, tmp_path / "registry", "corpus")
+    published = load_index(tmp_path / "registry" / "corpus", config.index)
+    assert published.published_version == "v0001" and published.sparse is not None
+    assert published.sparse.search([query], 10) == index.sparse.search([query], 10)
+
     # A tampered BM25 file fails the version's checksums: the two sides are one version.
     tampered = tmp_path / "tampered"
     shutil.copytree(index_dir, tampered)
