@@ -43,6 +43,8 @@ from towerline.errors import ArtifactError
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "crm.json"
 SPEC_FORMAT = "towerline-din/2"
+# Per item: logit of its smoothed train positive rate, scaled log count (see item_statistics).
+ITEM_STATS = 2
 USER_REPRESENTATION = ("[user id,] gender, age, occupation embeddings; mean of the history items' "
                        "[id ; genre-mean] + feedback")
 
@@ -88,7 +90,8 @@ class DinModel(nn.Module):
     """
 
     def __init__(self, sizes: VocabSizes, settings: CrmConfig, item_genres: np.ndarray | torch.Tensor | None = None,
-                 user_fields: np.ndarray | torch.Tensor | None = None) -> None:
+                 user_fields: np.ndarray | torch.Tensor | None = None,
+                 item_stats: np.ndarray | torch.Tensor | None = None) -> None:
         super().__init__()
         self.sizes = sizes
         self.settings = settings
@@ -114,16 +117,21 @@ class DinModel(nn.Module):
                     embedding.weight[embedding.padding_idx].zero_()
         self.register_buffer("item_genres", _table(item_genres, (sizes.items, sizes.max_genres)))
         self.register_buffer("user_fields", _table(user_fields, (sizes.users, len(USER_FIELDS))))
+        # None (and so not in the state dict) when unused, so that models saved without it still load.
+        self.register_buffer("item_stats", _float_table(item_stats, (sizes.items, ITEM_STATS))
+                             if settings.item_statistics else None)
 
         self.item_dim = 2 * dim
         self.user_dim = (len(USER_FIELDS) + settings.user_id_embedding) * dim
         self.representation_dim = self.user_dim + self.item_dim
         self.attention = ActivationUnit(self.item_dim, settings.attention_hidden)
-        self.mlp = _mlp(self.user_dim + 3 * self.item_dim, settings.mlp_hidden, 1)
+        extra = ITEM_STATS if settings.item_statistics else 0
+        self.mlp = _mlp(self.user_dim + 3 * self.item_dim + extra, settings.mlp_hidden, 1)
 
     @classmethod
     def from_data(cls, data: CtrData, settings: CrmConfig) -> DinModel:
-        return cls(data.sizes, settings, data.item_genres, data.user_fields)
+        stats = item_statistics(data.train, data.sizes.items) if settings.item_statistics else None
+        return cls(data.sizes, settings, data.item_genres, data.user_fields, stats)
 
     def item_representation(self, items: torch.Tensor) -> torch.Tensor:
         """items [...] → [..., 2E]: id embedding and the mean of the item's genre embeddings (0 without genres)."""
@@ -155,6 +163,8 @@ class DinModel(nn.Module):
         weights = self.attention(behaviours, target, mask)
         interest = (weights.unsqueeze(-1) * behaviours).sum(1)
         features = [self.user_features(user_index), interest, _masked_mean(behaviours, mask), target]
+        if self.item_stats is not None:
+            features.append(self.item_stats[item_index])
         logits = self.mlp(torch.cat(features, dim=-1)).squeeze(-1)
         outputs = {"logits": logits}
         if labels is not None:
@@ -173,6 +183,28 @@ def _masked_mean(items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """items [B, L, D] averaged over the real slots of mask [B, L]; 0 for an empty history."""
     weights = mask.unsqueeze(-1).to(items.dtype)
     return (items * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
+def item_statistics(train: CtrSplit, items: int, prior_weight: float = 10.0) -> np.ndarray:
+    """[items, 2] float32 from the train samples alone: the logit of each item's positive rate,
+    shrunk towards the global rate by `prior_weight` pseudo-samples (an item seen twice is not
+    100 % liked), and log(1 + count) scaled to [0, 1]. Row 0 and unseen items get the prior."""
+    counts = np.bincount(train.item_index, minlength=items).astype(np.float64)
+    positives = np.bincount(train.item_index, weights=train.label, minlength=items)
+    prior = float(train.label.mean()) if len(train) else 0.5
+    rate = np.clip((positives + prior_weight * prior) / (counts + prior_weight), 1e-4, 1 - 1e-4)
+    log_count = np.log1p(counts)
+    scaled = log_count / max(float(log_count.max()), 1.0)
+    return np.stack([np.log(rate / (1 - rate)), scaled], axis=1).astype(np.float32)
+
+
+def _float_table(values: np.ndarray | torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor:
+    if values is None:  # filled by load_state_dict
+        return torch.zeros(shape, dtype=torch.float32)
+    table = torch.as_tensor(np.asarray(values), dtype=torch.float32)
+    if tuple(table.shape) != shape:
+        raise ValueError(f"item statistics of shape {tuple(table.shape)}, expected {shape}")
+    return table.clone()
 
 
 def _table(values: np.ndarray | torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor:

@@ -280,3 +280,28 @@ def test_save_load_round_trip(data: CtrData, trained: CrmResult) -> None:
     assert spec["representation_dim"] == loaded.representation_dim
     assert spec["vocabularies"]["genres"][0] == "<pad>"
     assert str(trained.model_dir) not in (trained.model_dir / "crm.json").read_text()
+
+
+def test_item_statistics_come_from_train_alone_and_travel_with_the_model(data: CtrData, tmp_path: Path) -> None:
+    from personalization.din import item_statistics
+
+    stats = item_statistics(data.train, data.sizes.items, prior_weight=10.0)
+    train = data.train
+    item = int(np.bincount(train.item_index).argmax())  # the most seen item
+    seen = train.item_index == item
+    prior = train.label.mean()
+    rate = (train.label[seen].sum() + 10 * prior) / (seen.sum() + 10)
+    assert stats[item, 0] == pytest.approx(np.log(rate / (1 - rate)), abs=1e-5)
+    assert stats[item, 1] == pytest.approx(1.0)  # the largest count scales to 1
+    assert stats[0, 1] == 0 and stats[0, 0] == pytest.approx(np.log(prior / (1 - prior)), abs=1e-5)
+    # Labels of valid and test never enter: flipping them changes nothing.
+    flipped = data.with_split("test", dataclasses.replace(data.test, label=1 - data.test.label))
+    assert np.array_equal(item_statistics(flipped.train, data.sizes.items), item_statistics(train, data.sizes.items))
+
+    settings = SETTINGS.model_copy(update={"item_statistics": True, "max_epochs": 1})
+    result = train_din(data, settings, tmp_path, seed=0)
+    loaded = load_din(tmp_path)
+    assert loaded.item_stats is not None and torch.equal(loaded.item_stats, torch.from_numpy(item_statistics(
+        train, data.sizes.items)))
+    np.testing.assert_allclose(predict_din(loaded, data.test), predict_din(result.model.cpu(), data.test), atol=1e-7)
+    assert load_din(tmp_path).mlp[0].in_features == DinModel.from_data(data, SETTINGS).mlp[0].in_features + 2

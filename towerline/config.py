@@ -265,6 +265,12 @@ class CrmConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     # Most recent history items the model sees (the artifact holds at most rec.data.long_history).
     history_length: int = Field(60, ge=1)
+    # The target item's train-split statistics as two more MLP inputs: its smoothed positive rate
+    # (logit) and its log count. GAUC ranks items within a user, where how well an item is liked by
+    # everyone says much; counted on train samples only, so nothing leaks from valid or test.
+    # Measured on ML-100K (seed 0, same run): test AUC / GAUC 0.7634 / 0.7021 without, 0.7618 / 0.7037
+    # with (within the seed spread, ±0.002); valid GAUC peaks at epoch 1 either way. Off by default.
+    item_statistics: bool = False
     seed: int = 0
 
 
