@@ -118,7 +118,7 @@ class DinModel(nn.Module):
         self.register_buffer("item_genres", _table(item_genres, (sizes.items, sizes.max_genres)))
         self.register_buffer("user_fields", _table(user_fields, (sizes.users, len(USER_FIELDS))))
         # None (and so not in the state dict) when unused, so that models saved without it still load.
-        self.register_buffer("item_stats", _float_table(item_stats, (sizes.items, ITEM_STATS))
+        self.register_buffer("item_stats", _table(item_stats, (sizes.items, ITEM_STATS), torch.float32)
                              if settings.item_statistics else None)
 
         self.item_dim = 2 * dim
@@ -198,19 +198,11 @@ def item_statistics(train: CtrSplit, items: int, prior_weight: float = 10.0) -> 
     return np.stack([np.log(rate / (1 - rate)), scaled], axis=1).astype(np.float32)
 
 
-def _float_table(values: np.ndarray | torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor:
+def _table(values: np.ndarray | torch.Tensor | None, shape: tuple[int, int],
+           dtype: torch.dtype = torch.long) -> torch.Tensor:
     if values is None:  # filled by load_state_dict
-        return torch.zeros(shape, dtype=torch.float32)
-    table = torch.as_tensor(np.asarray(values), dtype=torch.float32)
-    if tuple(table.shape) != shape:
-        raise ValueError(f"item statistics of shape {tuple(table.shape)}, expected {shape}")
-    return table.clone()
-
-
-def _table(values: np.ndarray | torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor:
-    if values is None:  # filled by load_state_dict
-        return torch.zeros(shape, dtype=torch.long)
-    table = torch.as_tensor(np.asarray(values), dtype=torch.long)
+        return torch.zeros(shape, dtype=dtype)
+    table = torch.as_tensor(np.asarray(values), dtype=dtype)
     if tuple(table.shape) != shape:
         raise ValueError(f"lookup table of shape {tuple(table.shape)}, expected {shape}")
     return table.clone()
