@@ -33,15 +33,22 @@ from training.dataset import PAIRS_KIND
 
 def run_scalingnote_bench(
     config: TowerlineConfig, teachers: list[str], student: str, root: Path, results_path: Path, *,
-    reuse: bool = False,
+    reuse: bool = False, distil_from: str | None = None,
 ) -> dict[str, Any]:
-    """`teachers` from smallest to largest; the largest is distilled into `student`. With `reuse`, the
+    """`teachers` from smallest to largest; `distil_from` (default: the largest) is distilled into
+    `student`, so that a further, larger row (an LLM) can join the table without changing the student's
+    teacher. The smallest is the end-to-end baseline. With `reuse`, the
     pairs, pseudo-queries and teacher artifacts already under `root` (from an earlier run with the
     same config) are used as they are, and the JSON lists them; the student is always distilled anew."""
     from pipelines.pairs import run_pairs
     from pipelines.pseudo_queries import run_pseudo_queries
     from pipelines.spark import stop_spark
 
+    teacher = distil_from or teachers[-1]
+    if teacher not in teachers:
+        from towerline.errors import ConfigError
+
+        raise ConfigError(f"--distil-from {teacher!r}: not one of the teachers ({', '.join(teachers)})")
     started = time.perf_counter()
     seconds: dict[str, float] = {}
     reused: list[str] = []
@@ -63,8 +70,7 @@ def run_scalingnote_bench(
     stop_spark(config.spark)
     for backbone in teachers:
         rows[f"dual_tower_{Path(backbone).name}"] = _dual_tower_row(config, backbone, root, queries, stage)
-    largest = teachers[-1]
-    rows["student"] = _student_row(config, largest, student, root, queries, seconds)
+    rows["student"] = _student_row(config, teacher, student, root, queries, seconds)
     # Latency last, every encoder back to back, so that all rows are timed under the same conditions.
     _timed(seconds, "latency", lambda: _measure_latency(config, rows, list(queries.values())))
     summary = {
@@ -73,7 +79,8 @@ def run_scalingnote_bench(
         "split": config.eval.split,
         "queries": len(queries),
         "rows": rows,
-        "targets": _targets(rows, largest, teachers[0]),
+        "distilled_teacher": f"dual_tower_{Path(teacher).name}",
+        "targets": _targets(rows, teacher, teachers[0]),
         "stage_seconds": seconds,
         # Artifacts taken from an earlier run in the same work dir (bench scalingnote --reuse).
         "reused_artifacts": reused,

@@ -11,6 +11,7 @@ from benchmarks.serve import run_serve_bench
 from indexing.build import build_index
 from serving.onnx_export import run_export
 from towerline.config import TowerlineConfig
+from towerline.errors import ConfigError
 from training.run import init_dual_encoder
 
 
@@ -58,3 +59,15 @@ def test_scalingnote_bench_compares_every_row_in_one_run(
     targets = summary["targets"]
     assert targets["end_to_end_baseline"] == "dual_tower_tiny-bert"
     assert targets["student_ndcg_over_teacher"] == rows["student"]["ndcg@10"] / rows["dual_tower_tiny-llama"]["ndcg@10"]
+    assert summary["distilled_teacher"] == "dual_tower_tiny-llama"
+
+    # A further (larger) row joins with --reuse without changing the student's teacher: --distil-from.
+    again = run_scalingnote_bench(config, [str(tiny_backbone), str(tiny_decoder)], str(tiny_backbone),
+                                  tmp_path / "work", results, reuse=True, distil_from=str(tiny_backbone))
+    assert again["distilled_teacher"] == "dual_tower_tiny-bert"
+    assert {"train." + str(tiny_decoder), "index." + str(tiny_backbone)} <= set(again["reused_artifacts"])
+    assert again["targets"]["student_ndcg_over_teacher"] == (again["rows"]["student"]["ndcg@10"]
+                                                             / again["rows"]["dual_tower_tiny-bert"]["ndcg@10"])
+    with pytest.raises(ConfigError, match="--distil-from"):
+        run_scalingnote_bench(config, [str(tiny_backbone)], str(tiny_backbone), tmp_path / "work", results,
+                              reuse=True, distil_from="mpnet")

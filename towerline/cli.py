@@ -695,9 +695,13 @@ def bench_demo(
 def bench_scalingnote(
     teacher: Annotated[
         list[str] | None,
-        typer.Option(help="teacher backbones, smallest first (repeat the option); the largest is distilled"),
+        typer.Option(help="teacher backbones, smallest first (repeat the option); the largest is distilled "
+                          "unless --distil-from names another"),
     ] = None,
     student: Annotated[str, typer.Option(help="student backbone (a projection bridges widths)")] = "minilm",
+    distil_from: Annotated[
+        str | None, typer.Option(help="the teacher distilled into the student (default: the largest)")
+    ] = None,
     work_dir: Annotated[Path, typer.Option(help="where the benchmark's artifacts go")] = Path("runs/bench-scalingnote"),
     results: Annotated[Path, typer.Option(help="output JSON")] = Path("benchmarks/results/scalingnote.json"),
     reuse: Annotated[bool, typer.Option(help="use the pairs, pseudo-queries and teacher artifacts already in "
@@ -712,7 +716,8 @@ def bench_scalingnote(
     from benchmarks.scalingnote import run_scalingnote_bench
 
     config = _config(config_file, overrides)
-    run_scalingnote_bench(config, teacher or ["minilm", "mpnet"], student, work_dir, results, reuse=reuse)
+    run_scalingnote_bench(config, teacher or ["minilm", "mpnet"], student, work_dir, results, reuse=reuse,
+                          distil_from=distil_from)
 
 
 @command(bench_app, "reclora")
