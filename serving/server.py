@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from serving.admission import SPARE_THREADS, AdmissionInterceptor
 from serving.proto.towerline.v1 import retrieval_pb2_grpc as pb_grpc
 from serving.service import RetrievalService
 from serving.servicer import SERVICE_NAME, RecommendBackend, RetrievalServicer
@@ -61,12 +62,13 @@ def serve_forever(
 
 def _start(service: RetrievalService | None, serve: ServeConfig, recommender: RecommendBackend | None = None
            ) -> tuple[grpc.Server, int, health.HealthServicer]:
+    # A thread per admitted call plus spares: calls past the admission bound are refused by the
+    # interceptor at once, and health checks never queue behind them (serving.admission).
     server = grpc.server(
-        ThreadPoolExecutor(max_workers=serve.max_workers, thread_name_prefix="towerline-rpc"),
-        # Bounds calls waiting for a worker too; the servicer bounds the ones being executed.
-        maximum_concurrent_rpcs=serve.max_concurrent_rpcs + serve.max_workers,
+        ThreadPoolExecutor(max_workers=serve.max_concurrent_rpcs + SPARE_THREADS, thread_name_prefix="towerline-rpc"),
+        interceptors=[AdmissionInterceptor(SERVICE_NAME, serve.max_concurrent_rpcs)],
     )
-    pb_grpc.add_RetrievalServiceServicer_to_server(RetrievalServicer(service, serve.max_concurrent_rpcs,
+    pb_grpc.add_RetrievalServiceServicer_to_server(RetrievalServicer(service, serve.max_workers,
                                                                       recommender, serve.max_top_k), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

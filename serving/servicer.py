@@ -1,4 +1,9 @@
-"""Thin gRPC servicer: proto ↔ `RetrievalService`, errors ↔ status codes, admission control."""
+"""Thin gRPC servicer: proto ↔ `RetrievalService`, errors ↔ status codes, execution slots.
+
+Admission (how many calls may be in the server at once) is `serving.admission`'s; here at most
+`max_executing` admitted calls run the encoder and the search at a time, the others wait for a slot
+within their deadline (that wait is part of the latency a client sees).
+"""
 
 from __future__ import annotations
 
@@ -30,14 +35,14 @@ class RecommendBackend(Protocol):
 
 
 class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
-    def __init__(self, service: RetrievalService | None, max_concurrent_rpcs: int,
+    def __init__(self, service: RetrievalService | None, max_executing: int,
                  recommender: RecommendBackend | None = None, max_top_k: int = 1000) -> None:
         # None: the server is up but has no index yet; retrieval calls answer UNAVAILABLE.
         self.service = service
         self.recommender = recommender
         self.max_top_k = max_top_k
-        self.max_concurrent_rpcs = max_concurrent_rpcs
-        self._slots = threading.BoundedSemaphore(max_concurrent_rpcs)
+        self.max_executing = max_executing
+        self._executing = threading.BoundedSemaphore(max_executing)
 
     def Search(self, request: pb.SearchRequest, context: grpc.ServicerContext) -> pb.SearchResponse:
         with self._admitted(context) as service:
@@ -84,14 +89,10 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
 
     @contextmanager
     def _guarded(self, context: grpc.ServicerContext) -> Iterator[None]:
-        """Hold one of max_concurrent_rpcs slots for the call, mapping service errors to codes."""
-        # Non-blocking: under overload, failing fast lets the client back off or try a replica.
-        if not self._slots.acquire(blocking=False):
-            context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"server busy: {self.max_concurrent_rpcs} retrieval calls in flight "
-                "(serve.max_concurrent_rpcs); retry with backoff",
-            )
+        """Hold one of max_executing slots for the call, mapping service errors to codes."""
+        remaining = context.time_remaining()
+        if not self._executing.acquire(timeout=max(remaining, 0.0) if remaining is not None else None):
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline ran out while waiting to execute")
         try:
             yield
         except InvalidArgument as error:
@@ -102,7 +103,7 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
             log.exception("retrieval call failed")
             context.abort(grpc.StatusCode.INTERNAL, "internal error while searching; see the server log")
         finally:
-            self._slots.release()
+            self._executing.release()
 
 
 def _deadline_checkpoint(context: grpc.ServicerContext) -> Checkpoint:

@@ -294,6 +294,58 @@ def test_calls_beyond_max_concurrent_rpcs_are_resource_exhausted(
         blocking.release.set()
 
 
+def test_a_burst_past_the_default_bound_is_shed_while_health_stays_serving(
+    encoder: TorchQueryEncoder, index: LoadedIndex
+) -> None:
+    """With the default serve settings: 100 calls at once against encoders held busy → exactly
+    max_concurrent_rpcs admitted (they all complete once released), the rest RESOURCE_EXHAUSTED at
+    once, and a health check answers SERVING throughout."""
+    defaults = ServeConfig(port=0)
+    blocking = BlockingEncoder(encoder)
+    burst = defaults.max_concurrent_rpcs + 36
+    try:
+        for address in serve(RetrievalService(blocking, index, defaults), defaults):
+            channel, stub = raw_stub(address)
+            with channel:
+                calls = [stub.Search.future(pb.SearchRequest(query="alpha", top_k=3), timeout=30)
+                         for _ in range(burst)]
+                assert blocking.entered.wait(timeout=10)
+                shed = _wait_for_shed(calls, burst - defaults.max_concurrent_rpcs)
+                assert len(shed) == burst - defaults.max_concurrent_rpcs
+                assert all("max_concurrent_rpcs" in call.exception().details() for call in shed)
+                health = health_pb2_grpc.HealthStub(channel)
+                for _ in range(5):
+                    answer = health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=2)
+                    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+                assert blocking.calls <= defaults.max_workers  # the others wait for an execution slot
+                blocking.release.set()
+                served = [call for call in calls if call not in shed]
+                assert all(len(call.result(timeout=30).hits) == 3 for call in served)
+    finally:
+        blocking.release.set()
+
+
+def _wait_for_shed(calls: list, expected: int) -> list:
+    for _ in range(200):
+        shed = [call for call in calls if call.done() and call.exception() is not None]
+        if len(shed) >= expected:
+            return shed
+        threading.Event().wait(0.05)
+    return [call for call in calls if call.done() and call.exception() is not None]
+
+
+@pytest.mark.parametrize("payload", [b"\x0a\x02\xff\xfe\x10\x03", b"\xff\xff\xff\xff", b"\x12"])
+def test_a_request_that_cannot_be_decoded_is_invalid_argument(address: str, payload: bytes) -> None:
+    """Invalid UTF-8 in the query field, garbage, a truncated field: INVALID_ARGUMENT, never INTERNAL."""
+    with grpc.insecure_channel(address) as channel:
+        search = channel.unary_unary(f"/{SERVICE_NAME}/Search", request_serializer=None,
+                                     response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as raised:
+            search(payload, timeout=10)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert raised.value.details().startswith("request: cannot be decoded")
+
+
 def test_deadline_is_honoured_and_the_search_skipped(encoder: TorchQueryEncoder, index: LoadedIndex) -> None:
     blocking = BlockingEncoder(encoder)
     counting = CountingIndex(**{field.name: getattr(index, field.name) for field in fields(index)})

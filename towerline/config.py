@@ -195,7 +195,10 @@ class FusionConfig(Section):
 class ServeConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)
+    # Retrieval calls executing (encode + search) at once; admitted ones beyond wait for a slot.
     max_workers: int = Field(4, ge=1)
+    # Retrieval calls admitted at once (executing or waiting); one more is RESOURCE_EXHAUSTED.
+    # Health checks are never counted.
     max_concurrent_rpcs: int = Field(64, ge=1)
     max_top_k: int = Field(1000, ge=1)
     max_batch: int = Field(256, ge=1)

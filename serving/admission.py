@@ -1,0 +1,77 @@
+"""The one admission point of the retrieval service, and requests that cannot be decoded.
+
+A gRPC server interceptor wraps every method of `towerline.v1.RetrievalService`:
+- at most `serve.max_concurrent_rpcs` calls are admitted at once (executing or waiting for one of
+  the `serve.max_workers` execution slots); one more is RESOURCE_EXHAUSTED at once, so the client
+  can back off or try another replica;
+- a request whose bytes do not decode (garbage, invalid UTF-8 in a string field) is
+  INVALID_ARGUMENT naming the request, not gRPC's INTERNAL "Exception deserializing request".
+Health checks and reflection are never counted nor shed: a liveness probe must not restart a busy
+pod. The server gives every admitted call a thread of its own plus spare threads for those, so the
+bound here, not gRPC's thread pool queue, is what a burst meets.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+# Threads beyond the admitted calls: health checks, reflection and quick rejections always find one.
+SPARE_THREADS = 4
+
+
+class Undecodable:
+    """What the wrapped deserializer hands over when the request bytes do not parse."""
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+
+
+class AdmissionInterceptor(grpc.ServerInterceptor):
+    def __init__(self, service_name: str, max_admitted: int) -> None:
+        self.prefix = f"/{service_name}/"
+        self.max_admitted = max_admitted
+        self._slots = threading.BoundedSemaphore(max_admitted)
+
+    def intercept_service(self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        if handler is None or not details.method.startswith(self.prefix) or handler.unary_unary is None:
+            return handler
+        return grpc.unary_unary_rpc_method_handler(
+            self._admitted(handler.unary_unary),
+            request_deserializer=_tolerant(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )
+
+    def _admitted(self, behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
+        def admitted(request: Any, context: grpc.ServicerContext) -> Any:
+            if isinstance(request, Undecodable):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: {request.problem}")
+            # Acquired and released in this frame: a call cancelled before it ran never holds a slot.
+            if not self._slots.acquire(blocking=False):
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"server busy: {self.max_admitted} retrieval calls admitted "
+                              "(serve.max_concurrent_rpcs); retry with backoff or another replica")
+            try:
+                return behaviour(request, context)
+            finally:
+                self._slots.release()
+
+        return admitted
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # protobuf's DecodeError, and whatever a parser raises on garbage
+            return Undecodable(f"cannot be decoded as the method's message ({exc.__class__.__name__}: "
+                               "invalid bytes, or invalid UTF-8 in a string field)")
+
+    return deserialize
