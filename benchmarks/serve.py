@@ -76,6 +76,14 @@ def run_serve_bench(
         server.stop(grace=2).wait()
     grpc_figures = grpc_modes["dense"]
     hybrid = grpc_modes.get("hybrid")
+    # The same dense load through the micro-batcher (serve.batching), to choose its default here.
+    batching = serve_config.model_copy(update={"batching": True})
+    server, port = start_server(build_service(config, index_path, onnx_path), batching)
+    try:
+        with status(f"gRPC load, dense, micro-batched: {requests} Search calls from {concurrency} client threads"):
+            batched = _grpc_load(f"127.0.0.1:{port}", texts, requests, concurrency, 10, "dense")
+    finally:
+        server.stop(grace=2).wait()
     summary = {
         **result_header("serve"),
         "dataset": dataset.files.identity(),
@@ -88,6 +96,9 @@ def run_serve_bench(
         "grpc_search_hybrid": hybrid,
         "fusion": service.info().fusion,
         "hybrid_qps_over_dense": hybrid["qps"] / grpc_figures["qps"] if hybrid else None,
+        "grpc_search_batched": {**batched, "batch_max_size": batching.batch_max_size,
+                                "batch_max_wait_ms": batching.batch_max_wait_ms},
+        "batched_qps_over_dense": batched["qps"] / grpc_figures["qps"],
     }
     write_results(results_path, summary)
     console.print_json(data={"query_encoder": encoders, "grpc_search": grpc_figures, "grpc_search_hybrid": hybrid})

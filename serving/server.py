@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from serving.admission import SPARE_THREADS, AdmissionInterceptor
+from serving.batcher import MicroBatcher
 from serving.proto.towerline.v1 import retrieval_pb2_grpc as pb_grpc
 from serving.service import RetrievalService
 from serving.servicer import SERVICE_NAME, RecommendBackend, RetrievalServicer
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 def start_server(service: RetrievalService | None, serve: ServeConfig, recommender: RecommendBackend | None = None
                  ) -> tuple[grpc.Server, int]:
     """Start serving on serve.host:serve.port (port 0: an ephemeral port); returns (server, port)."""
-    server, port, _ = _start(service, serve, recommender)
+    server, port, _, _ = _start(service, serve, recommender)
     return server, port
 
 
@@ -42,7 +43,7 @@ def serve_forever(
     """Serve until SIGTERM/SIGINT (or `stop` is set), then drain in-flight calls for `grace_s`."""
     # Concurrency comes from the RPC worker threads; FAISS's own OpenMP threads would oversubscribe.
     faiss.omp_set_num_threads(serve.intra_op_threads)
-    server, port, health_servicer = _start(service, serve, recommender)
+    server, port, health_servicer, servicer = _start(service, serve, recommender)
     stop = stop or threading.Event()
     previous_handlers = _install_signal_handlers(stop)
     try:
@@ -55,21 +56,25 @@ def serve_forever(
         # NOT_SERVING first, so load balancers stop routing here while in-flight calls finish.
         health_servicer.enter_graceful_shutdown()
         server.stop(grace_s).wait()
+        if servicer.batcher is not None:
+            servicer.batcher.stop()
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)
         log.info("server stopped")
 
 
 def _start(service: RetrievalService | None, serve: ServeConfig, recommender: RecommendBackend | None = None
-           ) -> tuple[grpc.Server, int, health.HealthServicer]:
+           ) -> tuple[grpc.Server, int, health.HealthServicer, RetrievalServicer]:
     # A thread per admitted call plus spares: calls past the admission bound are refused by the
     # interceptor at once, and health checks never queue behind them (serving.admission).
     server = grpc.server(
         ThreadPoolExecutor(max_workers=serve.max_concurrent_rpcs + SPARE_THREADS, thread_name_prefix="towerline-rpc"),
         interceptors=[AdmissionInterceptor(SERVICE_NAME, serve.max_concurrent_rpcs)],
     )
-    pb_grpc.add_RetrievalServiceServicer_to_server(RetrievalServicer(service, serve.max_workers,
-                                                                      recommender, serve.max_top_k), server)
+    servicer = RetrievalServicer(service, serve.max_workers, recommender, serve.max_top_k)
+    if serve.batching and service is not None:
+        servicer.batcher = MicroBatcher(service, serve.batch_max_size, serve.batch_max_wait_ms, serve.batch_queue)
+    pb_grpc.add_RetrievalServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     state = health_pb2.HealthCheckResponse.SERVING if service else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -87,7 +92,7 @@ def _start(service: RetrievalService | None, serve: ServeConfig, recommender: Re
     if port == 0:
         raise ConfigError(f"cannot bind {address}; is the port in use?")
     server.start()
-    return server, port, health_servicer
+    return server, port, health_servicer, servicer
 
 
 def _install_signal_handlers(stop: threading.Event) -> dict[int, object]:

@@ -52,9 +52,17 @@ class RetrievalService:
     def search(self, query: str, top_k: int, checkpoint: Checkpoint = _no_checkpoint,
                mode: str = "") -> SearchResult:
         """`mode`: "dense", "sparse", "hybrid", or "" for the server's default."""
+        return self._run([query], top_k, checkpoint, self.check_search(query, top_k, mode))[0]
+
+    def check_search(self, query: str, top_k: int, mode: str = "") -> str:
+        """Validate one search request (InvalidArgument naming the field); returns the mode to run."""
         self._check_top_k(top_k)
         self._check_query(query, "query")
-        return self._run([query], top_k, checkpoint, self._mode(mode))[0]
+        return self._mode(mode)
+
+    def run_checked(self, queries: list[str], top_k: int, mode: str) -> list[SearchResult]:
+        """Requests already through `check_search` (the micro-batcher's groups), as one batch."""
+        return self._run(queries, top_k, _no_checkpoint, mode)
 
     def batch_search(
         self, queries: list[str], top_k: int, checkpoint: Checkpoint = _no_checkpoint, mode: str = ""

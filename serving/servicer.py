@@ -11,15 +11,18 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from typing import Any, Protocol
 
 import grpc
 
+from serving.batcher import MicroBatcher, QueueFull
 from serving.errors import DeadlineExceeded, InvalidArgument
 from serving.messages import mode_from_proto, to_index_info_response, to_recommend_response, to_search_response
 from serving.proto.towerline.v1 import retrieval_pb2 as pb
 from serving.proto.towerline.v1 import retrieval_pb2_grpc as pb_grpc
+from serving.results import SearchResult
 from serving.service import Checkpoint, RetrievalService
 
 log = logging.getLogger(__name__)
@@ -43,12 +46,31 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
         self.max_top_k = max_top_k
         self.max_executing = max_executing
         self._executing = threading.BoundedSemaphore(max_executing)
+        # Set by the server when serve.batching is on: Search calls then go through it.
+        self.batcher: MicroBatcher | None = None
 
     def Search(self, request: pb.SearchRequest, context: grpc.ServicerContext) -> pb.SearchResponse:
+        if self.batcher is not None:
+            return to_search_response(self._batched(request, context))
         with self._admitted(context) as service:
             result = service.search(request.query, request.top_k, _deadline_checkpoint(context),
                                     mode_from_proto(request.mode))
         return to_search_response(result)
+
+    def _batched(self, request: pb.SearchRequest, context: grpc.ServicerContext) -> SearchResult:
+        """Through the micro-batcher: the batcher thread encodes and searches, so no execution slot."""
+        service, batcher = self._loaded(context), self.batcher
+        assert batcher is not None
+        with self._mapped_errors(context):
+            mode = service.check_search(request.query, request.top_k, mode_from_proto(request.mode))
+            future = batcher.submit(request.query, request.top_k, mode, context.time_remaining())
+            # A caller that goes away lets the batcher skip its request.
+            context.add_callback(future.cancel)
+            try:
+                return future.result(timeout=context.time_remaining())
+            except FutureTimeout:
+                future.cancel()
+                raise DeadlineExceeded("the deadline ran out while waiting for a batch") from None
 
     def BatchSearch(self, request: pb.BatchSearchRequest, context: grpc.ServicerContext) -> pb.BatchSearchResponse:
         with self._admitted(context) as service:
@@ -94,16 +116,24 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
         if not self._executing.acquire(timeout=max(remaining, 0.0) if remaining is not None else None):
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline ran out while waiting to execute")
         try:
+            with self._mapped_errors(context):
+                yield
+        finally:
+            self._executing.release()
+
+    @contextmanager
+    def _mapped_errors(self, context: grpc.ServicerContext) -> Iterator[None]:
+        try:
             yield
         except InvalidArgument as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except DeadlineExceeded as error:
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(error))
+        except QueueFull as full:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy: {full}; retry with backoff")
         except Exception:
             log.exception("retrieval call failed")
             context.abort(grpc.StatusCode.INTERNAL, "internal error while searching; see the server log")
-        finally:
-            self._executing.release()
 
 
 def _deadline_checkpoint(context: grpc.ServicerContext) -> Checkpoint:

@@ -35,6 +35,8 @@ def test_serve_bench_writes_its_results(tiny_config: TowerlineConfig, tmp_path: 
     assert hybrid["requests"] == 20 and hybrid["concurrency"] == 2
     assert summary["hybrid_qps_over_dense"] == hybrid["qps"] / latencies["qps"]
     assert summary["fusion"].startswith("rrf")
+    assert summary["grpc_search_batched"]["requests"] == 20
+    assert summary["batched_qps_over_dense"] == summary["grpc_search_batched"]["qps"] / latencies["qps"]
 
 
 @pytest.mark.slow

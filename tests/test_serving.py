@@ -437,3 +437,80 @@ def test_committed_stubs_match_the_protos() -> None:
         timeout=60,
     )
     assert check.returncode == 0, check.stderr
+
+
+# --- micro-batching -----------------------------------------------------------------------------
+
+
+class RecordingEncoder:
+    """The real encoder, recording every batch it encodes (and optionally holding the first)."""
+
+    def __init__(self, inner: TorchQueryEncoder, hold_first: bool = False, delay_s: float = 0.0) -> None:
+        self.inner = inner
+        self.embedding_space = inner.embedding_space
+        self.name = inner.name
+        self.batches: list[list[str]] = []
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.hold_first = hold_first
+        self.delay_s = delay_s
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        self.batches.append(list(texts))
+        self.entered.set()
+        if self.hold_first and len(self.batches) == 1:
+            self.release.wait(timeout=10)
+        threading.Event().wait(self.delay_s)
+        return self.inner.encode(texts)
+
+
+BATCHING = LIMITS.model_copy(update={"batching": True, "batch_max_size": 8, "batch_max_wait_ms": 30.0})
+
+
+def test_concurrent_searches_share_encoder_calls_and_get_their_own_hits(
+    encoder: TorchQueryEncoder, index: LoadedIndex
+) -> None:
+    recording = RecordingEncoder(encoder, delay_s=0.05)
+    service = RetrievalService(recording, index, BATCHING)
+    queries = [f"{word} query" for word in ("alpha", "beta", "gamma", "delta")] * 4
+    for address in serve(service, BATCHING):
+        channel, stub = raw_stub(address)
+        with channel:
+            calls = [stub.Search.future(pb.SearchRequest(query=query, top_k=3), timeout=30) for query in queries]
+            responses = [call.result(timeout=30) for call in calls]
+    assert len(recording.batches) < len(queries) and max(map(len, recording.batches)) > 1
+    assert sorted(text for batch in recording.batches for text in batch) == sorted(queries)
+    direct = RetrievalService(encoder, index, LIMITS)
+    for query, response in zip(queries, responses, strict=True):
+        expected = direct.search(query, 3).hits
+        assert [hit.doc_id for hit in response.hits] == [hit.doc_id for hit in expected]
+        assert [hit.score for hit in response.hits] == pytest.approx([hit.score for hit in expected], abs=1e-5)
+
+
+def test_a_batched_search_past_its_deadline_is_dropped_before_encoding(
+    encoder: TorchQueryEncoder, index: LoadedIndex
+) -> None:
+    recording = RecordingEncoder(encoder, hold_first=True)
+    limits = BATCHING.model_copy(update={"batch_max_size": 1, "batch_queue": 1})
+    try:
+        for address in serve(RetrievalService(recording, index, limits), limits):
+            channel, stub = raw_stub(address)
+            with channel:
+                first = stub.Search.future(pb.SearchRequest(query="alpha first", top_k=3), timeout=30)
+                assert recording.entered.wait(timeout=10)  # the batcher is busy with it
+                late = stub.Search.future(pb.SearchRequest(query="beta late", top_k=3), timeout=0.3)
+                threading.Event().wait(0.1)  # `late` is queued: the queue (1) is full now
+                with pytest.raises(grpc.RpcError) as full:
+                    stub.Search(pb.SearchRequest(query="gamma full", top_k=3), timeout=5)
+                assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "serve.batch_queue" in full.value.details()
+                with pytest.raises(grpc.RpcError) as expired:
+                    late.result(timeout=10)
+                assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                recording.release.set()
+                assert len(first.result(timeout=10).hits) == 3
+                # The next call runs; the expired one never reached the encoder.
+                assert len(stub.Search(pb.SearchRequest(query="delta next", top_k=3), timeout=10).hits) == 3
+        assert [batch for batch in recording.batches] == [["alpha first"], ["delta next"]]
+    finally:
+        recording.release.set()

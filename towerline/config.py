@@ -204,6 +204,11 @@ class ServeConfig(Section):
     max_batch: int = Field(256, ge=1)
     max_query_chars: int = Field(4096, ge=1)
     intra_op_threads: int = Field(1, ge=1)
+    # Dynamic micro-batching of Search calls (serving.batcher): off, each call encodes alone.
+    batching: bool = False
+    batch_max_size: int = Field(16, ge=1)
+    batch_max_wait_ms: float = Field(2.0, ge=0)
+    batch_queue: int = Field(256, ge=1)
     # Retrieval mode of a request that names none: "auto" is hybrid when the index has a BM25 side,
     # else dense.
     mode: Literal["auto", "dense", "sparse", "hybrid"] = "auto"

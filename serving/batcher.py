@@ -1,0 +1,101 @@
+"""Dynamic micro-batching: concurrent single-query `Search` calls share one encoder call and one
+index search.
+
+A caller's request (already validated) joins a bounded queue and waits on a future; one batcher
+thread takes the first waiting request, gathers more for at most `serve.batch_max_wait_ms` or until
+`serve.batch_max_size`, drops those whose deadline has passed or whose caller gave up (before any
+encoding), and runs each (top_k, mode) group as one batch. A full queue is refused at once
+(RESOURCE_EXHAUSTED). The latency a result reports includes its time in the queue.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
+
+from serving.errors import DeadlineExceeded
+from serving.results import SearchResult
+from serving.service import RetrievalService
+
+
+class QueueFull(Exception):
+    """The batcher's queue holds serve.batch_queue requests already."""
+
+
+@dataclass
+class Waiting:
+    query: str
+    top_k: int
+    mode: str
+    deadline: float | None  # time.monotonic() seconds; None: no deadline
+    enqueued: float = field(default_factory=time.monotonic)
+    future: Future[SearchResult] = field(default_factory=Future)
+
+
+class MicroBatcher:
+    def __init__(self, service: RetrievalService, max_size: int, max_wait_ms: float, queue_bound: int) -> None:
+        self.service = service
+        self.max_size = max_size
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.queue: queue.Queue[Waiting] = queue.Queue(maxsize=queue_bound)
+        self.batch_sizes: list[int] = []  # sizes of the batches run, for tests and metrics
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="towerline-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, query: str, top_k: int, mode: str, timeout_s: float | None) -> Future[SearchResult]:
+        waiting = Waiting(query, top_k, mode, None if timeout_s is None else time.monotonic() + timeout_s)
+        try:
+            self.queue.put_nowait(waiting)
+        except queue.Full:
+            raise QueueFull(f"{self.queue.maxsize} searches already queued (serve.batch_queue)") from None
+        return waiting.future
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                first = self.queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            self._run(self._gather(first))
+
+    def _gather(self, first: Waiting) -> list[Waiting]:
+        batch = [first]
+        until = time.monotonic() + self.max_wait_s
+        while len(batch) < self.max_size:
+            remaining = until - time.monotonic()
+            try:
+                batch.append(self.queue.get(timeout=remaining) if remaining > 0 else self.queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _run(self, batch: list[Waiting]) -> None:
+        now = time.monotonic()
+        groups: dict[tuple[int, str], list[Waiting]] = defaultdict(list)
+        for waiting in batch:
+            if not waiting.future.set_running_or_notify_cancel():
+                continue  # the caller gave up (cancelled): never encoded
+            if waiting.deadline is not None and waiting.deadline <= now:
+                waiting.future.set_exception(DeadlineExceeded("the deadline ran out while queued for a batch"))
+                continue
+            groups[(waiting.top_k, waiting.mode)].append(waiting)
+        for (top_k, mode), members in groups.items():
+            self.batch_sizes.append(len(members))
+            try:
+                results = self.service.run_checked([member.query for member in members], top_k, mode)
+            except Exception as exc:  # every caller of the batch gets the error; the batcher goes on
+                for member in members:
+                    member.future.set_exception(exc)
+                continue
+            done = time.monotonic()
+            for member, result in zip(members, results, strict=True):
+                member.future.set_result(replace(result, latency_ms=(done - member.enqueued) * 1000.0))
