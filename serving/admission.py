@@ -14,10 +14,13 @@ bound here, not gRPC's thread pool queue, is what a burst meets.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import grpc
+
+from serving.metrics import ServingMetrics
 
 # Threads beyond the admitted calls: health checks, reflection and quick rejections always find one.
 SPARE_THREADS = 4
@@ -31,17 +34,21 @@ class Undecodable:
 
 
 class AdmissionInterceptor(grpc.ServerInterceptor):
-    def __init__(self, service_name: str, max_admitted: int) -> None:
+    def __init__(self, service_name: str, max_admitted: int, metrics: ServingMetrics | None = None) -> None:
         self.prefix = f"/{service_name}/"
         self.max_admitted = max_admitted
+        self.metrics = metrics
         self._slots = threading.BoundedSemaphore(max_admitted)
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
         if handler is None or not details.method.startswith(self.prefix) or handler.unary_unary is None:
             return handler
+        behaviour = self._admitted(handler.unary_unary)
+        if self.metrics is not None:
+            behaviour = _counted(behaviour, details.method.rsplit("/", 1)[-1], self.metrics)
         return grpc.unary_unary_rpc_method_handler(
-            self._admitted(handler.unary_unary),
+            behaviour,
             request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
@@ -55,12 +62,36 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"server busy: {self.max_admitted} retrieval calls admitted "
                               "(serve.max_concurrent_rpcs); retry with backoff or another replica")
+            if self.metrics is not None:
+                self.metrics.admitted.inc()
             try:
                 return behaviour(request, context)
             finally:
                 self._slots.release()
+                if self.metrics is not None:
+                    self.metrics.admitted.dec()
 
         return admitted
+
+
+def _counted(behaviour: Callable[..., Any], method: str, metrics: ServingMetrics) -> Callable[..., Any]:
+    """Requests by status code and their latency, rejections included."""
+
+    def counted(request: Any, context: grpc.ServicerContext) -> Any:
+        started = time.perf_counter()
+        code = "OK"
+        try:
+            return behaviour(request, context)
+        except BaseException:
+            # After context.abort the code is set on the context; anything else ends as UNKNOWN.
+            status = context.code() if hasattr(context, "code") else None
+            code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
+            raise
+        finally:
+            metrics.requests.labels(method=method, code=code).inc()
+            metrics.request_seconds.labels(method=method).observe(time.perf_counter() - started)
+
+    return counted
 
 
 def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:

@@ -18,6 +18,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 
 from serving.errors import DeadlineExceeded
+from serving.metrics import ServingMetrics
 from serving.results import SearchResult
 from serving.service import RetrievalService
 
@@ -37,8 +38,10 @@ class Waiting:
 
 
 class MicroBatcher:
-    def __init__(self, service: RetrievalService, max_size: int, max_wait_ms: float, queue_bound: int) -> None:
+    def __init__(self, service: RetrievalService, max_size: int, max_wait_ms: float, queue_bound: int,
+                 metrics: ServingMetrics | None = None) -> None:
         self.service = service
+        self.metrics = metrics
         self.max_size = max_size
         self.max_wait_s = max_wait_ms / 1000.0
         self.queue: queue.Queue[Waiting] = queue.Queue(maxsize=queue_bound)
@@ -53,6 +56,8 @@ class MicroBatcher:
             self.queue.put_nowait(waiting)
         except queue.Full:
             raise QueueFull(f"{self.queue.maxsize} searches already queued (serve.batch_queue)") from None
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(self.queue.qsize())
         return waiting.future
 
     def stop(self) -> None:
@@ -88,6 +93,10 @@ class MicroBatcher:
                 waiting.future.set_exception(DeadlineExceeded("the deadline ran out while queued for a batch"))
                 continue
             groups[(waiting.top_k, waiting.mode)].append(waiting)
+            if self.metrics is not None:
+                self.metrics.stage("queue_wait", now - waiting.enqueued)
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(self.queue.qsize())
         for (top_k, mode), members in groups.items():
             self.batch_sizes.append(len(members))
             try:

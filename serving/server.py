@@ -15,19 +15,22 @@ from grpc_reflection.v1alpha import reflection
 
 from serving.admission import SPARE_THREADS, AdmissionInterceptor
 from serving.batcher import MicroBatcher
+from serving.metrics import ServingMetrics
 from serving.proto.towerline.v1 import retrieval_pb2_grpc as pb_grpc
 from serving.service import RetrievalService
 from serving.servicer import SERVICE_NAME, RecommendBackend, RetrievalServicer
 from towerline.config import ServeConfig
 from towerline.errors import ConfigError
+from towerline.progress import console
 
 log = logging.getLogger(__name__)
 
 
-def start_server(service: RetrievalService | None, serve: ServeConfig, recommender: RecommendBackend | None = None
-                 ) -> tuple[grpc.Server, int]:
-    """Start serving on serve.host:serve.port (port 0: an ephemeral port); returns (server, port)."""
-    server, port, _, _ = _start(service, serve, recommender)
+def start_server(service: RetrievalService | None, serve: ServeConfig, recommender: RecommendBackend | None = None,
+                 metrics: ServingMetrics | None = None) -> tuple[grpc.Server, int]:
+    """Start serving on serve.host:serve.port (port 0: an ephemeral port); returns (server, port).
+    With `metrics`, calls and stages are recorded there (expose them with metrics.serve_http)."""
+    server, port, _, _ = _start(service, serve, recommender, metrics)
     return server, port
 
 
@@ -43,7 +46,11 @@ def serve_forever(
     """Serve until SIGTERM/SIGINT (or `stop` is set), then drain in-flight calls for `grace_s`."""
     # Concurrency comes from the RPC worker threads; FAISS's own OpenMP threads would oversubscribe.
     faiss.omp_set_num_threads(serve.intra_op_threads)
-    server, port, health_servicer, servicer = _start(service, serve, recommender)
+    metrics = ServingMetrics() if serve.metrics_port is not None else None
+    server, port, health_servicer, servicer = _start(service, serve, recommender, metrics)
+    if metrics is not None and serve.metrics_port is not None:
+        metrics_port = metrics.serve_http(serve.host, serve.metrics_port)
+        console.print(f"Prometheus metrics on [bold]http://{serve.host}:{metrics_port}/metrics[/]")
     stop = stop or threading.Event()
     previous_handlers = _install_signal_handlers(stop)
     try:
@@ -58,22 +65,30 @@ def serve_forever(
         server.stop(grace_s).wait()
         if servicer.batcher is not None:
             servicer.batcher.stop()
+        if metrics is not None:
+            metrics.close()
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)
         log.info("server stopped")
 
 
-def _start(service: RetrievalService | None, serve: ServeConfig, recommender: RecommendBackend | None = None
-           ) -> tuple[grpc.Server, int, health.HealthServicer, RetrievalServicer]:
+def _start(service: RetrievalService | None, serve: ServeConfig, recommender: RecommendBackend | None = None,
+           metrics: ServingMetrics | None = None) -> tuple[grpc.Server, int, health.HealthServicer, RetrievalServicer]:
     # A thread per admitted call plus spares: calls past the admission bound are refused by the
     # interceptor at once, and health checks never queue behind them (serving.admission).
     server = grpc.server(
         ThreadPoolExecutor(max_workers=serve.max_concurrent_rpcs + SPARE_THREADS, thread_name_prefix="towerline-rpc"),
-        interceptors=[AdmissionInterceptor(SERVICE_NAME, serve.max_concurrent_rpcs)],
+        interceptors=[AdmissionInterceptor(SERVICE_NAME, serve.max_concurrent_rpcs, metrics)],
     )
     servicer = RetrievalServicer(service, serve.max_workers, recommender, serve.max_top_k)
+    if service is not None and metrics is not None:
+        service.observer = metrics
+        info = service.info()
+        metrics.index.labels(version=info.index_version, embedding_space=info.embedding_space[:12],
+                             sparse=str(info.sparse).lower()).set(1)
     if serve.batching and service is not None:
-        servicer.batcher = MicroBatcher(service, serve.batch_max_size, serve.batch_max_wait_ms, serve.batch_queue)
+        servicer.batcher = MicroBatcher(service, serve.batch_max_size, serve.batch_max_wait_ms, serve.batch_queue,
+                                        metrics)
     pb_grpc.add_RetrievalServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Protocol, TypeVar
 
 from indexing.layout import INDEX_KIND, METRIC
 from indexing.load import LoadedIndex
@@ -24,6 +25,17 @@ from towerline.errors import ConfigError
 
 # Called between stages; raises (e.g. DeadlineExceeded) to stop before the next expensive step.
 Checkpoint = Callable[[], None]
+
+
+T = TypeVar("T")
+
+
+class StageObserver(Protocol):
+    """Where stage timings go (serving.metrics.ServingMetrics); the service works without one."""
+
+    def stage(self, name: str, seconds: float) -> None: ...
+
+    def batch(self, size: int) -> None: ...
 
 
 def _no_checkpoint() -> None:
@@ -42,6 +54,7 @@ class RetrievalService:
         self.query_encoder = query_encoder
         self.index = index
         self.limits = limits
+        self.observer: StageObserver | None = None
         # Settings tuned on dev for this index version win over the configured defaults.
         self.fusion = index.tuned_fusion or fusion or FusionConfig()
         self.default_mode = limits.mode if limits.mode != "auto" else ("hybrid" if index.sparse else "dense")
@@ -102,15 +115,19 @@ class RetrievalService:
         dense = sparse = None
         if mode != "sparse":
             checkpoint()
-            query_embeddings = self.query_encoder.encode(queries)
+            query_embeddings = self._timed("encode", lambda: self.query_encoder.encode(queries))
+            if self.observer is not None:
+                self.observer.batch(len(queries))
             checkpoint()
-            dense = self.index.search(query_embeddings, depth)
+            dense = self._timed("dense_search", lambda: self.index.search(query_embeddings, depth))
         if mode != "dense":
             checkpoint()
             assert self.index.sparse is not None  # checked by _mode
-            sparse = self.index.sparse.search(queries, depth)
+            sparse_index = self.index.sparse
+            sparse = self._timed("sparse_search", lambda: sparse_index.search(queries, depth))
         if dense is not None and sparse is not None:
-            hits = [fuse(d, s, self.fusion, top_k) for d, s in zip(dense, sparse, strict=True)]
+            both = zip(dense, sparse, strict=True)
+            hits = self._timed("fuse", lambda: [fuse(d, s, self.fusion, top_k) for d, s in both])
         elif dense is not None:
             hits = [one_side(ranked, "dense") for ranked in dense]
         else:
@@ -120,6 +137,13 @@ class RetrievalService:
         latency_ms = (time.perf_counter() - started) * 1000.0
         return [SearchResult(hits=found, index_version=self.index.version, latency_ms=latency_ms, mode=mode)
                 for found in hits]
+
+    def _timed(self, stage: str, work: Callable[[], T]) -> T:
+        started = time.perf_counter()
+        result = work()
+        if self.observer is not None:
+            self.observer.stage(stage, time.perf_counter() - started)
+        return result
 
     def _mode(self, requested: str) -> str:
         mode = requested or self.default_mode

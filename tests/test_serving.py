@@ -514,3 +514,41 @@ def test_a_batched_search_past_its_deadline_is_dropped_before_encoding(
         assert [batch for batch in recording.batches] == [["alpha first"], ["delta next"]]
     finally:
         recording.release.set()
+
+
+def test_metrics_endpoint_counts_calls_by_code_and_times_each_stage(
+    encoder: TorchQueryEncoder, index: LoadedIndex
+) -> None:
+    import urllib.request
+
+    from serving.metrics import ServingMetrics
+
+    metrics = ServingMetrics()
+    service = RetrievalService(encoder, index, LIMITS)
+    server, port = start_server(service, LIMITS, metrics=metrics)
+    metrics_port = metrics.serve_http("127.0.0.1", 0)
+    try:
+        with RetrievalClient(f"127.0.0.1:{port}") as client:
+            for query in QUERIES[:3]:
+                client.search(query, top_k=3)
+            client.batch_search(QUERIES, top_k=3)
+            with pytest.raises(RetrievalRpcError):
+                client.search("", top_k=3)
+            client.health()  # never counted: not a retrieval call
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    finally:
+        server.stop(None)
+        metrics.close()
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line and not line.startswith("#")}
+    assert samples['towerline_requests_total{code="OK",method="Search"}'] == 3
+    assert samples['towerline_requests_total{code="OK",method="BatchSearch"}'] == 1
+    assert samples['towerline_requests_total{code="INVALID_ARGUMENT",method="Search"}'] == 1
+    assert not any("Check" in name for name in samples)
+    assert samples['towerline_request_seconds_count{method="Search"}'] == 4
+    assert samples['towerline_stage_seconds_count{stage="encode"}'] == 4  # 3 searches + 1 batch
+    assert samples['towerline_stage_seconds_count{stage="dense_search"}'] == 4
+    assert samples["towerline_batch_size_sum"] == 3 + len(QUERIES)
+    assert samples["towerline_admitted_calls"] == 0
+    version_line = next(name for name in samples if name.startswith("towerline_index_info"))
+    assert f'version="{index.version}"' in version_line

@@ -204,6 +204,8 @@ class ServeConfig(Section):
     max_batch: int = Field(256, ge=1)
     max_query_chars: int = Field(4096, ge=1)
     intra_op_threads: int = Field(1, ge=1)
+    # Prometheus /metrics on this HTTP port (0: any free port); unset: no metrics endpoint.
+    metrics_port: int | None = Field(None, ge=0, le=65535)
     # Dynamic micro-batching of Search calls (serving.batcher): off, each call encodes alone.
     batching: bool = False
     batch_max_size: int = Field(16, ge=1)
