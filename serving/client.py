@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
@@ -16,19 +18,51 @@ from serving.proto.towerline.v1 import retrieval_pb2 as pb
 from serving.proto.towerline.v1 import retrieval_pb2_grpc as pb_grpc
 from serving.results import Hit, IndexInfo, Recommendation, SearchResult
 from serving.servicer import SERVICE_NAME
+from towerline.errors import ConfigError
 
 Response = TypeVar("Response")
+
+# Round-robin over the resolved addresses; UNAVAILABLE (a replica down or without an index) is
+# retried with exponential backoff — gRPC retries only calls no server has begun to answer.
+SERVICE_CONFIG = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [{
+        "name": [{"service": SERVICE_NAME}],
+        "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.05s", "maxBackoff": "1s", "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"]},
+    }],
+}
+CHANNEL_OPTIONS = [("grpc.service_config", json.dumps(SERVICE_CONFIG)), ("grpc.enable_retries", 1)]
+
+
+def channel_target(address: str) -> str:
+    """One "host:port" as it is; several comma-separated replicas as gRPC's static ipv4:/ipv6: list."""
+    replicas = [part.strip() for part in address.split(",") if part.strip()]
+    if len(replicas) == 1:
+        return replicas[0]
+    hosts = [replica.rsplit(":", 1)[0].strip("[]") for replica in replicas]
+    try:
+        versions = {ipaddress.ip_address(host).version for host in hosts}
+    except ValueError:
+        raise ConfigError(f"several addresses must be IP literals (ip:port,ip:port), got {address!r}; for host "
+                         "names use one DNS name that resolves to every replica") from None
+    if len(versions) > 1:
+        raise ConfigError(f"several addresses must be all IPv4 or all IPv6, got {address!r}")
+    return f"ipv{versions.pop()}:{','.join(replicas)}"
 
 
 class RetrievalClient:
     """`with RetrievalClient("host:port") as client: client.search("query", top_k=10)`."""
 
-    def __init__(self, address: str, timeout_s: float = 10.0, batch_size: int = 64) -> None:
-        self.address = address
+    def __init__(self, address: str | Sequence[str], timeout_s: float = 10.0, batch_size: int = 64) -> None:
+        """`address`: "host:port", or several replicas ("ip:port,ip:port" or a list of IP literals) that
+        calls are spread over round-robin; a call answered UNAVAILABLE is retried with backoff (on
+        another replica when there are several)."""
+        self.address = address if isinstance(address, str) else ",".join(address)
         self.timeout_s = timeout_s
         # Queries per BatchSearch call; keep it at or below the server's serve.max_batch.
         self.batch_size = batch_size
-        self._channel = grpc.insecure_channel(address)
+        self._channel = grpc.insecure_channel(channel_target(self.address), options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.RetrievalServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 

@@ -552,3 +552,37 @@ def test_metrics_endpoint_counts_calls_by_code_and_times_each_stage(
     assert samples["towerline_admitted_calls"] == 0
     version_line = next(name for name in samples if name.startswith("towerline_index_info"))
     assert f'version="{index.version}"' in version_line
+
+
+def test_the_client_spreads_calls_over_replicas_and_retries_an_unavailable_one(
+    encoder: TorchQueryEncoder, index: LoadedIndex
+) -> None:
+    """Two replicas, one of them without an index (UNAVAILABLE): every call still succeeds, the
+    client's retry landing on the serving replica; with two serving replicas both get calls; then one
+    is stopped under the client and no call is lost."""
+    from serving.client import channel_target
+    from towerline.errors import ConfigError
+
+    first, second = (RecordingEncoder(encoder) for _ in range(2))
+    serving_a, port_a = start_server(RetrievalService(first, index, LIMITS), LIMITS)
+    empty, port_empty = start_server(None, LIMITS)
+    try:
+        with RetrievalClient([f"127.0.0.1:{port_a}", f"127.0.0.1:{port_empty}"]) as client:
+            assert all(len(client.search(query, 3)) == 3 for query in QUERIES * 4)
+        assert len(first.batches) == len(QUERIES) * 4
+        serving_b, port_b = start_server(RetrievalService(second, index, LIMITS), LIMITS)
+        try:
+            with RetrievalClient(f"127.0.0.1:{port_a},127.0.0.1:{port_b}") as client:
+                assert all(len(client.search(query, 3)) == 3 for query in QUERIES * 4)
+                assert len(second.batches) > 0 and len(first.batches) > len(QUERIES) * 4
+                serving_b.stop(None).wait()
+                assert all(len(client.search(query, 3)) == 3 for query in QUERIES * 4)
+        finally:
+            serving_b.stop(None)
+    finally:
+        serving_a.stop(None)
+        empty.stop(None)
+    assert channel_target("localhost:50051") == "localhost:50051"
+    assert channel_target("10.0.0.1:1, 10.0.0.2:2") == "ipv4:10.0.0.1:1,10.0.0.2:2"
+    with pytest.raises(ConfigError, match="IP literals"):
+        channel_target("a.example:1,b.example:2")
