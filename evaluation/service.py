@@ -7,13 +7,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 from evaluation.run import evaluate
-from serving.client import RetrievalClient
+from serving.client import ClientTls, RetrievalClient
 from serving.results import RETRIEVAL_MODES
 from towerline.config import TowerlineConfig
 
 
-def evaluate_service(config: TowerlineConfig, address: str, output: Path, mode: str = "") -> dict[str, float]:
-    with RetrievalClient(address) as client:
+def evaluate_service(config: TowerlineConfig, address: str, output: Path, mode: str = "", *,
+                     token: str | None = None, tls: ClientTls | None = None) -> dict[str, float]:
+    with RetrievalClient(address, token=token, tls=tls) as client:
         client.wait_ready(timeout=30)
         info = client.info()
 

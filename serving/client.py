@@ -6,6 +6,8 @@ import ipaddress
 import json
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
@@ -17,6 +19,7 @@ from serving.messages import MODE_TO_PROTO, from_index_info_response, from_recom
 from serving.proto.towerline.v1 import retrieval_pb2 as pb
 from serving.proto.towerline.v1 import retrieval_pb2_grpc as pb_grpc
 from serving.results import Hit, IndexInfo, Recommendation, SearchResult
+from serving.security import read_secret
 from serving.servicer import SERVICE_NAME
 from towerline.errors import ConfigError
 
@@ -33,6 +36,24 @@ SERVICE_CONFIG = {
     }],
 }
 CHANNEL_OPTIONS = [("grpc.service_config", json.dumps(SERVICE_CONFIG)), ("grpc.enable_retries", 1)]
+
+
+@dataclass(frozen=True)
+class ClientTls:
+    """PEM files: the CA that signed the server's certificate; for mutual TLS, this client's own pair."""
+
+    ca_file: Path
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ConfigError("mutual TLS needs both a client certificate and its key")
+        return grpc.ssl_channel_credentials(
+            root_certificates=read_secret(self.ca_file, "--tls-ca"),
+            private_key=read_secret(self.key_file, "--tls-key") if self.key_file else None,
+            certificate_chain=read_secret(self.cert_file, "--tls-cert") if self.cert_file else None,
+        )
 
 
 def channel_target(address: str) -> str:
@@ -54,15 +75,20 @@ def channel_target(address: str) -> str:
 class RetrievalClient:
     """`with RetrievalClient("host:port") as client: client.search("query", top_k=10)`."""
 
-    def __init__(self, address: str | Sequence[str], timeout_s: float = 10.0, batch_size: int = 64) -> None:
+    def __init__(self, address: str | Sequence[str], timeout_s: float = 10.0, batch_size: int = 64, *,
+                 token: str | None = None, tls: ClientTls | None = None) -> None:
         """`address`: "host:port", or several replicas ("ip:port,ip:port" or a list of IP literals) that
         calls are spread over round-robin; a call answered UNAVAILABLE is retried with backoff (on
-        another replica when there are several)."""
+        another replica when there are several). `token`: sent as `authorization: Bearer <token>`;
+        `tls`: a TLS channel (mutual TLS with a client certificate)."""
         self.address = address if isinstance(address, str) else ",".join(address)
         self.timeout_s = timeout_s
         # Queries per BatchSearch call; keep it at or below the server's serve.max_batch.
         self.batch_size = batch_size
-        self._channel = grpc.insecure_channel(channel_target(self.address), options=CHANNEL_OPTIONS)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        target = channel_target(self.address)
+        self._channel = (grpc.secure_channel(target, tls.credentials(), options=CHANNEL_OPTIONS) if tls is not None
+                         else grpc.insecure_channel(target, options=CHANNEL_OPTIONS))
         self._stub = pb_grpc.RetrievalServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -140,7 +166,7 @@ class RetrievalClient:
 
     def _call(self, method: Callable[..., Response], request: object) -> Response:
         try:
-            return method(request, timeout=self.timeout_s)
+            return method(request, timeout=self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as error:
             raise RetrievalRpcError(error.code().name, error.details() or "") from None
 

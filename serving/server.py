@@ -17,6 +17,7 @@ from serving.admission import SPARE_THREADS, AdmissionInterceptor
 from serving.batcher import MicroBatcher
 from serving.metrics import ServingMetrics
 from serving.proto.towerline.v1 import retrieval_pb2_grpc as pb_grpc
+from serving.security import auth_interceptors, server_credentials
 from serving.service import RetrievalService
 from serving.servicer import SERVICE_NAME, RecommendBackend, RetrievalServicer
 from towerline.config import ServeConfig
@@ -78,7 +79,9 @@ def _start(service: RetrievalService | None, serve: ServeConfig, recommender: Re
     # interceptor at once, and health checks never queue behind them (serving.admission).
     server = grpc.server(
         ThreadPoolExecutor(max_workers=serve.max_concurrent_rpcs + SPARE_THREADS, thread_name_prefix="towerline-rpc"),
-        interceptors=[AdmissionInterceptor(SERVICE_NAME, serve.max_concurrent_rpcs, metrics)],
+        # Auth first: an unauthenticated call never takes an admission slot.
+        interceptors=[*auth_interceptors(serve),
+                      AdmissionInterceptor(SERVICE_NAME, serve.max_concurrent_rpcs, metrics)],
     )
     servicer = RetrievalServicer(service, serve.max_workers, recommender, serve.max_top_k)
     if service is not None and metrics is not None:
@@ -100,8 +103,10 @@ def _start(service: RetrievalService | None, serve: ServeConfig, recommender: Re
         server,
     )
     address = f"{serve.host}:{serve.port}"
+    credentials = server_credentials(serve)
     try:
-        port = server.add_insecure_port(address)
+        port = (server.add_secure_port(address, credentials) if credentials is not None
+                else server.add_insecure_port(address))
     except RuntimeError as exc:
         raise ConfigError(f"cannot bind {address} ({exc}); is the port in use?") from None
     if port == 0:

@@ -67,9 +67,27 @@ ConfigOption = Annotated[
 Overrides = Annotated[
     list[str] | None, typer.Argument(help="Config overrides as key=value, e.g. train.epochs=2 index.type=hnsw.")
 ]
+TokenFileOption = Annotated[
+    Path | None, typer.Option(help="file holding the bearer token the service requires (serve.auth_token_file)")
+]
+TlsCaOption = Annotated[Path | None, typer.Option(help="TLS: CA certificate (PEM) that signed the server's")]
+TlsCertOption = Annotated[Path | None, typer.Option(help="mutual TLS: this client's certificate (PEM)")]
+TlsKeyOption = Annotated[Path | None, typer.Option(help="mutual TLS: this client's private key (PEM)")]
 OutOption = Annotated[
     Path | None, typer.Option("--out", "-o", help="Output artifact directory (default: RUN_DIR/<stage>; run_dir=runs).")
 ]
+
+
+def _client_security(token_file: Path | None, tls_ca: Path | None, tls_cert: Path | None,
+                     tls_key: Path | None) -> dict[str, Any]:
+    """RetrievalClient keyword arguments from the CLI's --token-file / --tls-* options."""
+    from serving.client import ClientTls
+    from serving.security import read_secret
+
+    if tls_ca is None and (tls_cert or tls_key):
+        raise ConfigError("--tls-cert / --tls-key need --tls-ca")
+    return {"token": read_secret(token_file, "--token-file").decode().strip() if token_file else None,
+            "tls": ClientTls(tls_ca, tls_cert, tls_key) if tls_ca else None}
 
 
 def _offline_environment() -> None:
@@ -475,6 +493,10 @@ def search(
     titles: Annotated[
         bool, typer.Option(help="show titles from the configured dataset (data.dir / $TOWERLINE_DATA_DIR / bundled)")
     ] = True,
+    token_file: TokenFileOption = None,
+    tls_ca: TlsCaOption = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
     config_file: ConfigOption = None,
     overrides: Overrides = None,
 ) -> None:
@@ -484,7 +506,7 @@ def search(
     from towerline.display import print_hits
 
     config = _config(config_file, overrides)
-    with RetrievalClient(address) as client:
+    with RetrievalClient(address, **_client_security(token_file, tls_ca, tls_cert, tls_key)) as client:
         try:
             result = client.search_result(query, top_k, mode)
         except ValueError as exc:
@@ -505,6 +527,10 @@ def evaluate(
     mode: Annotated[
         str, typer.Option(help="dense, sparse (BM25), hybrid, or all: every mode the index version has")
     ] = "all",
+    token_file: TokenFileOption = None,
+    tls_ca: TlsCaOption = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
     config_file: ConfigOption = None,
     out: OutOption = None,
     overrides: Overrides = None,
@@ -522,6 +548,7 @@ def evaluate(
         raise ConfigError(f"--mode {mode!r}: expected dense, sparse, hybrid or all")
     config = _config(config_file, overrides)
     output = _out(out, config, "eval")
+    security: dict[str, Any] = {}
     if index is not None:
         from indexing.load import load_index
 
@@ -529,7 +556,8 @@ def evaluate(
     else:
         from serving.client import RetrievalClient
 
-        with RetrievalClient(address) as client:
+        security = _client_security(token_file, tls_ca, tls_cert, tls_key)
+        with RetrievalClient(address, **security) as client:
             client.wait_ready(timeout=30)
             has_sparse = client.info().sparse
     modes = modes_served(has_sparse) if mode == "all" else (mode,)
@@ -538,7 +566,7 @@ def evaluate(
         for each in modes:
             target = output / each if mode == "all" else output
             rows[each] = (evaluate_artifacts(config, index, encoder or config.run_dir / "onnx", target, each)
-                          if index is not None else evaluate_service(config, address, target, each))
+                          if index is not None else evaluate_service(config, address, target, each, **security))
             tracker.metrics({f"eval.{each}.{k}": v for k, v in rows[each].items()})
             tracker.artifact_dir(target, f"eval/{each}")
     table = Table(title=f"qrels/{config.eval.split}" + (f", {address}" if index is None else f", {index}"))

@@ -204,6 +204,13 @@ class ServeConfig(Section):
     max_batch: int = Field(256, ge=1)
     max_query_chars: int = Field(4096, ge=1)
     intra_op_threads: int = Field(1, ge=1)
+    # A file holding the bearer token every retrieval call must send (unset: no auth). Health
+    # checks stay open for probes.
+    auth_token_file: Path | None = None
+    # TLS: certificate chain and private key (PEM); with a client CA too, mutual TLS.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
     # Prometheus /metrics on this HTTP port (0: any free port); unset: no metrics endpoint.
     metrics_port: int | None = Field(None, ge=0, le=65535)
     # Dynamic micro-batching of Search calls (serving.batcher): off, each call encodes alone.
