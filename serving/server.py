@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -39,12 +40,14 @@ def serve_forever(
     service: RetrievalService | None,
     serve: ServeConfig,
     *,
-    grace_s: float = 5.0,
+    grace_s: float | None = None,
     stop: threading.Event | None = None,
     on_started: Callable[[int], None] | None = None,
     recommender: RecommendBackend | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT (or `stop` is set), then drain in-flight calls for `grace_s`."""
+    """Serve until SIGTERM/SIGINT (or `stop` is set); then health goes NOT_SERVING, new calls are
+    still answered for serve.drain_delay_s (load balancers see the status and stop routing here),
+    and in-flight calls get `grace_s` (default serve.shutdown_grace_s) to finish."""
     # Concurrency comes from the RPC worker threads; FAISS's own OpenMP threads would oversubscribe.
     faiss.omp_set_num_threads(serve.intra_op_threads)
     metrics = ServingMetrics() if serve.metrics_port is not None else None
@@ -63,7 +66,10 @@ def serve_forever(
     finally:
         # NOT_SERVING first, so load balancers stop routing here while in-flight calls finish.
         health_servicer.enter_graceful_shutdown()
-        server.stop(grace_s).wait()
+        if serve.drain_delay_s > 0:
+            log.info("NOT_SERVING; answering calls for %.1f s more before stopping", serve.drain_delay_s)
+            time.sleep(serve.drain_delay_s)
+        server.stop(serve.shutdown_grace_s if grace_s is None else grace_s).wait()
         if servicer.batcher is not None:
             servicer.batcher.stop()
         if metrics is not None:

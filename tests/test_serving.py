@@ -586,3 +586,25 @@ def test_the_client_spreads_calls_over_replicas_and_retries_an_unavailable_one(
     assert channel_target("10.0.0.1:1, 10.0.0.2:2") == "ipv4:10.0.0.1:1,10.0.0.2:2"
     with pytest.raises(ConfigError, match="IP literals"):
         channel_target("a.example:1,b.example:2")
+
+
+def test_a_stop_turns_health_not_serving_and_still_answers_during_the_drain_delay(
+    encoder: TorchQueryEncoder, index: LoadedIndex
+) -> None:
+    limits = LIMITS.model_copy(update={"drain_delay_s": 1.5, "shutdown_grace_s": 2.0})
+    stop, ready, started = threading.Event(), threading.Event(), []
+    thread = threading.Thread(target=serve_forever, args=(RetrievalService(encoder, index, limits), limits),
+                              kwargs={"stop": stop, "on_started": lambda port: (started.append(port), ready.set())})
+    thread.start()
+    try:
+        assert ready.wait(timeout=10)
+        with RetrievalClient(f"127.0.0.1:{started[0]}", timeout_s=2) as client:
+            client.wait_ready(timeout=5)
+            stop.set()
+            assert _wait_until(lambda: client.health() == "NOT_SERVING", timeout_s=1.0)
+            assert len(client.search("alpha", top_k=3)) == 3  # still answered while draining
+            assert thread.is_alive()
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+    finally:
+        stop.set()

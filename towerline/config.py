@@ -204,6 +204,11 @@ class ServeConfig(Section):
     max_batch: int = Field(256, ge=1)
     max_query_chars: int = Field(4096, ge=1)
     intra_op_threads: int = Field(1, ge=1)
+    # On SIGTERM: health goes NOT_SERVING, calls are still answered for drain_delay_s (a load
+    # balancer's probe interval, so it stops routing here first), then in-flight calls get
+    # shutdown_grace_s to finish.
+    drain_delay_s: float = Field(0.0, ge=0)
+    shutdown_grace_s: float = Field(5.0, ge=0)
     # A file holding the bearer token every retrieval call must send (unset: no auth). Health
     # checks stay open for probes.
     auth_token_file: Path | None = None
