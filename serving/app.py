@@ -45,19 +45,38 @@ def load_recommender(config: TowerlineConfig, root: Path) -> RecommendBackend:
 
 def serve_until_stopped(config: TowerlineConfig, index_path: Path, encoder_path: Path,
                         recommender_root: Path | None = None) -> None:
+    from serving.reload import Reloader
+
     recommender = None
     if recommender_root is not None:
         with status(f"loading the recommender from {recommender_root}"):
             recommender = load_recommender(config, recommender_root)
-    with status(f"loading {index_path} and {encoder_path}"):
-        service = build_service(config, index_path, encoder_path)
-    info = service.info()
-    console.print(
-        f"index [bold]{info.index_version}[/] ({info.index_type}, {info.count} docs, dim {info.dim}), "
-        f"encoder [bold]{info.encoder_name}[/]"
-    )
+    reloading = config.serve.reload_interval_s > 0
+    service = None
+    if reloading and _nothing_published(index_path):
+        console.print(f"[yellow]no index at {index_path} yet: NOT_SERVING until one is published there "
+                      f"(looked for every {config.serve.reload_interval_s:g} s)")
+    else:
+        with status(f"loading {index_path} and {encoder_path}"):
+            service = build_service(config, index_path, encoder_path)
+        info = service.info()
+        console.print(
+            f"index [bold]{info.index_version}[/] ({info.index_type}, {info.count} docs, dim {info.dim}"
+            f"{', + BM25' if info.sparse else ''}), encoder [bold]{info.encoder_name}[/], default mode "
+            f"{info.default_mode}"
+        )
+    reloader = Reloader(config, index_path, encoder_path, serving=service) if reloading else None
 
     def announce(port: int) -> None:
-        console.print(f"serving towerline.v1.RetrievalService on [bold]{config.serve.host}:{port}[/]; Ctrl-C stops")
+        console.print(f"serving towerline.v1.RetrievalService on [bold]{config.serve.host}:{port}[/]; Ctrl-C stops"
+                      + ("; SIGHUP reloads" if reloading else ""))
 
-    serve_forever(service, config.serve, on_started=announce, recommender=recommender)
+    serve_forever(service, config.serve, on_started=announce, recommender=recommender, reloader=reloader)
+
+
+def _nothing_published(index_path: Path) -> bool:
+    """A registry entry without CURRENT yet, or a path where no artifact exists yet."""
+    from indexing.publish import is_registry_entry
+    from towerline.artifacts import MANIFEST_NAME
+
+    return not is_registry_entry(index_path) and not (Path(index_path) / MANIFEST_NAME).is_file()

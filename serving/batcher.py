@@ -40,6 +40,7 @@ class Waiting:
 class MicroBatcher:
     def __init__(self, service: RetrievalService, max_size: int, max_wait_ms: float, queue_bound: int,
                  metrics: ServingMetrics | None = None) -> None:
+        # Replaced by a hot reload (serving.reload); a batch runs on the service it started with.
         self.service = service
         self.metrics = metrics
         self.max_size = max_size
@@ -97,10 +98,11 @@ class MicroBatcher:
                 self.metrics.stage("queue_wait", now - waiting.enqueued)
         if self.metrics is not None:
             self.metrics.queue_depth.set(self.queue.qsize())
+        service = self.service
         for (top_k, mode), members in groups.items():
             self.batch_sizes.append(len(members))
             try:
-                results = self.service.run_checked([member.query for member in members], top_k, mode)
+                results = service.run_checked([member.query for member in members], top_k, mode)
             except Exception as exc:  # every caller of the batch gets the error; the batcher goes on
                 for member in members:
                     member.future.set_exception(exc)

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import faiss
 import grpc
@@ -24,6 +25,9 @@ from serving.servicer import SERVICE_NAME, RecommendBackend, RetrievalServicer
 from towerline.config import ServeConfig
 from towerline.errors import ConfigError
 from towerline.progress import console
+
+if TYPE_CHECKING:
+    from serving.reload import Reloader
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +48,10 @@ def serve_forever(
     stop: threading.Event | None = None,
     on_started: Callable[[int], None] | None = None,
     recommender: RecommendBackend | None = None,
+    reloader: Reloader | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT (or `stop` is set); then health goes NOT_SERVING, new calls are
+    """Serve until SIGTERM/SIGINT (or `stop` is set), swapping in what `reloader` finds (SIGHUP: look
+    now); then health goes NOT_SERVING, new calls are
     still answered for serve.drain_delay_s (load balancers see the status and stop routing here),
     and in-flight calls get `grace_s` (default serve.shutdown_grace_s) to finish."""
     # Concurrency comes from the RPC worker threads; FAISS's own OpenMP threads would oversubscribe.
@@ -56,7 +62,10 @@ def serve_forever(
         metrics_port = metrics.serve_http(serve.host, serve.metrics_port)
         console.print(f"Prometheus metrics on [bold]http://{serve.host}:{metrics_port}/metrics[/]")
     stop = stop or threading.Event()
-    previous_handlers = _install_signal_handlers(stop)
+    previous_handlers = _install_signal_handlers(stop, reloader.wake if reloader is not None else None)
+    if reloader is not None:
+        reloader.on_swap = lambda new: install_service(servicer, health_servicer, new, serve, metrics)
+        threading.Thread(target=reloader.run, args=(stop,), name="towerline-reload", daemon=True).start()
     try:
         if on_started:
             on_started(port)
@@ -90,20 +99,14 @@ def _start(service: RetrievalService | None, serve: ServeConfig, recommender: Re
                       AdmissionInterceptor(SERVICE_NAME, serve.max_concurrent_rpcs, metrics)],
     )
     servicer = RetrievalServicer(service, serve.max_workers, recommender, serve.max_top_k)
-    if service is not None and metrics is not None:
-        service.observer = metrics
-        info = service.info()
-        metrics.index.labels(version=info.index_version, embedding_space=info.embedding_space[:12],
-                             sparse=str(info.sparse).lower()).set(1)
-    if serve.batching and service is not None:
-        servicer.batcher = MicroBatcher(service, serve.batch_max_size, serve.batch_max_wait_ms, serve.batch_queue,
-                                        metrics)
-    pb_grpc.add_RetrievalServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
+    if service is not None:
+        install_service(servicer, health_servicer, service, serve, metrics)
+    else:
+        for name in ("", SERVICE_NAME):
+            health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    pb_grpc.add_RetrievalServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    state = health_pb2.HealthCheckResponse.SERVING if service else health_pb2.HealthCheckResponse.NOT_SERVING
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, state)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
@@ -121,7 +124,24 @@ def _start(service: RetrievalService | None, serve: ServeConfig, recommender: Re
     return server, port, health_servicer, servicer
 
 
-def _install_signal_handlers(stop: threading.Event) -> dict[int, object]:
+def install_service(servicer: RetrievalServicer, health_servicer: health.HealthServicer, service: RetrievalService,
+                    serve: ServeConfig, metrics: ServingMetrics | None) -> None:
+    """Make `service` the one answering (at start, and on every hot reload) and report SERVING."""
+    if metrics is not None:
+        service.observer = metrics
+        info = service.info()
+        metrics.index.clear()
+        metrics.index.labels(version=info.index_version, embedding_space=info.embedding_space[:12],
+                             sparse=str(info.sparse).lower()).set(1)
+    if serve.batching and servicer.batcher is None:
+        servicer.batcher = MicroBatcher(service, serve.batch_max_size, serve.batch_max_wait_ms, serve.batch_queue,
+                                        metrics)
+    servicer.swap(service)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+def _install_signal_handlers(stop: threading.Event, reload_now: threading.Event | None) -> dict[int, object]:
     # Python only lets the main thread install handlers; elsewhere the caller stops via `stop`.
     if threading.current_thread() is not threading.main_thread():
         return {}
@@ -129,4 +149,7 @@ def _install_signal_handlers(stop: threading.Event) -> dict[int, object]:
     for signum in (signal.SIGTERM, signal.SIGINT):
         previous[signum] = signal.getsignal(signum)
         signal.signal(signum, lambda *_: stop.set())
+    if reload_now is not None:
+        previous[signal.SIGHUP] = signal.getsignal(signal.SIGHUP)
+        signal.signal(signal.SIGHUP, lambda *_: reload_now.set())
     return previous

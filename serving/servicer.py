@@ -57,6 +57,13 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
                                     mode_from_proto(request.mode))
         return to_search_response(result)
 
+    def swap(self, service: RetrievalService) -> None:
+        """Serve `service` from the next call on (a reference assignment: atomic); calls in flight
+        finish on the one they started with."""
+        self.service = service
+        if self.batcher is not None:
+            self.batcher.service = service
+
     def _batched(self, request: pb.SearchRequest, context: grpc.ServicerContext) -> SearchResult:
         """Through the micro-batcher: the batcher thread encodes and searches, so no execution slot."""
         service, batcher = self._loaded(context), self.batcher

@@ -204,6 +204,9 @@ class ServeConfig(Section):
     max_batch: int = Field(256, ge=1)
     max_query_chars: int = Field(4096, ge=1)
     intra_op_threads: int = Field(1, ge=1)
+    # Follow the index (a registry's CURRENT, or an artifact re-sealed in place) and the query
+    # encoder: look every reload_interval_s seconds (and at once on SIGHUP); 0 turns it off.
+    reload_interval_s: float = Field(10.0, ge=0)
     # On SIGTERM: health goes NOT_SERVING, calls are still answered for drain_delay_s (a load
     # balancer's probe interval, so it stops routing here first), then in-flight calls get
     # shutdown_grace_s to finish.
