@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import faiss
@@ -34,6 +35,9 @@ class LoadedIndex:
     sparse: Bm25Index | None = None
     # The fusion settings `eval tune-fusion` chose on dev for this version (FUSION_FILE), if any.
     tuned_fusion: FusionConfig | None = None
+    # A GPU index is not safe to search from several threads at once (FAISS's GPU resources are
+    # per index); CPU indexes are, and are searched without it.
+    _gpu_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def embedding_space(self) -> str:
@@ -63,7 +67,11 @@ class LoadedIndex:
             raise ValueError(f"query embeddings have dim {queries.shape[1]}, the index has dim {self.dim}")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        scores, rows = self.index.search(queries, min(k, max(self.size, 1)))
+        if self.on_gpu:
+            with self._gpu_lock:
+                scores, rows = self.index.search(queries, min(k, max(self.size, 1)))
+        else:
+            scores, rows = self.index.search(queries, min(k, max(self.size, 1)))
         return [self._hits(row_ids, row_scores) for row_ids, row_scores in zip(rows, scores, strict=True)]
 
     def _hits(self, row_ids: np.ndarray, row_scores: np.ndarray) -> Hits:
