@@ -1,12 +1,18 @@
-"""`towerline bench serve`: query-encoder throughput (PyTorch vs ONNX Runtime) and gRPC latency,
-dense-only and (when the index version has a BM25 side) hybrid, at the same concurrency.
+"""`towerline bench serve`: the retrieval service under load, against its ceiling and a naive baseline.
 
-Every figure is measured in the same run on the same machine, so the ratios are what to read;
-absolute numbers move with the machine's load.
+In one run, on the same machine (ratios are what to read; absolute numbers move with its load):
+- query encoders: PyTorch vs ONNX Runtime texts/s at batch 1 and 32, one intra-op thread;
+- the ceiling: the ONNX encoder alone with every core, at its best batch size;
+- a naive baseline: one request at a time, in-process PyTorch encode + FAISS search, no batching;
+- gRPC `Search` on loopback, served as `towerline serve` serves it, at several client concurrencies,
+  unbatched and micro-batched (`serve.batching`), and hybrid beside dense at `--concurrency`; calls
+  shed with RESOURCE_EXHAUSTED are counted, never fatal.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,9 +21,12 @@ from typing import Any
 from evaluation.latency import encoder_throughput
 from evaluation.load import run_load
 from towerline.beir import load_dataset
-from towerline.config import TowerlineConfig
+from towerline.config import ServeConfig, TowerlineConfig
 from towerline.progress import console, status
 from towerline.results import result_header, write_results
+
+CONCURRENCIES = (1, 8, 32, 64)
+CEILING_BATCHES = (1, 8, 32, 64)
 
 
 def _grpc_load(address: str, texts: list[str], requests: int, concurrency: int, top_k: int,
@@ -33,6 +42,18 @@ def _grpc_load(address: str, texts: list[str], requests: int, concurrency: int, 
     return run_load(open_caller, requests, concurrency)
 
 
+@contextmanager
+def _served(config: TowerlineConfig, index_path: Path, onnx_path: Path, serve: ServeConfig) -> Iterator[str]:
+    from serving.app import build_service
+    from serving.server import start_server
+
+    server, port = start_server(build_service(config, index_path, onnx_path), serve)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(grace=2).wait()
+
+
 def run_serve_bench(
     config: TowerlineConfig,
     index_path: Path,
@@ -42,10 +63,10 @@ def run_serve_bench(
     *,
     requests: int,
     concurrency: int,
+    concurrencies: tuple[int, ...] = CONCURRENCIES,
 ) -> dict[str, Any]:
-    from serving.app import build_service
+    from indexing.load import load_index
     from serving.onnx_encoder import OnnxQueryEncoder
-    from serving.server import start_server
     from serving.torch_encoder import TorchQueryEncoder
 
     dataset = load_dataset(config.data, [config.eval.split])
@@ -63,43 +84,67 @@ def run_serve_bench(
                 "onnx_texts_per_s": onnx_rate,
                 "onnx_over_torch": onnx_rate / torch_rate,
             }
+    with status("the ceiling: the ONNX encoder alone, every core, best batch size"):
+        cores = os.cpu_count() or 1
+        all_cores = OnnxQueryEncoder(onnx_path, intra_op_threads=cores)
+        by_batch = {str(size): encoder_throughput(all_cores, texts, size) for size in CEILING_BATCHES}
+        best = max(by_batch, key=lambda size: by_batch[size])
+        ceiling = {"cores": cores, "texts_per_s_by_batch": by_batch, "best_batch": int(best),
+                   "texts_per_s": by_batch[best]}
+    with status("the naive baseline: one request at a time, PyTorch encode + FAISS search in-process"):
+        index = load_index(index_path, config.index)
+        started = time.perf_counter()
+        for text in texts:
+            index.search(torch_encoder.encode([text]), 10)
+        naive = {"qps": len(texts) / (time.perf_counter() - started), "requests": len(texts)}
+
     serve_config = config.serve.model_copy(update={"host": "127.0.0.1", "port": 0})
-    service = build_service(config, index_path, onnx_path)
-    modes = ("dense", "hybrid") if service.index.sparse is not None else ("dense",)
-    server, port = start_server(service, serve_config)
-    grpc_modes: dict[str, dict[str, float]] = {}
-    try:
-        for mode in modes:
-            with status(f"gRPC load, {mode}: {requests} Search calls from {concurrency} client threads"):
-                grpc_modes[mode] = _grpc_load(f"127.0.0.1:{port}", texts, requests, concurrency, 10, mode)
-    finally:
-        server.stop(grace=2).wait()
-    grpc_figures = grpc_modes["dense"]
-    hybrid = grpc_modes.get("hybrid")
-    # The same dense load through the micro-batcher (serve.batching), to choose its default here.
     batching = serve_config.model_copy(update={"batching": True})
-    server, port = start_server(build_service(config, index_path, onnx_path), batching)
-    try:
-        with status(f"gRPC load, dense, micro-batched: {requests} Search calls from {concurrency} client threads"):
-            batched = _grpc_load(f"127.0.0.1:{port}", texts, requests, concurrency, 10, "dense")
-    finally:
-        server.stop(grace=2).wait()
+    sweep: dict[str, dict[str, dict[str, float]]] = {"dense": {}, "dense_batched": {}}
+    hybrid = None
+    with _served(config, index_path, onnx_path, serve_config) as address:
+        from serving.client import RetrievalClient
+
+        with RetrievalClient(address) as client:
+            fusion = client.info().fusion
+        for level in concurrencies:
+            with status(f"gRPC load, dense: {requests} Search calls from {level} client threads"):
+                sweep["dense"][str(level)] = _grpc_load(address, texts, requests, level, 10, "dense")
+        with status(f"gRPC load, hybrid: {requests} Search calls from {concurrency} client threads"):
+            try:
+                hybrid = _grpc_load(address, texts, requests, concurrency, 10, "hybrid")
+            except Exception as exc:  # an index without a BM25 side: no hybrid row
+                console.print(f"[yellow]no hybrid row: {exc}")
+        with status(f"gRPC load, dense: {requests} Search calls from {concurrency} client threads"):
+            dense_here = _grpc_load(address, texts, requests, concurrency, 10, "dense")
+    with _served(config, index_path, onnx_path, batching) as address:
+        for level in concurrencies:
+            with status(f"gRPC load, dense, micro-batched: {requests} calls from {level} client threads"):
+                sweep["dense_batched"][str(level)] = _grpc_load(address, texts, requests, level, 10, "dense")
+
+    best_32 = max(sweep[name].get("32", {}).get("qps", 0.0) for name in sweep)
     summary = {
         **result_header("serve"),
         "dataset": dataset.files.identity(),
         "queries": len(texts),
         "intra_op_threads": threads,
         "onnx_provider": onnx_encoder.provider,
-        "index": str(index_path),
         "query_encoder": encoders,
-        "grpc_search": grpc_figures,
+        "encoder_ceiling": ceiling,
+        "naive_baseline": naive,
+        "grpc_search_by_concurrency": sweep,
+        "micro_batching": {"batch_max_size": batching.batch_max_size, "batch_max_wait_ms": batching.batch_max_wait_ms},
+        "concurrency": concurrency,
+        "grpc_search": dense_here,
         "grpc_search_hybrid": hybrid,
-        "fusion": service.info().fusion,
-        "hybrid_qps_over_dense": hybrid["qps"] / grpc_figures["qps"] if hybrid else None,
-        "grpc_search_batched": {**batched, "batch_max_size": batching.batch_max_size,
-                                "batch_max_wait_ms": batching.batch_max_wait_ms},
-        "batched_qps_over_dense": batched["qps"] / grpc_figures["qps"],
+        "hybrid_qps_over_dense": hybrid["qps"] / dense_here["qps"] if hybrid else None,
+        "fusion": fusion,
+        "targets": {
+            "qps_at_32_over_ceiling": best_32 / ceiling["texts_per_s"] if best_32 else None,
+            "qps_at_32_over_naive": best_32 / naive["qps"] if best_32 else None,
+        },
     }
     write_results(results_path, summary)
-    console.print_json(data={"query_encoder": encoders, "grpc_search": grpc_figures, "grpc_search_hybrid": hybrid})
+    console.print_json(data={key: summary[key] for key in ("encoder_ceiling", "naive_baseline", "grpc_search",
+                                                           "grpc_search_hybrid", "targets")})
     return summary

@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
@@ -16,9 +17,14 @@ from evaluation.latency import percentile
 CallerFactory = Callable[[], AbstractContextManager[Callable[[int], Any]]]
 
 
-def run_load(open_caller: CallerFactory, requests: int, concurrency: int) -> dict[str, float]:
-    """`requests` calls split over `concurrency` threads, each with its own client; bounded, self-stopping."""
+def run_load(open_caller: CallerFactory, requests: int, concurrency: int) -> dict[str, Any]:
+    """`requests` calls split over `concurrency` threads, each with its own client; bounded, self-stopping.
+    A call that fails with a RetrievalRpcError (e.g. shed: RESOURCE_EXHAUSTED) is counted by code in
+    `errors`; QPS and the latency percentiles are of the calls answered."""
+    from serving.errors import RetrievalRpcError
+
     latencies_ms: list[float] = []
+    errors: Counter[str] = Counter()
     lock = threading.Lock()
     per_worker = max(1, requests // concurrency)
 
@@ -26,7 +32,12 @@ def run_load(open_caller: CallerFactory, requests: int, concurrency: int) -> dic
         with open_caller() as call:
             for i in range(per_worker):
                 started = time.perf_counter()
-                call(offset + i)
+                try:
+                    call(offset + i)
+                except RetrievalRpcError as error:
+                    with lock:
+                        errors[error.code] += 1
+                    continue
                 elapsed = (time.perf_counter() - started) * 1000
                 with lock:
                     latencies_ms.append(elapsed)
@@ -36,8 +47,11 @@ def run_load(open_caller: CallerFactory, requests: int, concurrency: int) -> dic
         list(pool.map(worker, [n * per_worker for n in range(concurrency)]))
     wall = time.perf_counter() - started
     ordered = sorted(latencies_ms)
+    if not ordered:
+        return {"requests": 0, "concurrency": concurrency, "qps": 0.0, "errors": dict(errors)}
     return {
         "requests": len(ordered),
+        "errors": dict(errors),
         "concurrency": concurrency,
         "qps": len(ordered) / wall,
         "latency_ms_p50": percentile(ordered, 0.50),

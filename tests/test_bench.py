@@ -22,7 +22,7 @@ def test_serve_bench_writes_its_results(tiny_config: TowerlineConfig, tmp_path: 
     results = tmp_path / "serve.json"
     summary = run_serve_bench(
         tiny_config, tmp_path / "index", tmp_path / "onnx", tmp_path / "encoder", results,
-        requests=20, concurrency=2,
+        requests=20, concurrency=2, concurrencies=(1, 4),
     )
     assert json.loads(results.read_text()) == summary
     assert summary["grpc_search"]["requests"] == 20
@@ -35,8 +35,16 @@ def test_serve_bench_writes_its_results(tiny_config: TowerlineConfig, tmp_path: 
     assert hybrid["requests"] == 20 and hybrid["concurrency"] == 2
     assert summary["hybrid_qps_over_dense"] == hybrid["qps"] / latencies["qps"]
     assert summary["fusion"].startswith("rrf")
-    assert summary["grpc_search_batched"]["requests"] == 20
-    assert summary["batched_qps_over_dense"] == summary["grpc_search_batched"]["qps"] / latencies["qps"]
+    # The sweep (dense and micro-batched at each concurrency), the ceiling and the naive baseline.
+    for name in ("dense", "dense_batched"):
+        assert set(summary["grpc_search_by_concurrency"][name]) == {"1", "4"}
+        assert all(row["requests"] == 20 and row["errors"] == {}
+                   for row in summary["grpc_search_by_concurrency"][name].values())
+    ceiling = summary["encoder_ceiling"]
+    assert ceiling["texts_per_s"] == max(ceiling["texts_per_s_by_batch"].values()) > 0
+    assert summary["naive_baseline"]["qps"] > 0
+    assert summary["targets"]["qps_at_32_over_ceiling"] is None  # no concurrency 32 in this small run
+    assert str(tmp_path) not in results.read_text()  # no machine path in the results
 
 
 @pytest.mark.slow
@@ -73,3 +81,22 @@ def test_scalingnote_bench_compares_every_row_in_one_run(
     with pytest.raises(ConfigError, match="--distil-from"):
         run_scalingnote_bench(config, [str(tiny_backbone)], str(tiny_backbone), tmp_path / "work", results,
                               reuse=True, distil_from="mpnet")
+
+
+def test_the_load_generator_counts_shed_calls_instead_of_failing() -> None:
+    from contextlib import contextmanager
+
+    from evaluation.load import run_load
+    from serving.errors import RetrievalRpcError
+
+    @contextmanager
+    def open_caller():
+        def call(i: int) -> None:
+            if i % 4 == 0:
+                raise RetrievalRpcError("RESOURCE_EXHAUSTED", "server busy")
+
+        yield call
+
+    figures = run_load(open_caller, requests=40, concurrency=2)
+    assert figures["errors"] == {"RESOURCE_EXHAUSTED": 10}
+    assert figures["requests"] == 30 and figures["qps"] > 0
