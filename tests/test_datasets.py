@@ -101,6 +101,9 @@ def test_no_train_split_runs_zero_shot_or_splits_the_test_queries_when_asked(
     assert summary["fine_tuned"] is None and summary["zero_shot"]["queries"] == TEST_QUERIES
     assert summary["dataset"]["splits"] == ["test"]
     assert not (demo_root / "pairs").exists()
+    # BM25 and an untuned hybrid beside the zero-shot towers (no train queries to tune the fusion on).
+    assert summary["bm25"]["queries"] == summary["hybrid"]["queries"] == TEST_QUERIES
+    assert summary["fusion"] is None
 
     summary, demo_root = run_demo(quirky, tiny_overrides, tmp_path / "split", "--split-test-queries", "0.5")
     protocol = summary["protocol"]
