@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from waiting import wait_until
 
 from indexing.build import build_index
 from indexing.publish import _write_current, publish_index
@@ -52,14 +53,6 @@ def reloader_service(config: TowerlineConfig, entry: Path, onnx: Path):
     return build_service(config, entry, onnx) if (entry / "CURRENT").is_file() else None
 
 
-def _until(condition, timeout_s: float = 10.0) -> bool:
-    for _ in range(int(timeout_s / 0.05)):
-        if condition():
-            return True
-        threading.Event().wait(0.05)
-    return False
-
-
 def test_a_new_version_swaps_in_under_load_and_bad_ones_are_refused(setup: tuple[TowerlineConfig, Path]) -> None:
     config, root = setup
     build_index(config, root / "encoder", root / "index-a")
@@ -89,18 +82,18 @@ def test_a_new_version_swaps_in_under_load_and_bad_ones_are_refused(setup: tuple
         worker = threading.Thread(target=load, args=(address,))
         worker.start()
         try:
-            assert _until(lambda: versions and versions[-1] == "v0001")
+            assert wait_until(lambda: versions and versions[-1] == "v0001")
             publish_index(root / "index-b", root / "registry", "corpus")
-            assert _until(lambda: versions[-1] == "v0002"), "the new version was never served"
+            assert wait_until(lambda: versions[-1] == "v0002"), "the new version was never served"
 
             # A corrupt version: CURRENT names a new version whose index file was damaged after sealing.
             shutil.copytree(root / "index-c", entry / "v0003")
             (entry / "v0003" / "index.faiss").write_bytes(b"not a faiss index")
             _write_current(entry, "v0003")
-            assert _until(lambda: reloader.refused is not None)
+            assert wait_until(lambda: reloader.refused is not None)
             assert "checksum mismatch for index.faiss" in reloader.last_refusal
             seen = len(versions)
-            assert _until(lambda: len(versions) > seen + 5)
+            assert wait_until(lambda: len(versions) > seen + 5)
             assert set(versions[seen:]) == {"v0002"}
 
             # An incompatible one: built by another dual encoder (another embedding space).
@@ -110,11 +103,11 @@ def test_a_new_version_swaps_in_under_load_and_bad_ones_are_refused(setup: tuple
             build_index(other, root / "other-encoder", root / "index-other")
             refused_before = reloader.refused
             publish_index(root / "index-other", root / "registry", "corpus")
-            assert _until(lambda: reloader.refused not in (None, refused_before))
+            assert wait_until(lambda: reloader.refused not in (None, refused_before))
             assert "embedding space mismatch" in reloader.last_refusal
             assert reloader.check() == "unchanged (refused before)"
             seen = len(versions)
-            assert _until(lambda: len(versions) > seen + 5)
+            assert wait_until(lambda: len(versions) > seen + 5)
             assert set(versions[seen:]) == {"v0002"}
             with RetrievalClient(address) as client:
                 assert client.info().index_version == "v0002" and client.health() == "SERVING"

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from waiting import wait_until
 
 from indexing.build import build_index
 from indexing.load import LoadedIndex, load_index
@@ -402,7 +403,7 @@ def test_serve_forever_drains_the_call_in_flight_when_stopped(encoder: TorchQuer
             in_flight = pool.submit(client.search, "alpha", 2)
             assert blocking.entered.wait(timeout=10)
             stop.set()
-            assert _wait_until(lambda: _refuses_new_calls(address)), "the server never began to shut down"
+            assert wait_until(lambda: _refuses_new_calls(address)), "the server never began to shut down"
             blocking.release.set()
             assert len(in_flight.result(timeout=10)) == 2
         thread.join(timeout=15)
@@ -418,14 +419,6 @@ def _refuses_new_calls(address: str) -> bool:
             return probe.health() != "SERVING"
         except RetrievalRpcError:
             return True
-
-
-def _wait_until(condition, timeout_s: float = 10.0) -> bool:
-    for _ in range(int(timeout_s / 0.05)):
-        if condition():
-            return True
-        threading.Event().wait(0.05)
-    return False
 
 
 def test_committed_stubs_match_the_protos() -> None:
@@ -601,7 +594,7 @@ def test_a_stop_turns_health_not_serving_and_still_answers_during_the_drain_dela
         with RetrievalClient(f"127.0.0.1:{started[0]}", timeout_s=2) as client:
             client.wait_ready(timeout=5)
             stop.set()
-            assert _wait_until(lambda: client.health() == "NOT_SERVING", timeout_s=1.0)
+            assert wait_until(lambda: client.health() == "NOT_SERVING", timeout_s=1.0)
             assert len(client.search("alpha", top_k=3)) == 3  # still answered while draining
             assert thread.is_alive()
         thread.join(timeout=10)
