@@ -46,7 +46,6 @@ class MicroBatcher:
         self.max_size = max_size
         self.max_wait_s = max_wait_ms / 1000.0
         self.queue: queue.Queue[Waiting] = queue.Queue(maxsize=queue_bound)
-        self.batch_sizes: list[int] = []  # sizes of the batches run, for tests and metrics
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="towerline-batcher", daemon=True)
         self._thread.start()
@@ -100,7 +99,6 @@ class MicroBatcher:
             self.metrics.queue_depth.set(self.queue.qsize())
         service = self.service
         for (top_k, mode), members in groups.items():
-            self.batch_sizes.append(len(members))
             try:
                 results = service.run_checked([member.query for member in members], top_k, mode)
             except Exception as exc:  # every caller of the batch gets the error; the batcher goes on
