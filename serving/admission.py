@@ -6,6 +6,8 @@ A gRPC server interceptor wraps every method of `towerline.v1.RetrievalService`:
   can back off or try another replica;
 - a request whose bytes do not decode (garbage, invalid UTF-8 in a string field) is
   INVALID_ARGUMENT naming the request, not gRPC's INTERNAL "Exception deserializing request".
+Every call also gets a request id (serving.access_log), returned in its trailing metadata and, with
+`serve.access_log`, logged with the call's method, status code and latency.
 Health checks and reflection are never counted nor shed: a liveness probe must not restart a busy
 pod. The server gives every admitted call a thread of its own plus spare threads for those, so the
 bound here, not gRPC's thread pool queue, is what a burst meets.
@@ -13,6 +15,7 @@ bound here, not gRPC's thread pool queue, is what a burst meets.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +23,10 @@ from typing import Any
 
 import grpc
 
+from serving.access_log import ACCESS_LOGGER, REQUEST_ID_KEY, current_request_id, request_id_from
 from serving.metrics import ServingMetrics
+
+access_log = logging.getLogger(ACCESS_LOGGER)
 
 # Threads beyond the admitted calls: health checks, reflection and quick rejections always find one.
 SPARE_THREADS = 4
@@ -34,19 +40,20 @@ class Undecodable:
 
 
 class AdmissionInterceptor(grpc.ServerInterceptor):
-    def __init__(self, service_name: str, max_admitted: int, metrics: ServingMetrics | None = None) -> None:
+    def __init__(self, service_name: str, max_admitted: int, metrics: ServingMetrics | None = None,
+                 log_calls: bool = False) -> None:
         self.prefix = f"/{service_name}/"
         self.max_admitted = max_admitted
         self.metrics = metrics
+        self.log_calls = log_calls
         self._slots = threading.BoundedSemaphore(max_admitted)
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
         if handler is None or not details.method.startswith(self.prefix) or handler.unary_unary is None:
             return handler
-        behaviour = self._admitted(handler.unary_unary)
-        if self.metrics is not None:
-            behaviour = _counted(behaviour, details.method.rsplit("/", 1)[-1], self.metrics)
+        behaviour = _observed(self._admitted(handler.unary_unary), details.method.rsplit("/", 1)[-1], self.metrics,
+                              self.log_calls)
         return grpc.unary_unary_rpc_method_handler(
             behaviour,
             request_deserializer=_tolerant(handler.request_deserializer),
@@ -74,11 +81,17 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
         return admitted
 
 
-def _counted(behaviour: Callable[..., Any], method: str, metrics: ServingMetrics) -> Callable[..., Any]:
-    """Requests by status code and their latency, rejections included."""
+def _observed(behaviour: Callable[..., Any], method: str, metrics: ServingMetrics | None,
+              log_calls: bool) -> Callable[..., Any]:
+    """The request id in and out; status code and latency into the metrics and the access log,
+    rejections included."""
 
-    def counted(request: Any, context: grpc.ServicerContext) -> Any:
+    def observed(request: Any, context: grpc.ServicerContext) -> Any:
         started = time.perf_counter()
+        request_id = request_id_from(context.invocation_metadata())
+        # Trailing metadata goes out with errors as well as answers.
+        context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+        token = current_request_id.set(request_id)
         code = "OK"
         try:
             return behaviour(request, context)
@@ -88,10 +101,17 @@ def _counted(behaviour: Callable[..., Any], method: str, metrics: ServingMetrics
             code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
             raise
         finally:
-            metrics.requests.labels(method=method, code=code).inc()
-            metrics.request_seconds.labels(method=method).observe(time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            current_request_id.reset(token)
+            if metrics is not None:
+                metrics.requests.labels(method=method, code=code).inc()
+                metrics.request_seconds.labels(method=method).observe(seconds)
+            if log_calls:
+                access_log.info("%s %s %.1f ms", method, code, seconds * 1000, extra={
+                    "request_id": request_id, "method": method, "code": code,
+                    "latency_ms": round(seconds * 1000, 3), "peer": context.peer()})
 
-    return counted
+    return observed
 
 
 def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:

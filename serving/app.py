@@ -45,8 +45,10 @@ def load_recommender(config: TowerlineConfig, root: Path) -> RecommendBackend:
 
 def serve_until_stopped(config: TowerlineConfig, index_path: Path, encoder_path: Path,
                         recommender_root: Path | None = None) -> None:
+    from serving.access_log import configure_service_logging
     from serving.reload import Reloader
 
+    configure_service_logging(config.serve.log_format, config.serve.access_log)
     recommender = None
     if recommender_root is not None:
         with status(f"loading the recommender from {recommender_root}"):

@@ -96,7 +96,7 @@ def _start(service: RetrievalService | None, serve: ServeConfig, recommender: Re
         ThreadPoolExecutor(max_workers=serve.max_concurrent_rpcs + SPARE_THREADS, thread_name_prefix="towerline-rpc"),
         # Auth first: an unauthenticated call never takes an admission slot.
         interceptors=[*auth_interceptors(serve),
-                      AdmissionInterceptor(SERVICE_NAME, serve.max_concurrent_rpcs, metrics)],
+                      AdmissionInterceptor(SERVICE_NAME, serve.max_concurrent_rpcs, metrics, serve.access_log)],
     )
     servicer = RetrievalServicer(service, serve.max_workers, recommender, serve.max_top_k)
     health_servicer = health.HealthServicer()

@@ -84,3 +84,49 @@ def test_optimised_and_int8_graphs_are_parity_checked_and_scored(
     with pytest.raises(ArtifactError, match="int8 graph"):
         run_export(strict, tmp_path / "encoder", tmp_path / "strict")
     assert not (tmp_path / "strict").exists()
+
+
+# What a serving-only install (`pip install ".[serve]"`) leaves out; the service must never import them.
+NOT_IN_THE_SERVING_INSTALL = ("torch", "pyspark", "mlflow", "peft", "sentence_transformers", "sklearn", "pandas",
+                              "pyarrow", "onnx", "onnxscript", "pytrec_eval")
+
+
+def test_towerline_serve_runs_without_the_training_stack(tiny_config: TowerlineConfig, tmp_path: Path) -> None:
+    """`towerline serve` on an ONNX encoder + index, with torch, Spark, MLflow & co. made unimportable,
+    answers a search over a real channel and stops on SIGTERM."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    from indexing.build import build_index
+    from serving.client import RetrievalClient
+
+    init_dual_encoder(tiny_config, tmp_path / "encoder")
+    run_export(tiny_config, tmp_path / "encoder", tmp_path / "onnx")
+    build_index(tiny_config, tmp_path / "encoder", tmp_path / "index")
+    launcher = (f"import sys\nfor name in {NOT_IN_THE_SERVING_INSTALL!r}:\n    sys.modules[name] = None\n"
+                "from towerline.cli import main\nsys.argv = ['towerline', *sys.argv[1:]]\nmain()\n")
+    server = subprocess.Popen(
+        [sys.executable, "-c", launcher, "serve", "--index", str(tmp_path / "index"), "--onnx", str(tmp_path / "onnx"),
+         "serve.host=127.0.0.1", "serve.port=0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"},
+    )
+    output: list[str] = []
+    try:
+        assert server.stdout is not None
+        for line in server.stdout:
+            output.append(line)
+            if found := re.search(r"RetrievalService on 127\.0\.0\.1:(\d+)", line):
+                break
+        else:
+            pytest.fail("the server stopped before serving:\n" + "".join(output))
+        with RetrievalClient(f"127.0.0.1:{found.group(1)}", timeout_s=30) as client:
+            hits = client.search("a query about topics", top_k=3)
+        assert len(hits) == 3
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0, "".join(output) + server.stdout.read()
+    finally:
+        if server.poll() is None:
+            server.kill()

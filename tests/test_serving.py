@@ -547,6 +547,66 @@ def test_metrics_endpoint_counts_calls_by_code_and_times_each_stage(
     assert f'version="{index.version}"' in version_line
 
 
+def test_every_call_gets_a_request_id_back_and_one_structured_access_record(
+    service: RetrievalService, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The caller's x-request-id (or a fresh one) comes back in the trailing metadata, errors too; with
+    serve.access_log each call leaves one record with id, method, code and latency, and the JSON
+    formatter writes it as one object."""
+    import json
+    import logging
+
+    from serving.access_log import ACCESS_LOGGER, JsonFormatter
+
+    limits = LIMITS.model_copy(update={"access_log": True})
+    server, port = start_server(service, limits)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, caplog.at_level(logging.INFO, ACCESS_LOGGER):
+            stub = pb_grpc.RetrievalServiceStub(channel)
+            _, call = stub.Search.with_call(pb.SearchRequest(query="alpha", top_k=3), timeout=10,
+                                            metadata=(("x-request-id", "req-42"),))
+            assert ("x-request-id", "req-42") in call.trailing_metadata()
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Search(pb.SearchRequest(query="alpha", top_k=0), timeout=10,
+                            metadata=(("x-request-id", "bad id with spaces"),))
+            fresh = dict(refused.value.trailing_metadata())["x-request-id"]
+            assert fresh != "bad id with spaces" and len(fresh) == 32
+    finally:
+        server.stop(None)
+    records = [record for record in caplog.records if record.name == ACCESS_LOGGER]
+    assert [(r.request_id, r.method, r.code) for r in records] == [  # type: ignore[attr-defined]
+        ("req-42", "Search", "OK"), (fresh, "Search", "INVALID_ARGUMENT")]
+    line = json.loads(JsonFormatter().format(records[0]))
+    assert line["request_id"] == "req-42" and line["code"] == "OK" and line["level"] == "info"
+    assert line["latency_ms"] > 0 and line["peer"].startswith("ipv4:127.0.0.1")
+
+
+def test_service_logging_writes_json_lines_with_the_running_calls_request_id() -> None:
+    import io
+    import json
+    import logging
+
+    from serving.access_log import SERVICE_LOGGERS, configure_service_logging, current_request_id
+
+    stream = io.StringIO()
+    handler = configure_service_logging("json", access_log=True, stream=stream)
+    logger = logging.getLogger("serving.test")
+    token = current_request_id.set("req-7")
+    try:
+        try:
+            raise ValueError("broken index")
+        except ValueError:
+            logger.exception("retrieval call failed")
+    finally:
+        current_request_id.reset(token)
+        for name in SERVICE_LOGGERS:
+            logging.getLogger(name).removeHandler(handler)
+            logging.getLogger(name).propagate = True
+            logging.getLogger(name).setLevel(logging.NOTSET)
+    line = json.loads(stream.getvalue())
+    assert line["request_id"] == "req-7" and line["level"] == "error" and "broken index" in line["exc_info"]
+
+
 def test_the_client_spreads_calls_over_replicas_and_retries_an_unavailable_one(
     encoder: TorchQueryEncoder, index: LoadedIndex
 ) -> None:

@@ -97,6 +97,8 @@ def _offline_environment() -> None:
         "TRANSFORMERS_OFFLINE": "1",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "TOKENIZERS_PARALLELISM": "false",
+        # A serving install has no torch on purpose; transformers would advise installing it.
+        "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     }.items():
         os.environ.setdefault(key, value)
 

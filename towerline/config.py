@@ -221,6 +221,10 @@ class ServeConfig(Section):
     tls_client_ca_file: Path | None = None
     # Prometheus /metrics on this HTTP port (0: any free port); unset: no metrics endpoint.
     metrics_port: int | None = Field(None, ge=0, le=65535)
+    # One log record per retrieval call (request id, method, status code, latency, peer), and the
+    # format of the service's log lines on stderr: "text", or "json" (one object per line).
+    access_log: bool = False
+    log_format: Literal["text", "json"] = "text"
     # Dynamic micro-batching of Search calls (serving.batcher): off, each call encodes alone.
     batching: bool = False
     batch_max_size: int = Field(16, ge=1)
