@@ -13,8 +13,6 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -127,26 +125,21 @@ def _recommend_quality(config: TowerlineConfig, paths: RecommenderPaths, output:
 
 def _recommend_load(config: TowerlineConfig, root: Path, seed: int) -> dict[str, Any]:
     """Recommend for known users through gRPC on loopback, one intra-op thread per call."""
-    import grpc
-
-    from evaluation.load import run_load
+    from evaluation.load import grpc_caller, run_load
     from personalization.recommender import Recommender
     from serving.proto.towerline.v1 import retrieval_pb2 as pb
-    from serving.proto.towerline.v1 import retrieval_pb2_grpc as pb_grpc
     from serving.server import start_server
 
     recommender = Recommender(_seed_paths(root, seed), config.index, threads=config.serve.intra_op_threads)
     users = sorted(recommender.user_indexes)
     server, port = start_server(None, config.serve.model_copy(update={"port": 0}), recommender)
 
-    @contextmanager
-    def open_caller() -> Iterator[Any]:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = pb_grpc.RetrievalServiceStub(channel)
-            yield lambda i: stub.Recommend(pb.RecommendRequest(user_id=users[i % len(users)], top_k=10), timeout=30)
+    def recommend(stub: Any, number: int) -> Any:
+        return stub.Recommend(pb.RecommendRequest(user_id=users[number % len(users)], top_k=10), timeout=30)
 
     try:
-        return {f"concurrency_{concurrency}": run_load(open_caller, LOAD_REQUESTS, concurrency)
+        return {f"concurrency_{concurrency}": run_load(grpc_caller(f"127.0.0.1:{port}", recommend), concurrency,
+                                                       requests=LOAD_REQUESTS)
                 for concurrency in CONCURRENCY}
     finally:
         server.stop(None).wait()

@@ -4,14 +4,20 @@ In one run, on the same machine (ratios are what to read; absolute numbers move 
 - query encoders: PyTorch vs ONNX Runtime texts/s at batch 1 and 32, one intra-op thread;
 - the ceiling: the ONNX encoder alone with every core, at its best batch size;
 - a naive baseline: one request at a time, in-process PyTorch encode + FAISS search, no batching;
-- gRPC `Search` on loopback, served as `towerline serve` serves it, at several client concurrencies,
-  unbatched and micro-batched (`serve.batching`), and hybrid beside dense at `--concurrency`; calls
+- gRPC `Search` on loopback against a `towerline serve` process of its own, at several client
+  concurrencies, unbatched and micro-batched (`serve.batching`), and hybrid beside dense at
+  `--concurrency`; the load comes from an async generator (evaluation.load) in this process, and calls
   shed with RESOURCE_EXHAUSTED are counted, never fatal.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from evaluation.latency import encoder_throughput
-from evaluation.load import run_load
+from evaluation.load import grpc_caller, run_load
 from towerline.beir import load_dataset
-from towerline.config import ServeConfig, TowerlineConfig
+from towerline.config import ServeConfig, TowerlineConfig, dump_config
 from towerline.progress import console, status
 from towerline.results import result_header, write_results
 
@@ -31,27 +37,65 @@ CEILING_BATCHES = (1, 8, 32, 64)
 
 def _grpc_load(address: str, texts: list[str], requests: int, concurrency: int, top_k: int,
                mode: str = "") -> dict[str, float]:
-    """`requests` Search calls from `concurrency` client threads, in retrieval `mode`."""
-    from serving.client import RetrievalClient
+    """`requests` Search calls with `concurrency` in flight, in retrieval `mode`."""
+    from serving.messages import mode_to_proto
+    from serving.proto.towerline.v1 import retrieval_pb2 as pb
 
-    @contextmanager
-    def open_caller() -> Iterator[Any]:
-        with RetrievalClient(address, timeout_s=30) as client:
-            yield lambda i: client.search(texts[i % len(texts)], top_k, mode)
+    def search(stub: Any, number: int) -> Any:
+        return stub.Search(pb.SearchRequest(query=texts[number % len(texts)], top_k=top_k, mode=mode_to_proto(mode)),
+                           timeout=30)
 
-    return run_load(open_caller, requests, concurrency)
+    return run_load(grpc_caller(address, search), concurrency, requests=requests)
 
 
 @contextmanager
 def _served(config: TowerlineConfig, index_path: Path, onnx_path: Path, serve: ServeConfig) -> Iterator[str]:
-    from serving.app import build_service
-    from serving.server import start_server
+    """`towerline serve` in a process of its own, as a deployment runs it; stopped with SIGTERM."""
+    from serving.client import RetrievalClient
 
-    server, port = start_server(build_service(config, index_path, onnx_path), serve)
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.stop(grace=2).wait()
+    port = _free_port()
+    served = config.model_copy(update={"serve": serve.model_copy(update={"port": port, "reload_interval_s": 0})})
+    with tempfile.TemporaryDirectory(prefix="towerline-bench-serve-") as scratch:
+        config_file, log_file = Path(scratch) / "serve.yaml", Path(scratch) / "serve.log"
+        dump_config(served, config_file)
+        with log_file.open("w") as log:
+            server = subprocess.Popen([sys.executable, "-m", "towerline", "serve", "--index", str(index_path),
+                                       "--onnx", str(onnx_path), "-c", str(config_file)],
+                                      stdout=log, stderr=subprocess.STDOUT)
+        address = f"127.0.0.1:{port}"
+        try:
+            with RetrievalClient(address, timeout_s=5) as client:
+                _wait_serving(client, server, log_file)
+            yield address
+        finally:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _wait_serving(client: Any, server: subprocess.Popen[bytes], log_file: Path, timeout_s: float = 300) -> None:
+    from serving.errors import RetrievalRpcError
+    from towerline.errors import TowerlineError
+
+    give_up = time.monotonic() + timeout_s
+    while time.monotonic() < give_up:
+        if server.poll() is not None:
+            raise TowerlineError(f"towerline serve exited ({server.returncode}):\n{log_file.read_text()[-2000:]}")
+        try:
+            if client.health() == "SERVING":
+                return
+        except RetrievalRpcError:
+            pass  # not listening yet
+        time.sleep(0.5)
+    raise TowerlineError(f"towerline serve did not come up in {timeout_s:g} s:\n{log_file.read_text()[-2000:]}")
 
 
 def run_serve_bench(
@@ -108,18 +152,18 @@ def run_serve_bench(
         with RetrievalClient(address) as client:
             fusion = client.info().fusion
         for level in concurrencies:
-            with status(f"gRPC load, dense: {requests} Search calls from {level} client threads"):
+            with status(f"gRPC load, dense: {requests} Search calls from {level} callers in flight"):
                 sweep["dense"][str(level)] = _grpc_load(address, texts, requests, level, 10, "dense")
-        with status(f"gRPC load, hybrid: {requests} Search calls from {concurrency} client threads"):
+        with status(f"gRPC load, hybrid: {requests} Search calls from {concurrency} callers in flight"):
             try:
                 hybrid = _grpc_load(address, texts, requests, concurrency, 10, "hybrid")
             except Exception as exc:  # an index without a BM25 side: no hybrid row
                 console.print(f"[yellow]no hybrid row: {exc}")
-        with status(f"gRPC load, dense: {requests} Search calls from {concurrency} client threads"):
+        with status(f"gRPC load, dense: {requests} Search calls from {concurrency} callers in flight"):
             dense_here = _grpc_load(address, texts, requests, concurrency, 10, "dense")
     with _served(config, index_path, onnx_path, batching) as address:
         for level in concurrencies:
-            with status(f"gRPC load, dense, micro-batched: {requests} calls from {level} client threads"):
+            with status(f"gRPC load, dense, micro-batched: {requests} calls from {level} callers in flight"):
                 sweep["dense_batched"][str(level)] = _grpc_load(address, texts, requests, level, 10, "dense")
 
     best_32 = max(sweep[name].get("32", {}).get("qps", 0.0) for name in sweep)

@@ -15,7 +15,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving.errors import RetrievalRpcError
-from serving.messages import MODE_TO_PROTO, from_index_info_response, from_recommend_response, from_search_response
+from serving.messages import (
+    from_index_info_response,
+    from_recommend_response,
+    from_search_response,
+    mode_to_proto,
+)
 from serving.proto.towerline.v1 import retrieval_pb2 as pb
 from serving.proto.towerline.v1 import retrieval_pb2_grpc as pb_grpc
 from serving.results import Hit, IndexInfo, Recommendation, SearchResult
@@ -99,7 +104,7 @@ class RetrievalClient:
 
     def search_result(self, query: str, top_k: int = 10, mode: str = "") -> SearchResult:
         """Hits plus the index version, the mode served and the server-side latency."""
-        request = pb.SearchRequest(query=query, top_k=top_k, mode=_mode_number(mode))
+        request = pb.SearchRequest(query=query, top_k=top_k, mode=mode_to_proto(mode))
         return from_search_response(self._call(self._stub.Search, request))
 
     def batch_search(self, queries: list[str], top_k: int = 10, mode: str = "") -> list[list[Hit]]:
@@ -111,7 +116,7 @@ class RetrievalClient:
         results: list[SearchResult] = []
         for start in range(0, len(queries), self.batch_size):
             request = pb.BatchSearchRequest(queries=queries[start : start + self.batch_size], top_k=top_k,
-                                            mode=_mode_number(mode))
+                                            mode=mode_to_proto(mode))
             response = self._call(self._stub.BatchSearch, request)
             results.extend(from_search_response(item) for item in response.results)
         return results
@@ -169,9 +174,3 @@ class RetrievalClient:
             return method(request, timeout=self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as error:
             raise RetrievalRpcError(error.code().name, error.details() or "") from None
-
-
-def _mode_number(mode: str) -> int:
-    if mode not in MODE_TO_PROTO:
-        raise ValueError(f"mode must be one of dense, sparse, hybrid or '' (the server's default), got {mode!r}")
-    return MODE_TO_PROTO[mode]

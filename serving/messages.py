@@ -10,6 +10,12 @@ MODE_TO_PROTO = {"": pb.RETRIEVAL_MODE_UNSPECIFIED, "dense": pb.RETRIEVAL_MODE_D
 MODE_FROM_PROTO = {number: name for name, number in MODE_TO_PROTO.items()}
 
 
+def mode_to_proto(mode: str) -> int:
+    if mode not in MODE_TO_PROTO:
+        raise ValueError(f"mode must be one of dense, sparse, hybrid or '' (the server's default), got {mode!r}")
+    return MODE_TO_PROTO[mode]
+
+
 def mode_from_proto(number: int) -> str:
     """"" for UNSPECIFIED (the server's default); an unknown number (a newer client) is named as such."""
     return MODE_FROM_PROTO.get(number, f"unknown mode {number}")

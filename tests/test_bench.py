@@ -83,20 +83,37 @@ def test_scalingnote_bench_compares_every_row_in_one_run(
                               reuse=True, distil_from="mpnet")
 
 
-def test_the_load_generator_counts_shed_calls_instead_of_failing() -> None:
-    from contextlib import contextmanager
+def test_the_load_generator_counts_shed_calls_keeps_its_concurrency_and_stops_on_time() -> None:
+    import asyncio
+    from contextlib import asynccontextmanager
+
+    import grpc
 
     from evaluation.load import run_load
-    from serving.errors import RetrievalRpcError
 
-    @contextmanager
-    def open_caller():
-        def call(i: int) -> None:
-            if i % 4 == 0:
-                raise RetrievalRpcError("RESOURCE_EXHAUSTED", "server busy")
+    class Shed(grpc.RpcError):
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    in_flight, most = 0, 0
+
+    @asynccontextmanager
+    async def open_caller():
+        async def call(number: int) -> None:
+            nonlocal in_flight, most
+            in_flight += 1
+            most = max(most, in_flight)
+            await asyncio.sleep(0.002)
+            in_flight -= 1
+            if number % 4 == 0:
+                raise Shed()
 
         yield call
 
-    figures = run_load(open_caller, requests=40, concurrency=2)
+    figures = run_load(open_caller, concurrency=8, requests=40)
     assert figures["errors"] == {"RESOURCE_EXHAUSTED": 10}
-    assert figures["requests"] == 30 and figures["qps"] > 0
+    assert figures["requests"] == 30 and figures["qps"] > 0 and most == 8
+    timed = run_load(open_caller, concurrency=2, duration_s=0.3)
+    assert 0.3 <= timed["seconds"] < 1.0 and timed["requests"] > 0
+    with pytest.raises(ValueError, match="requests, duration_s"):
+        run_load(open_caller, concurrency=2)
