@@ -135,7 +135,7 @@ def install_service(servicer: RetrievalServicer, health_servicer: health.HealthS
                              sparse=str(info.sparse).lower()).set(1)
     if serve.batching and servicer.batcher is None:
         servicer.batcher = MicroBatcher(service, serve.batch_max_size, serve.batch_max_wait_ms, serve.batch_queue,
-                                        metrics)
+                                        metrics, workers=serve.max_workers, length_buckets=serve.batch_length_buckets)
     servicer.swap(service)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

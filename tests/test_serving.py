@@ -480,11 +480,37 @@ def test_concurrent_searches_share_encoder_calls_and_get_their_own_hits(
         assert [hit.score for hit in response.hits] == pytest.approx([hit.score for hit in expected], abs=1e-5)
 
 
+def test_length_buckets_split_a_batch_and_batch_workers_run_side_by_side(
+    encoder: TorchQueryEncoder, index: LoadedIndex
+) -> None:
+    """Short and long queries gathered together are encoded apart (serve.batch_length_buckets); with
+    two workers, a second batch runs while the first is held."""
+    recording = RecordingEncoder(encoder, hold_first=True)
+    limits = BATCHING.model_copy(update={"batch_length_buckets": [12], "max_workers": 2, "batch_max_wait_ms": 300.0})
+    short, long = ["alpha", "beta q"], ["a much longer alpha query", "another long beta query"]
+    try:
+        for address in serve(RetrievalService(recording, index, limits), limits):
+            channel, stub = raw_stub(address)
+            with channel:
+                calls = [stub.Search.future(pb.SearchRequest(query=query, top_k=3), timeout=30)
+                         for query in [short[0], long[0], short[1], long[1]]]
+                assert recording.entered.wait(timeout=10)
+                # The first batch is held on one worker; the other worker takes the next batch.
+                later = stub.Search(pb.SearchRequest(query="gamma", top_k=3), timeout=10)
+                assert len(later.hits) == 3
+                recording.release.set()
+                assert all(len(call.result(timeout=10).hits) == 3 for call in calls)
+        assert sorted(map(sorted, recording.batches)) == [sorted(long), sorted(short), ["gamma"]]
+    finally:
+        recording.release.set()
+
+
 def test_a_batched_search_past_its_deadline_is_dropped_before_encoding(
     encoder: TorchQueryEncoder, index: LoadedIndex
 ) -> None:
     recording = RecordingEncoder(encoder, hold_first=True)
-    limits = BATCHING.model_copy(update={"batch_max_size": 1, "batch_queue": 1})
+    # One batch worker: while it holds the first batch, later requests wait in the queue.
+    limits = BATCHING.model_copy(update={"batch_max_size": 1, "batch_queue": 1, "max_workers": 1})
     try:
         for address in serve(RetrievalService(recording, index, limits), limits):
             channel, stub = raw_stub(address)

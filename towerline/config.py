@@ -196,6 +196,7 @@ class ServeConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)
     # Retrieval calls executing (encode + search) at once; admitted ones beyond wait for a slot.
+    # With batching: micro-batches executing at once.
     max_workers: int = Field(4, ge=1)
     # Retrieval calls admitted at once (executing or waiting); one more is RESOURCE_EXHAUSTED.
     # Health checks are never counted.
@@ -230,6 +231,9 @@ class ServeConfig(Section):
     batch_max_size: int = Field(16, ge=1)
     batch_max_wait_ms: float = Field(2.0, ge=0)
     batch_queue: int = Field(256, ge=1)
+    # Length buckets for micro-batches: upper bounds in characters (a query longer than the last is in
+    # a bucket of its own kind); queries of one bucket are batched together. Empty: one bucket.
+    batch_length_buckets: list[PositiveInt] = Field(default_factory=list)
     # Retrieval mode of a request that names none: "auto" is hybrid when the index has a BM25 side,
     # else dense.
     mode: Literal["auto", "dense", "sparse", "hybrid"] = "auto"
