@@ -30,7 +30,8 @@ from serving.service import RetrievalService
 
 
 class QueueFull(Exception):
-    """The batcher's queue holds serve.batch_queue requests already."""
+    """The batcher's queue holds serve.batch_queue requests already, or a request waited in it
+    longer than serve.max_queue_wait_ms: either way the caller is told to back off."""
 
 
 @dataclass
@@ -45,13 +46,15 @@ class Waiting:
 
 class MicroBatcher:
     def __init__(self, service: RetrievalService, max_size: int, max_wait_ms: float, queue_bound: int,
-                 metrics: ServingMetrics | None = None, workers: int = 1, length_buckets: Sequence[int] = ()) -> None:
+                 metrics: ServingMetrics | None = None, workers: int = 1, length_buckets: Sequence[int] = (),
+                 max_queue_wait_ms: float | None = None) -> None:
         # Replaced by a hot reload (serving.reload); a batch runs on the service it started with.
         self.service = service
         self.metrics = metrics
         self.max_size = max_size
         self.max_wait_s = max_wait_ms / 1000.0
         self.length_buckets = sorted(length_buckets)
+        self.max_queue_wait_s = None if max_queue_wait_ms is None else max_queue_wait_ms / 1000.0
         self.queue: queue.Queue[Waiting] = queue.Queue(maxsize=queue_bound)
         self._workers = ThreadPoolExecutor(workers, thread_name_prefix="towerline-batch")
         self._free_workers = threading.Semaphore(workers)
@@ -114,6 +117,10 @@ class MicroBatcher:
                 continue  # the caller gave up (cancelled): never encoded
             if waiting.deadline is not None and waiting.deadline <= now:
                 waiting.future.set_exception(DeadlineExceeded("the deadline ran out while queued for a batch"))
+                continue
+            if self.max_queue_wait_s is not None and now - waiting.enqueued > self.max_queue_wait_s:
+                waiting.future.set_exception(QueueFull(
+                    f"queued for a batch longer than {self.max_queue_wait_s * 1000:g} ms (serve.max_queue_wait_ms)"))
                 continue
             groups[(waiting.top_k, waiting.mode, self._bucket(waiting.query))].append(waiting)
             if self.metrics is not None:

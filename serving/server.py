@@ -98,7 +98,7 @@ def _start(service: RetrievalService | None, serve: ServeConfig, recommender: Re
         interceptors=[*auth_interceptors(serve),
                       AdmissionInterceptor(SERVICE_NAME, serve.max_concurrent_rpcs, metrics, serve.access_log)],
     )
-    servicer = RetrievalServicer(service, serve.max_workers, recommender, serve.max_top_k)
+    servicer = RetrievalServicer(service, serve.max_workers, recommender, serve.max_top_k, serve.max_queue_wait_ms)
     health_servicer = health.HealthServicer()
     if service is not None:
         install_service(servicer, health_servicer, service, serve, metrics)
@@ -135,7 +135,8 @@ def install_service(servicer: RetrievalServicer, health_servicer: health.HealthS
                              sparse=str(info.sparse).lower()).set(1)
     if serve.batching and servicer.batcher is None:
         servicer.batcher = MicroBatcher(service, serve.batch_max_size, serve.batch_max_wait_ms, serve.batch_queue,
-                                        metrics, workers=serve.max_workers, length_buckets=serve.batch_length_buckets)
+                                        metrics, workers=serve.max_workers, length_buckets=serve.batch_length_buckets,
+                                        max_queue_wait_ms=serve.max_queue_wait_ms)
     servicer.swap(service)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

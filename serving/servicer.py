@@ -39,12 +39,14 @@ class RecommendBackend(Protocol):
 
 class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
     def __init__(self, service: RetrievalService | None, max_executing: int,
-                 recommender: RecommendBackend | None = None, max_top_k: int = 1000) -> None:
+                 recommender: RecommendBackend | None = None, max_top_k: int = 1000,
+                 max_queue_wait_ms: float | None = None) -> None:
         # None: the server is up but has no index yet; retrieval calls answer UNAVAILABLE.
         self.service = service
         self.recommender = recommender
         self.max_top_k = max_top_k
         self.max_executing = max_executing
+        self.max_queue_wait_s = None if max_queue_wait_ms is None else max_queue_wait_ms / 1000.0
         self._executing = threading.BoundedSemaphore(max_executing)
         # Set by the server when serve.batching is on: Search calls then go through it.
         self.batcher: MicroBatcher | None = None
@@ -70,11 +72,11 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
         assert batcher is not None
         with self._mapped_errors(context):
             mode = service.check_search(request.query, request.top_k, mode_from_proto(request.mode))
-            future = batcher.submit(request.query, request.top_k, mode, context.time_remaining())
+            future = batcher.submit(request.query, request.top_k, mode, _time_remaining(context))
             # A caller that goes away lets the batcher skip its request.
             context.add_callback(future.cancel)
             try:
-                return future.result(timeout=context.time_remaining())
+                return future.result(timeout=_time_remaining(context))
             except FutureTimeout:
                 future.cancel()
                 raise DeadlineExceeded("the deadline ran out while waiting for a batch") from None
@@ -119,8 +121,15 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
     @contextmanager
     def _guarded(self, context: grpc.ServicerContext) -> Iterator[None]:
         """Hold one of max_executing slots for the call, mapping service errors to codes."""
-        remaining = context.time_remaining()
-        if not self._executing.acquire(timeout=max(remaining, 0.0) if remaining is not None else None):
+        remaining = _time_remaining(context)
+        bound = self.max_queue_wait_s
+        shed_first = bound is not None and (remaining is None or bound < remaining)
+        wait = bound if shed_first else remaining
+        if not self._executing.acquire(timeout=max(wait, 0.0) if wait is not None else None):
+            if shed_first:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"server busy: no execution slot within {bound * 1000:g} ms "
+                              "(serve.max_queue_wait_ms); retry with backoff or another replica")
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline ran out while waiting to execute")
         try:
             with self._mapped_errors(context):
@@ -145,8 +154,18 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
 
 def _deadline_checkpoint(context: grpc.ServicerContext) -> Checkpoint:
     def check() -> None:
-        remaining = context.time_remaining()
+        remaining = _time_remaining(context)
         if remaining is not None and remaining <= 0:
             raise DeadlineExceeded("the deadline ran out before the search finished")
 
     return check
+
+
+# gRPC reports a call without a deadline as ~1e18 s remaining, which no timed wait accepts.
+_NO_DEADLINE_S = 1e9
+
+
+def _time_remaining(context: grpc.ServicerContext) -> float | None:
+    """Seconds left before the call's deadline; None when the caller set none."""
+    remaining = context.time_remaining()
+    return None if remaining is None or remaining > _NO_DEADLINE_S else remaining

@@ -43,6 +43,8 @@ def test_serve_bench_writes_its_results(tiny_config: TowerlineConfig, tmp_path: 
     ceiling = summary["encoder_ceiling"]
     assert ceiling["texts_per_s"] == max(ceiling["texts_per_s_by_batch"].values()) > 0
     assert summary["naive_baseline"]["qps"] > 0
+    assert summary["targets"]["max_queue_wait_ms"] == tiny_config.serve.max_queue_wait_ms
+    assert set(summary["targets"]["p99_at_4_within_queue_bound"]) == {"dense", "dense_batched"}
     assert summary["targets"]["qps_at_32_over_ceiling"] is None  # no concurrency 32 in this small run
     assert str(tmp_path) not in results.read_text()  # no machine path in the results
 

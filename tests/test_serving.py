@@ -298,10 +298,11 @@ def test_calls_beyond_max_concurrent_rpcs_are_resource_exhausted(
 def test_a_burst_past_the_default_bound_is_shed_while_health_stays_serving(
     encoder: TorchQueryEncoder, index: LoadedIndex
 ) -> None:
-    """With the default serve settings: 100 calls at once against encoders held busy → exactly
+    """With the default admission settings: 100 calls at once against encoders held busy → exactly
     max_concurrent_rpcs admitted (they all complete once released), the rest RESOURCE_EXHAUSTED at
-    once, and a health check answers SERVING throughout."""
-    defaults = ServeConfig(port=0)
+    once, and a health check answers SERVING throughout. (The queue-wait bound is off here: the
+    encoders are held for as long as the test takes; the next test covers it.)"""
+    defaults = ServeConfig(port=0, max_queue_wait_ms=None)
     blocking = BlockingEncoder(encoder)
     burst = defaults.max_concurrent_rpcs + 36
     try:
@@ -324,6 +325,37 @@ def test_a_burst_past_the_default_bound_is_shed_while_health_stays_serving(
                 assert all(len(call.result(timeout=30).hits) == 3 for call in served)
     finally:
         blocking.release.set()
+
+
+@pytest.mark.parametrize("batching", [False, True])
+def test_a_call_waiting_past_max_queue_wait_is_shed_and_never_encoded(
+    encoder: TorchQueryEncoder, index: LoadedIndex, batching: bool
+) -> None:
+    """One execution slot held: the next call, sent without a deadline, is RESOURCE_EXHAUSTED once it
+    has waited serve.max_queue_wait_ms — unbatched for a slot, batched in the queue — and the held call
+    still completes."""
+    recording = RecordingEncoder(encoder, hold_first=True)
+    limits = LIMITS.model_copy(update={"max_workers": 1, "max_queue_wait_ms": 200.0, "batching": batching,
+                                       "batch_max_size": 1})
+    try:
+        for address in serve(RetrievalService(recording, index, limits), limits):
+            channel, stub = raw_stub(address)
+            with channel:
+                held = stub.Search.future(pb.SearchRequest(query="alpha held", top_k=3))
+                assert recording.entered.wait(timeout=10)
+                waiting = stub.Search.future(pb.SearchRequest(query="beta waiting", top_k=3))
+                if batching:  # the queue is only looked at when the worker frees up
+                    threading.Event().wait(0.5)
+                    recording.release.set()
+                with pytest.raises(grpc.RpcError) as shed:
+                    waiting.result(timeout=10)
+                assert shed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "serve.max_queue_wait_ms" in shed.value.details()
+                recording.release.set()
+                assert len(held.result(timeout=10).hits) == 3
+        assert recording.batches == [["alpha held"]]
+    finally:
+        recording.release.set()
 
 
 def _wait_for_shed(calls: list, expected: int) -> list:

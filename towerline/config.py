@@ -201,6 +201,10 @@ class ServeConfig(Section):
     # Retrieval calls admitted at once (executing or waiting); one more is RESOURCE_EXHAUSTED.
     # Health checks are never counted.
     max_concurrent_rpcs: int = Field(64, ge=1)
+    # The longest an admitted call waits for an execution slot (or, batched, in the batch queue)
+    # before it is shed with RESOURCE_EXHAUSTED, so that latency stays bounded when clients send no
+    # deadline; None: wait as long as the call's deadline allows.
+    max_queue_wait_ms: float | None = Field(1000.0, gt=0)
     max_top_k: int = Field(1000, ge=1)
     max_batch: int = Field(256, ge=1)
     max_query_chars: int = Field(4096, ge=1)
