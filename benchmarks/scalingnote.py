@@ -23,7 +23,7 @@ from pipelines.pseudo_queries import KIND as PSEUDO_QUERIES_KIND
 from serving.onnx_format import ONNX_KIND
 from towerline.artifacts import read_manifest
 from towerline.beir import load_dataset, positives
-from towerline.config import TowerlineConfig
+from towerline.config import TowerlineConfig, with_overrides
 from towerline.progress import console
 from towerline.results import result_header, write_results
 from towerline.tower_spec import DUAL_ENCODER_KIND
@@ -33,13 +33,14 @@ from training.dataset import PAIRS_KIND
 
 def run_scalingnote_bench(
     config: TowerlineConfig, teachers: list[str], student: str, root: Path, results_path: Path, *,
-    reuse: bool = False, distil_from: str | None = None,
+    reuse: bool = False, distil_from: str | None = None, teacher_overrides: dict[str, list[str]] | None = None,
 ) -> dict[str, Any]:
     """`teachers` from smallest to largest; `distil_from` (default: the largest) is distilled into
     `student`, so that a further, larger row (an LLM) can join the table without changing the student's
     teacher. The smallest is the end-to-end baseline. With `reuse`, the
     pairs, pseudo-queries and teacher artifacts already under `root` (from an earlier run with the
-    same config) are used as they are, and the JSON lists them; the student is always distilled anew."""
+    same config) are used as they are, and the JSON lists them; the student is always distilled anew.
+    `teacher_overrides` apply to one teacher's row alone (an LLM's pooling, gradient checkpointing)."""
     from pipelines.pairs import run_pairs
     from pipelines.pseudo_queries import run_pseudo_queries
     from pipelines.spark import stop_spark
@@ -68,9 +69,12 @@ def run_scalingnote_bench(
     stage("pseudo_queries", root / "pseudo-queries", PSEUDO_QUERIES_KIND,
           lambda: run_pseudo_queries(config, root / "pseudo-queries"))
     stop_spark(config.spark)
+    overrides = teacher_overrides or {}
     for backbone in teachers:
-        rows[f"dual_tower_{Path(backbone).name}"] = _dual_tower_row(config, backbone, root, queries, stage)
-    rows["student"] = _student_row(config, teacher, student, root, queries, seconds)
+        variant = _with_backbone(config, backbone, overrides.get(backbone))
+        rows[f"dual_tower_{Path(backbone).name}"] = _dual_tower_row(variant, root, queries, stage)
+    rows["student"] = _student_row(_with_backbone(config, teacher, overrides.get(teacher)), student, root, queries,
+                                   seconds)
     # Latency last, every encoder back to back, so that all rows are timed under the same conditions.
     _timed(seconds, "latency", lambda: _measure_latency(config, rows, list(queries.values())))
     summary = {
@@ -129,19 +133,34 @@ def _bm25(config: TowerlineConfig, dataset: Any, queries: dict[str, str]) -> dic
                                                               config.data.positive_min)}
 
 
-def _with_backbone(config: TowerlineConfig, backbone: str) -> TowerlineConfig:
-    variant = config.model_copy(deep=True)
+def _with_backbone(config: TowerlineConfig, backbone: str, overrides: list[str] | None = None) -> TowerlineConfig:
+    """The config of one row: its backbone, plus the overrides given for that backbone alone."""
+    variant = with_overrides(config, overrides) if overrides else config.model_copy(deep=True)
     variant.encoder.backbone = backbone
     return variant
 
 
-def _dual_tower_row(config: TowerlineConfig, backbone: str, root: Path, queries: dict[str, str],
-                    stage: Any) -> dict[str, Any]:
+def parse_teacher_overrides(items: list[str], teachers: list[str]) -> dict[str, list[str]]:
+    """`BACKBONE:key=value` items (--teacher-override) → overrides by teacher."""
+    from towerline.errors import ConfigError
+
+    by_teacher: dict[str, list[str]] = {}
+    for item in items:
+        backbone, sep, override = item.partition(":")
+        if not sep or backbone not in teachers or "=" not in override:
+            raise ConfigError(f"--teacher-override {item!r}: expected TEACHER:key=value with TEACHER one of "
+                              f"{', '.join(teachers)} (e.g. smollm2:encoder.pooling=last_token)")
+        by_teacher.setdefault(backbone, []).append(override)
+    return by_teacher
+
+
+def _dual_tower_row(variant: TowerlineConfig, root: Path, queries: dict[str, str], stage: Any) -> dict[str, Any]:
     from indexing.build import build_index
     from serving.onnx_export import run_export
     from training.run import run_train
 
-    variant, base = _with_backbone(config, backbone), root / Path(backbone).name
+    backbone = variant.encoder.backbone
+    base = root / Path(backbone).name
     manifest = stage(f"train.{backbone}", base / "encoder", DUAL_ENCODER_KIND,
                      lambda: run_train(variant, root / "pairs", base / "encoder", Tracker(None)), variant)
     stage(f"export.{backbone}", base / "onnx", ONNX_KIND,
@@ -154,12 +173,13 @@ def _dual_tower_row(config: TowerlineConfig, backbone: str, root: Path, queries:
             "train_seconds": manifest.metadata["train_seconds"], **row}
 
 
-def _student_row(config: TowerlineConfig, teacher: str, student_backbone: str, root: Path, queries: dict[str, str],
+def _student_row(variant: TowerlineConfig, student_backbone: str, root: Path, queries: dict[str, str],
                  seconds: dict[str, float]) -> dict[str, Any]:
     from distill.run import run_distill
     from serving.onnx_export import run_export
 
-    variant = _with_backbone(config, teacher)
+    teacher = variant.encoder.backbone
+    variant = variant.model_copy(deep=True)
     variant.distill.student = student_backbone
     base, student, student_onnx = root / Path(teacher).name, root / "student", root / "student-onnx"
     manifest = _timed(seconds, "distill", lambda: run_distill(variant, base / "encoder", base / "index", student,

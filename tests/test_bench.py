@@ -59,9 +59,14 @@ def test_scalingnote_bench_compares_every_row_in_one_run(
     config = tiny_config.model_copy(deep=True)
     config.distill.epochs = 1
     results = tmp_path / "scalingnote.json"
+    # The decoder's row alone pools its last token (an LLM's usual embedding).
+    decoder_only = {str(tiny_decoder): ["encoder.pooling=last_token"]}
     summary = run_scalingnote_bench(config, [str(tiny_backbone), str(tiny_decoder)], str(tiny_backbone),
-                                    tmp_path / "work", results)
+                                    tmp_path / "work", results, teacher_overrides=decoder_only)
     assert json.loads(results.read_text()) == summary
+    pooling = {name: json.loads((tmp_path / "work" / name / "encoder" / "query" / "tower.json").read_text())["pooling"]
+               for name in ("tiny-bert", "tiny-llama")}
+    assert pooling == {"tiny-bert": "mean", "tiny-llama": "last_token"}
     rows = summary["rows"]
     assert set(rows) == {"bm25_stemmed", "dual_tower_tiny-bert", "dual_tower_tiny-llama", "student"}
     for name, row in rows.items():
@@ -75,7 +80,8 @@ def test_scalingnote_bench_compares_every_row_in_one_run(
 
     # A further (larger) row joins with --reuse without changing the student's teacher: --distil-from.
     again = run_scalingnote_bench(config, [str(tiny_backbone), str(tiny_decoder)], str(tiny_backbone),
-                                  tmp_path / "work", results, reuse=True, distil_from=str(tiny_backbone))
+                                  tmp_path / "work", results, reuse=True, distil_from=str(tiny_backbone),
+                                  teacher_overrides=decoder_only)
     assert again["distilled_teacher"] == "dual_tower_tiny-bert"
     assert {"train." + str(tiny_decoder), "index." + str(tiny_backbone)} <= set(again["reused_artifacts"])
     assert again["targets"]["student_ndcg_over_teacher"] == (again["rows"]["student"]["ndcg@10"]
@@ -83,6 +89,17 @@ def test_scalingnote_bench_compares_every_row_in_one_run(
     with pytest.raises(ConfigError, match="--distil-from"):
         run_scalingnote_bench(config, [str(tiny_backbone)], str(tiny_backbone), tmp_path / "work", results,
                               reuse=True, distil_from="mpnet")
+
+
+def test_teacher_overrides_are_parsed_per_teacher_and_refused_when_malformed() -> None:
+    from benchmarks.scalingnote import parse_teacher_overrides
+
+    parsed = parse_teacher_overrides(["smollm2:encoder.pooling=last_token", "smollm2:train.batch_size=8"],
+                                     ["minilm", "smollm2"])
+    assert parsed == {"smollm2": ["encoder.pooling=last_token", "train.batch_size=8"]}
+    for bad in ("encoder.pooling=last_token", "bert:encoder.pooling=cls", "smollm2:encoder.pooling"):
+        with pytest.raises(ConfigError, match="--teacher-override"):
+            parse_teacher_overrides([bad], ["minilm", "smollm2"])
 
 
 def test_the_load_generator_counts_shed_calls_keeps_its_concurrency_and_stops_on_time() -> None:

@@ -53,3 +53,14 @@ def test_doc_template_is_checked_at_the_edge() -> None:
         load_config(None, ["encoder.doc_template=about {title}"])
     with pytest.raises(ConfigError, match=r"encoder.doc_template"):
         load_config(None, ["encoder.doc_template=body {text"])
+
+
+def test_with_overrides_copies_validates_and_leaves_the_original() -> None:
+    from towerline.config import with_overrides
+
+    base = load_config(None, ["train.epochs=2"])
+    changed = with_overrides(base, ["encoder.pooling=last_token", "train.batch_size=8"])
+    assert (changed.encoder.pooling, changed.train.batch_size, changed.train.epochs) == ("last_token", 8, 2)
+    assert base.encoder.pooling == "mean"
+    with pytest.raises(ConfigError, match=r"train\.batch_size"):
+        with_overrides(base, ["train.batch_size=0"])

