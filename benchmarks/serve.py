@@ -33,6 +33,9 @@ from towerline.results import result_header, write_results
 
 CONCURRENCIES = (1, 8, 32, 64)
 CEILING_BATCHES = (1, 8, 32, 64)
+# Length buckets (characters) of the bucketed row when the config sets none: SciFact's test queries
+# are 43–204 characters long, median 82.
+BENCH_BUCKETS = [64, 96, 128]
 
 
 def _grpc_load(address: str, texts: list[str], requests: int, concurrency: int, top_k: int,
@@ -155,7 +158,8 @@ def run_serve_bench(
 
     serve_config = config.serve.model_copy(update={"host": "127.0.0.1", "port": 0})
     batching = serve_config.model_copy(update={"batching": True})
-    sweep: dict[str, dict[str, dict[str, float]]] = {"dense": {}, "dense_batched": {}}
+    bucketed = batching.model_copy(update={"batch_length_buckets": batching.batch_length_buckets or BENCH_BUCKETS})
+    sweep: dict[str, dict[str, dict[str, float]]] = {"dense": {}, "dense_batched": {}, "dense_batched_bucketed": {}}
     hybrid = None
     with _served(config, index_path, onnx_path, serve_config) as address:
         from serving.client import RetrievalClient
@@ -172,10 +176,11 @@ def run_serve_bench(
                 console.print(f"[yellow]no hybrid row: {exc}")
         with status(f"gRPC load, dense: {requests} Search calls from {concurrency} callers in flight"):
             dense_here = _grpc_load(address, texts, requests, concurrency, 10, "dense")
-    with _served(config, index_path, onnx_path, batching) as address:
-        for level in concurrencies:
-            with status(f"gRPC load, dense, micro-batched: {requests} calls from {level} callers in flight"):
-                sweep["dense_batched"][str(level)] = _grpc_load(address, texts, requests, level, 10, "dense")
+    for name, settings in (("dense_batched", batching), ("dense_batched_bucketed", bucketed)):
+        with _served(config, index_path, onnx_path, settings) as address:
+            for level in concurrencies:
+                with status(f"gRPC load, {name}: {requests} calls from {level} callers in flight"):
+                    sweep[name][str(level)] = _grpc_load(address, texts, requests, level, 10, "dense")
 
     best_32 = max(sweep[name].get("32", {}).get("qps", 0.0) for name in sweep)
     summary = {
@@ -188,7 +193,8 @@ def run_serve_bench(
         "encoder_ceiling": ceiling,
         "naive_baseline": naive,
         "grpc_search_by_concurrency": sweep,
-        "micro_batching": {"batch_max_size": batching.batch_max_size, "batch_max_wait_ms": batching.batch_max_wait_ms},
+        "micro_batching": {"batch_max_size": batching.batch_max_size, "batch_max_wait_ms": batching.batch_max_wait_ms,
+                           "workers": batching.max_workers, "length_buckets": bucketed.batch_length_buckets},
         "concurrency": concurrency,
         "grpc_search": dense_here,
         "grpc_search_hybrid": hybrid,

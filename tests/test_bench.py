@@ -36,7 +36,7 @@ def test_serve_bench_writes_its_results(tiny_config: TowerlineConfig, tmp_path: 
     assert summary["hybrid_qps_over_dense"] == hybrid["qps"] / latencies["qps"]
     assert summary["fusion"].startswith("rrf")
     # The sweep (dense and micro-batched at each concurrency), the ceiling and the naive baseline.
-    for name in ("dense", "dense_batched"):
+    for name in ("dense", "dense_batched", "dense_batched_bucketed"):
         assert set(summary["grpc_search_by_concurrency"][name]) == {"1", "4"}
         assert all(row["requests"] == 20 and row["errors"] == {}
                    for row in summary["grpc_search_by_concurrency"][name].values())
@@ -44,7 +44,7 @@ def test_serve_bench_writes_its_results(tiny_config: TowerlineConfig, tmp_path: 
     assert ceiling["texts_per_s"] == max(ceiling["texts_per_s_by_batch"].values()) > 0
     assert summary["naive_baseline"]["qps"] > 0
     assert summary["targets"]["max_queue_wait_ms"] == tiny_config.serve.max_queue_wait_ms
-    assert set(summary["targets"]["p99_at_4_within_queue_bound"]) == {"dense", "dense_batched"}
+    assert set(summary["targets"]["p99_at_4_within_queue_bound"]) == set(summary["grpc_search_by_concurrency"])
     assert summary["targets"]["qps_at_32_over_ceiling"] is None  # no concurrency 32 in this small run
     assert str(tmp_path) not in results.read_text()  # no machine path in the results
 
