@@ -179,8 +179,7 @@ def _student_row(variant: TowerlineConfig, student_backbone: str, root: Path, qu
     from serving.onnx_export import run_export
 
     teacher = variant.encoder.backbone
-    variant = variant.model_copy(deep=True)
-    variant.distill.student = student_backbone
+    variant.distill.student = student_backbone  # `variant` is this row's own copy (_with_backbone)
     base, student, student_onnx = root / Path(teacher).name, root / "student", root / "student-onnx"
     manifest = _timed(seconds, "distill", lambda: run_distill(variant, base / "encoder", base / "index", student,
                                                               Tracker(None), pseudo_queries=root / "pseudo-queries"))

@@ -96,6 +96,7 @@ def _free_port() -> int:
 
 
 def _wait_serving(client: Any, server: subprocess.Popen[bytes], log_file: Path, timeout_s: float = 300) -> None:
+    """The client's own readiness wait, a second at a time, so that a server that exits is seen at once."""
     from serving.errors import RetrievalRpcError
     from towerline.errors import TowerlineError
 
@@ -104,11 +105,10 @@ def _wait_serving(client: Any, server: subprocess.Popen[bytes], log_file: Path, 
         if server.poll() is not None:
             raise TowerlineError(f"towerline serve exited ({server.returncode}):\n{log_file.read_text()[-2000:]}")
         try:
-            if client.health() == "SERVING":
-                return
+            client.wait_ready(timeout=1.0)
+            return
         except RetrievalRpcError:
-            pass  # not listening yet
-        time.sleep(0.5)
+            pass  # not listening or not SERVING yet
     raise TowerlineError(f"towerline serve did not come up in {timeout_s:g} s:\n{log_file.read_text()[-2000:]}")
 
 

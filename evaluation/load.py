@@ -38,8 +38,6 @@ async def _drive(open_caller: AsyncCallerFactory, concurrency: int, requests: in
                  duration_s: float | None) -> dict[str, Any]:
     import grpc
 
-    from serving.errors import RetrievalRpcError
-
     latencies_ms: list[float] = []
     errors: Counter[str] = Counter()
     numbers = itertools.count()
@@ -57,9 +55,6 @@ async def _drive(open_caller: AsyncCallerFactory, concurrency: int, requests: in
                     await call(number)
                 except grpc.RpcError as error:
                     errors[error.code().name] += 1
-                    continue
-                except RetrievalRpcError as error:
-                    errors[error.code] += 1
                     continue
                 latencies_ms.append((time.perf_counter() - sent) * 1000)
 
