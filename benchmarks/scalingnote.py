@@ -26,7 +26,7 @@ from towerline.beir import load_dataset, positives
 from towerline.config import TowerlineConfig, with_overrides
 from towerline.progress import console
 from towerline.results import result_header, write_results
-from towerline.tower_spec import DUAL_ENCODER_KIND
+from towerline.tower_spec import DUAL_ENCODER_KIND, QUERY_ENCODER_KIND
 from towerline.tracking import Tracker
 from training.dataset import PAIRS_KIND
 
@@ -39,7 +39,8 @@ def run_scalingnote_bench(
     `student`, so that a further, larger row (an LLM) can join the table without changing the student's
     teacher. The smallest is the end-to-end baseline. With `reuse`, the
     pairs, pseudo-queries and teacher artifacts already under `root` (from an earlier run with the
-    same config) are used as they are, and the JSON lists them; the student is always distilled anew.
+    same config) are used as they are, and the JSON lists them; the student too when its distill
+    settings are also the same (else it is distilled anew).
     `teacher_overrides` apply to one teacher's row alone (an LLM's pooling, gradient checkpointing)."""
     from pipelines.pairs import run_pairs
     from pipelines.pseudo_queries import run_pseudo_queries
@@ -54,11 +55,23 @@ def run_scalingnote_bench(
     seconds: dict[str, float] = {}
     reused: list[str] = []
 
-    def stage(name: str, artifact: Path, kind: str, work: Any, made_with: TowerlineConfig = config) -> Any:
+    def stage(name: str, artifact: Path, kind: str, work: Any, made_with: TowerlineConfig = config,
+              ignored: tuple[str, ...] = NOT_SHAPING, remake_other: bool = False, made_from: Any = None) -> Any:
+        """Reuse `artifact` when --reuse and it was made with the same settings (and from the `made_from`
+        encoder manifest, if given); one made otherwise is refused, or made anew when `remake_other`
+        (the student, whose teacher or distill settings may change)."""
         if reuse and (artifact / "manifest.json").is_file():
-            require_same_config(artifact, made_with)
-            reused.append(name)
-            return read_manifest(artifact, kind)
+            differing = settings_differing(artifact, made_with, ignored)
+            if made_from is not None and read_manifest(artifact, kind).inputs.get("encoder") != made_from.fingerprint:
+                differing.append("inputs.encoder")
+            if not differing:
+                reused.append(name)
+                return read_manifest(artifact, kind)
+            if not remake_other:
+                from towerline.errors import ConfigError
+
+                raise ConfigError(f"--reuse: {artifact} was made with other settings ({', '.join(differing[:5])}); "
+                                  "run without --reuse or in another --work-dir")
         return _timed(seconds, name, work)
 
     dataset = load_dataset(config.data, [config.eval.split])
@@ -73,8 +86,10 @@ def run_scalingnote_bench(
     for backbone in teachers:
         variant = _with_backbone(config, backbone, overrides.get(backbone))
         rows[f"dual_tower_{Path(backbone).name}"] = _dual_tower_row(variant, root, queries, stage)
+        if overrides.get(backbone):
+            rows[f"dual_tower_{Path(backbone).name}"]["overrides"] = overrides[backbone]
     rows["student"] = _student_row(_with_backbone(config, teacher, overrides.get(teacher)), student, root, queries,
-                                   seconds)
+                                   stage)
     # Latency last, every encoder back to back, so that all rows are timed under the same conditions.
     _timed(seconds, "latency", lambda: _measure_latency(config, rows, list(queries.values())))
     summary = {
@@ -96,21 +111,19 @@ def run_scalingnote_bench(
     return summary
 
 
-# Settings that do not shape the reused artifacts (the student is distilled anew in every run).
-NOT_SHAPING = ("distill", "tracking", "run_dir", "rec")
+# Settings that do not shape the reused artifacts; the distill section shapes the student alone.
+NOT_SHAPING_STUDENT = ("tracking", "run_dir", "rec")
+NOT_SHAPING = ("distill", *NOT_SHAPING_STUDENT)
 
 
-def require_same_config(artifact: Path, expected: TowerlineConfig) -> None:
+def settings_differing(artifact: Path, expected: TowerlineConfig, ignored: tuple[str, ...]) -> list[str]:
+    """The settings (other than `ignored` sections) in which `artifact`'s config.yaml differs from `expected`."""
     from towerline.config import load_config
-    from towerline.errors import ConfigError
 
     made_with = load_config(artifact / "config.yaml").flat()
     wanted = expected.flat()
-    differing = sorted(key for key in set(made_with) | set(wanted)
-                       if not key.startswith(NOT_SHAPING) and made_with.get(key) != wanted.get(key))
-    if differing:
-        raise ConfigError(f"--reuse: {artifact} was made with other settings ({', '.join(differing[:5])}); "
-                          "run without --reuse or in another --work-dir")
+    return sorted(key for key in set(made_with) | set(wanted)
+                  if not key.startswith(ignored) and made_with.get(key) != wanted.get(key))
 
 
 def _timed(seconds: dict[str, float], name: str, work: Any) -> Any:
@@ -174,16 +187,19 @@ def _dual_tower_row(variant: TowerlineConfig, root: Path, queries: dict[str, str
 
 
 def _student_row(variant: TowerlineConfig, student_backbone: str, root: Path, queries: dict[str, str],
-                 seconds: dict[str, float]) -> dict[str, Any]:
+                 stage: Any) -> dict[str, Any]:
     from distill.run import run_distill
     from serving.onnx_export import run_export
 
     teacher = variant.encoder.backbone
     variant.distill.student = student_backbone  # `variant` is this row's own copy (_with_backbone)
     base, student, student_onnx = root / Path(teacher).name, root / "student", root / "student-onnx"
-    manifest = _timed(seconds, "distill", lambda: run_distill(variant, base / "encoder", base / "index", student,
-                                                              Tracker(None), pseudo_queries=root / "pseudo-queries"))
-    _timed(seconds, "export.student", lambda: run_export(variant, student, student_onnx))
+    manifest = stage("distill", student, QUERY_ENCODER_KIND,
+                     lambda: run_distill(variant, base / "encoder", base / "index", student, Tracker(None),
+                                         pseudo_queries=root / "pseudo-queries"), variant, NOT_SHAPING_STUDENT,
+                     remake_other=True)
+    stage("export.student", student_onnx, ONNX_KIND, lambda: run_export(variant, student, student_onnx), variant,
+          NOT_SHAPING_STUDENT, remake_other=True, made_from=manifest)
     row = _score(variant, student_onnx, base / "index", queries)
     return {"model": f"{Path(student_backbone).name} student of {Path(teacher).name}, on the teacher's index",
             "parameters_per_tower": manifest.metadata["student_parameters"],

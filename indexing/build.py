@@ -50,7 +50,8 @@ def build_index(config: TowerlineConfig, encoder_path: Path, output: Path) -> Ma
 
 def embed_texts(doc_tower: Tower, texts: list[str], config: IndexConfig) -> np.ndarray:
     with progress_bar("Embedding corpus", total=len(texts)) as bar:
-        return doc_tower.encode(texts, batch_size=config.batch_size, on_batch=lambda n: bar.advance(0, n))
+        return doc_tower.encode(texts, batch_size=config.batch_size, on_batch=lambda n: bar.advance(0, n),
+                                bf16=config.precision == "bf16")
 
 
 def build_index_from_embeddings(

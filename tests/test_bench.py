@@ -67,6 +67,7 @@ def test_scalingnote_bench_compares_every_row_in_one_run(
     pooling = {name: json.loads((tmp_path / "work" / name / "encoder" / "query" / "tower.json").read_text())["pooling"]
                for name in ("tiny-bert", "tiny-llama")}
     assert pooling == {"tiny-bert": "mean", "tiny-llama": "last_token"}
+    assert summary["rows"]["dual_tower_tiny-llama"]["overrides"] == ["encoder.pooling=last_token"]
     rows = summary["rows"]
     assert set(rows) == {"bm25_stemmed", "dual_tower_tiny-bert", "dual_tower_tiny-llama", "student"}
     for name, row in rows.items():
@@ -84,8 +85,19 @@ def test_scalingnote_bench_compares_every_row_in_one_run(
                                   teacher_overrides=decoder_only)
     assert again["distilled_teacher"] == "dual_tower_tiny-bert"
     assert {"train." + str(tiny_decoder), "index." + str(tiny_backbone)} <= set(again["reused_artifacts"])
+    assert "distill" not in again["reused_artifacts"]  # another teacher: the student is distilled anew
     assert again["targets"]["student_ndcg_over_teacher"] == (again["rows"]["student"]["ndcg@10"]
                                                              / again["rows"]["dual_tower_tiny-bert"]["ndcg@10"])
+    # Same settings once more: the student and its ONNX graph are reused too; other distill settings remake both.
+    same = run_scalingnote_bench(config, [str(tiny_backbone), str(tiny_decoder)], str(tiny_backbone),
+                                 tmp_path / "work", results, reuse=True, distil_from=str(tiny_backbone),
+                                 teacher_overrides=decoder_only)
+    assert {"distill", "export.student"} <= set(same["reused_artifacts"])
+    assert same["rows"]["student"]["ndcg@10"] == again["rows"]["student"]["ndcg@10"]
+    config.distill.cosine_weight = 0.5
+    other = run_scalingnote_bench(config, [str(tiny_backbone)], str(tiny_backbone), tmp_path / "work", results,
+                                  reuse=True)
+    assert not {"distill", "export.student"} & set(other["reused_artifacts"])
     with pytest.raises(ConfigError, match="--distil-from"):
         run_scalingnote_bench(config, [str(tiny_backbone)], str(tiny_backbone), tmp_path / "work", results,
                               reuse=True, distil_from="mpnet")

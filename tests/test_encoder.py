@@ -33,6 +33,15 @@ def test_encode_is_normalised_ordered_and_round_trips(tiny_backbone: Path, tmp_p
     assert np.allclose(reloaded.encode(texts), embeddings, atol=1e-6)
 
 
+def test_bf16_encoding_stays_close_to_fp32_and_is_still_rounded(tiny_backbone: Path) -> None:
+    """index.precision=bf16: autocast really applies (the vectors change) but keeps the direction."""
+    tower = Tower.from_backbone(str(tiny_backbone), TowerSpec(max_length=16))
+    texts = ["a much longer text than the others here", "short", "medium length text"]
+    fp32, bf16 = tower.encode(texts), tower.encode(texts, bf16=True)
+    assert bf16.dtype == np.float32 and not np.array_equal(fp32, bf16)
+    assert np.min(np.sum(fp32 * bf16, axis=1)) > 0.99
+
+
 def test_prefix_changes_the_embedding(tiny_backbone: Path) -> None:
     plain = Tower.from_backbone(str(tiny_backbone), TowerSpec(max_length=16))
     prefixed = Tower.from_backbone(str(tiny_backbone), TowerSpec(prefix="query: ", max_length=16))

@@ -734,9 +734,9 @@ def bench_scalingnote(
     ] = None,
     work_dir: Annotated[Path, typer.Option(help="where the benchmark's artifacts go")] = Path("runs/bench-scalingnote"),
     results: Annotated[Path, typer.Option(help="output JSON")] = Path("benchmarks/results/scalingnote.json"),
-    reuse: Annotated[bool, typer.Option(help="use the pairs, pseudo-queries and teacher artifacts already in "
-                                             "--work-dir (refused when made with other settings); the student "
-                                             "is distilled anew")] = False,
+    reuse: Annotated[bool, typer.Option(help="use the pairs, pseudo-queries, teacher and student artifacts "
+                                             "already in --work-dir (refused when made with other settings; the "
+                                             "student is distilled anew when the distill settings differ)")] = False,
     teacher_override: Annotated[
         list[str] | None,
         typer.Option(help="TEACHER:key=value, for that teacher's row alone (repeat), e.g. "

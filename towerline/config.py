@@ -166,6 +166,9 @@ class ExportConfig(Section):
 class IndexConfig(Section):
     type: Literal["flat", "hnsw", "ivf"] = "flat"
     batch_size: int = Field(64, ge=1)
+    # "bf16": embed the corpus under bf16 autocast (about 2x faster for a 135M LLM on this CPU; the
+    # vectors are stored as fp32 either way). fp32 by default so that indexes are bit-reproducible.
+    precision: Literal["fp32", "bf16"] = "fp32"
     hnsw_m: int = Field(32, ge=4)
     hnsw_ef_construction: int = Field(200, ge=8)
     hnsw_ef_search: int = Field(128, ge=8)

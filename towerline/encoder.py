@@ -118,8 +118,10 @@ class Tower(torch.nn.Module):
         texts: list[str],
         batch_size: int = 64,
         on_batch: Callable[[int], None] | None = None,
+        bf16: bool = False,
     ) -> np.ndarray:
-        """Embed texts in length-sorted batches (less padding); rows come back in input order."""
+        """Embed texts in length-sorted batches (less padding); rows come back in input order.
+        `bf16` runs the backbone under bf16 autocast (about 2x faster on CPUs with AVX512-BF16 or AMX)."""
         was_training = self.training
         self.eval()
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
@@ -128,7 +130,8 @@ class Tower(torch.nn.Module):
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             batch = {name: tensor.to(device) for name, tensor in self.tokenize([texts[i] for i in chunk]).items()}
-            embeddings[chunk] = self(**batch).float().cpu().numpy()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                embeddings[chunk] = self(**batch).float().cpu().numpy()
             if on_batch:
                 on_batch(len(chunk))
         self.train(was_training)
