@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +14,16 @@ from indexing.build import build_index, build_index_from_embeddings
 from indexing.gpu import gpu_count
 from indexing.layout import INDEX_FILE
 from indexing.load import load_index
-from indexing.publish import CURRENT_FILE, index_info, list_versions, publish_index, resolve_published
+from indexing.publish import (
+    CURRENT_FILE,
+    LOCK_FILE,
+    index_info,
+    list_versions,
+    publish_index,
+    resolve_published,
+    rollback,
+    verify_entry,
+)
 from towerline.artifacts import ArtifactWriter
 from towerline.beir import load_dataset, locate_dataset
 from towerline.config import IndexConfig, TowerlineConfig
@@ -135,12 +147,87 @@ def test_publish_creates_versions_and_moves_current(tmp_path: Path) -> None:
     entry = registry / "scifact"
     assert (entry / CURRENT_FILE).read_text().strip() == "v0002"
     assert resolve_published(entry) == entry / "v0002"
-    assert sorted(path.name for path in entry.iterdir()) == [CURRENT_FILE, "v0001", "v0002"]
+    assert sorted(path.name for path in entry.iterdir()) == [LOCK_FILE, CURRENT_FILE, "v0001", "v0002"]
     loaded = load_index(entry)
     assert (loaded.size, loaded.published_version, loaded.version) == (30, "v0002", "v0002")
     summary = index_info(entry)
     assert summary["versions"] == list_versions(entry) == ["v0001", "v0002"]
     assert (summary["current"], summary["count"], summary["kind"]) == ("v0002", 30, "faiss-index")
+
+
+def test_a_publish_killed_between_files_leaves_current_and_no_partial_version(tmp_path: Path) -> None:
+    """A real SIGKILL of a publishing process after its first copied file."""
+    registry = tmp_path / "registry"
+    publish_index(build_synthetic(tmp_path / "first", clustered_embeddings(20, 8, 2, seed=8)), registry, "sf")
+    second = build_synthetic(tmp_path / "second", clustered_embeddings(30, 8, 2, seed=9))
+    script = (
+        "import os, shutil, signal, sys\n"
+        "from indexing.publish import publish_index\n"
+        "copy = shutil.copyfile\n"
+        "def copy_then_die(source, target, **kwargs):\n"
+        "    copy(source, target, **kwargs)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "shutil.copyfile = copy_then_die\n"
+        "publish_index(sys.argv[1], sys.argv[2], 'sf')\n"
+    )
+    died = subprocess.run([sys.executable, "-c", script, str(second), str(registry)], cwd=Path(__file__).parents[1],
+                          capture_output=True, check=False)
+    assert died.returncode == -signal.SIGKILL, died.stderr.decode()
+    entry = registry / "sf"
+    assert any(child.name.startswith(".staging-") for child in entry.iterdir())  # it did die mid-copy
+    assert (entry / CURRENT_FILE).read_text().strip() == "v0001" and list_versions(entry) == ["v0001"]
+    assert load_index(entry).size == 20
+    # The next publish cleans the dead publisher's staging copy.
+    assert publish_index(second, registry, "sf") == entry / "v0002"
+    assert not any(child.name.startswith(".staging-") for child in entry.iterdir())
+
+
+def test_a_flipped_byte_or_an_extra_file_fails_verify_and_loading(tmp_path: Path) -> None:
+    registry = tmp_path / "registry"
+    publish_index(build_synthetic(tmp_path / "first", clustered_embeddings(20, 8, 2, seed=8)), registry, "sf")
+    entry = registry / "sf"
+    assert verify_entry(entry) == ["v0001"]
+    stray = entry / "v0001" / "notes.txt"
+    stray.write_text("added after publishing")
+    for check in (lambda: verify_entry(entry), lambda: load_index(entry)):
+        with pytest.raises(ArtifactError, match=r"not in the manifest: notes\.txt"):
+            check()
+    stray.unlink()
+    index_file = entry / "v0001" / INDEX_FILE
+    data = bytearray(index_file.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    index_file.write_bytes(bytes(data))
+    for check in (lambda: verify_entry(entry, all_versions=True), lambda: load_index(entry)):
+        with pytest.raises(ArtifactError, match=f"checksum mismatch for {INDEX_FILE}"):
+            check()
+
+
+def test_rollback_restores_the_previous_results_and_keep_prunes_old_versions(tmp_path: Path) -> None:
+    registry, entry = tmp_path / "registry", tmp_path / "registry" / "sf"
+    sizes = (20, 30, 40)
+    for number, size in enumerate(sizes):
+        embeddings = clustered_embeddings(size, 8, 2, seed=number)
+        publish_index(build_synthetic(tmp_path / f"built{number}", embeddings), registry, "sf")
+    query = clustered_embeddings(1, 8, 2, seed=1)
+    before = load_index(entry).search(query, 5)
+    assert rollback(entry) == ("v0003", "v0002")
+    assert load_index(entry).search(query, 5) == load_index(entry / "v0002").search(query, 5) != before
+    assert rollback(entry, to="v0003") == ("v0002", "v0003")
+    assert load_index(entry).search(query, 5) == before
+    with pytest.raises(ArtifactError, match="no version 'v0009'"):
+        rollback(entry, to="v0009")
+    # keep=2 after a rollback to v0001: the newest two stay and so does CURRENT.
+    rollback(entry, to="v0001")
+    publish_index(tmp_path / "built1", registry, "sf", keep=2)
+    assert list_versions(entry) == ["v0003", "v0004"]
+    assert rollback(entry, to="v0003") == ("v0004", "v0003")
+    with pytest.raises(ArtifactError, match="nothing to roll back to"):
+        rollback(entry)
+    rollback(entry, to="v0004")
+    (entry / "v0003" / INDEX_FILE).write_bytes(b"corrupt")
+    with pytest.raises(ArtifactError, match="checksum mismatch"):
+        rollback(entry, to="v0003")
+    assert resolve_published(entry).name == "v0004"  # a corrupt target never becomes CURRENT
 
 
 def test_registry_entry_without_a_valid_current_is_refused(tmp_path: Path) -> None:

@@ -183,12 +183,19 @@ def read_manifest(path: Path, kind: str | tuple[str, ...], *, verify: bool = Fal
 
 
 def verify_checksums(path: Path, manifest: Manifest) -> None:
+    """Every listed file present with its checksum, and no file that the manifest does not list."""
     for name, expected in manifest.files.items():
         file_path = path / name
         if not file_path.is_file():
             raise ArtifactError(f"{path}: file {name} listed in the manifest is missing")
         if sha256_file(file_path) != expected:
             raise ArtifactError(f"{path}: checksum mismatch for {name}; the artifact is corrupt")
+    listed = {*manifest.files, MANIFEST_NAME}
+    extra = sorted(name for name in (file.relative_to(path).as_posix() for file in path.rglob("*") if file.is_file())
+                   if name not in listed)
+    if extra:
+        raise ArtifactError(f"{path}: file(s) not in the manifest: {', '.join(extra[:5])}; the artifact was "
+                            "changed after it was written")
 
 
 def require_same_space(space_a: str, name_a: str, space_b: str, name_b: str) -> None:

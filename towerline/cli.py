@@ -449,12 +449,40 @@ def index_publish(
     index: Annotated[Path, typer.Argument(help="faiss-index artifact to publish")],
     registry: Annotated[Path, typer.Option(help="registry root")] = Path("runs/registry"),
     name: Annotated[str, typer.Option(help="index name in the registry")] = "default",
+    keep: Annotated[int | None, typer.Option(min=1, help="afterwards keep only the newest N versions "
+                                                         "(CURRENT always stays); default: keep all")] = None,
 ) -> None:
-    """Copy an index into REGISTRY/NAME/vNNNN (checksummed) and point CURRENT at it atomically."""
+    """Copy an index into REGISTRY/NAME/vNNNN (fsynced, checksummed) and point CURRENT at it atomically."""
     from indexing.publish import publish_index
 
-    version_dir = publish_index(index, registry, name)
+    version_dir = publish_index(index, registry, name, keep=keep)
     console.print(f"[green]✓[/] published index at [bold]{escape(str(version_dir))}[/]")
+
+
+@command(index_app, "verify")
+def index_verify(
+    index: Annotated[Path, typer.Argument(help="faiss-index artifact or registry entry (REGISTRY/NAME)")],
+    all_versions: Annotated[bool, typer.Option("--all-versions", help="every kept version, not only "
+                                                                      "CURRENT")] = False,
+) -> None:
+    """Check every file's sha256 against the manifest; fail on a missing or an extra file."""
+    from indexing.publish import verify_entry
+
+    for verified in verify_entry(index, all_versions=all_versions):
+        console.print(f"[green]✓[/] {escape(verified)}: every checksum matches, no file missing or extra")
+
+
+@command(index_app, "rollback")
+def index_rollback(
+    entry: Annotated[Path, typer.Argument(help="registry entry (REGISTRY/NAME)")],
+    to: Annotated[str | None, typer.Option(help="version to serve, e.g. v0003 (default: the one "
+                                                "before CURRENT)")] = None,
+) -> None:
+    """Point CURRENT back at an earlier (verified) version; servers pick it up on their next reload."""
+    from indexing.publish import rollback
+
+    previous, now = rollback(entry, to)
+    console.print(f"[green]✓[/] {escape(str(entry))}: CURRENT {previous} → [bold]{now}[/]")
 
 
 @command(index_app, "info")
