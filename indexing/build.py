@@ -9,7 +9,7 @@ import faiss
 import numpy as np
 from pydantic import BaseModel
 
-from indexing.factory import create_index, search_params
+from indexing.factory import choose_index_type, create_index, search_params
 from indexing.layout import INDEX_FILE, INDEX_KIND, METRIC, write_doc_ids
 from indexing.sparse import write_sparse_side
 from towerline.artifacts import ArtifactWriter, Manifest
@@ -70,7 +70,8 @@ def build_index_from_embeddings(
     """Index precomputed, L2-normalised embeddings (row i belongs to doc_ids[i]); with `sparse_texts`
     (row-aligned), a BM25 index of them too, in the same version."""
     doc_embeddings = _checked_embeddings(doc_embeddings, doc_ids)
-    index = create_index(doc_embeddings, index_config)
+    choice = choose_index_type(*doc_embeddings.shape, index_config)
+    index = create_index(doc_embeddings, index_config, choice.type)
     with ArtifactWriter(output, INDEX_KIND, producer=producer, inputs=inputs, config=config) as staged:
         faiss.write_index(index, str(staged.path / INDEX_FILE))
         write_doc_ids(staged.path, doc_ids)
@@ -82,7 +83,8 @@ def build_index_from_embeddings(
             embedding_space=embedding_space,
             dim=int(doc_embeddings.shape[1]),
             count=int(index.ntotal),
-            index_type=index_config.type,
+            index_type=choice.type,
+            **({"auto_choice": choice.reason} if choice.reason else {}),
             metric=METRIC,
             params=search_params(index),
             faiss_version=faiss.__version__,

@@ -9,7 +9,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from indexing.factory import apply_search_params
+from indexing.factory import apply_search_params, search_parameters, search_params
 from indexing.gpu import place_index
 from indexing.layout import INDEX_FILE, INDEX_KIND, read_doc_ids, read_tuned_fusion
 from indexing.publish import is_registry_entry, resolve_published
@@ -35,6 +35,8 @@ class LoadedIndex:
     sparse: Bm25Index | None = None
     # The fusion settings `eval tune-fusion` chose on dev for this version (FUSION_FILE), if any.
     tuned_fusion: FusionConfig | None = None
+    # The search knobs in effect after loading (stored ones, or the config's overrides).
+    search_knobs: dict[str, int | bool] = field(default_factory=dict)
     # A GPU index is not safe to search from several threads at once (FAISS's GPU resources are
     # per index); CPU indexes are, and are searched without it.
     _gpu_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -60,19 +62,36 @@ class LoadedIndex:
         """What a client sees as the index version: the published name, else a fingerprint prefix."""
         return self.published_version or self.manifest.fingerprint[:12]
 
-    def search(self, query_embeddings: np.ndarray, k: int) -> list[Hits]:
-        """Top-k (doc_id, score) per query row, best first; slots FAISS could not fill are dropped."""
+    def search(self, query_embeddings: np.ndarray, k: int, *, nprobe: int | None = None,
+               ef_search: int | None = None) -> list[Hits]:
+        """Top-k (doc_id, score) per query row, best first; slots FAISS could not fill are dropped.
+        `nprobe` (IVF) / `ef_search` (HNSW) override the stored search knobs for this call only."""
         queries = np.ascontiguousarray(np.atleast_2d(query_embeddings), dtype=np.float32)
         if queries.shape[1] != self.dim:
             raise ValueError(f"query embeddings have dim {queries.shape[1]}, the index has dim {self.dim}")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        wanted = min(k, max(self.size, 1))
         if self.on_gpu:
             with self._gpu_lock:
-                scores, rows = self.index.search(queries, min(k, max(self.size, 1)))
+                scores, rows = self._search_gpu(queries, wanted, nprobe)
         else:
-            scores, rows = self.index.search(queries, min(k, max(self.size, 1)))
+            params = search_parameters(self.index, nprobe, ef_search)
+            scores, rows = self.index.search(queries, wanted, params=params)
         return [self._hits(row_ids, row_scores) for row_ids, row_scores in zip(rows, scores, strict=True)]
+
+    def _search_gpu(self, queries: np.ndarray, k: int, nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
+        # GPU indexes take the knob through the parameter space (set, search, restore, under the lock).
+        if not nprobe:
+            return self.index.search(queries, k)
+        space = faiss.GpuParameterSpace()
+        stored = int(self.search_knobs.get("ivf_nprobe", 0))
+        space.set_index_parameter(self.index, "nprobe", nprobe)
+        try:
+            return self.index.search(queries, k)
+        finally:
+            if stored:
+                space.set_index_parameter(self.index, "nprobe", stored)
 
     def _hits(self, row_ids: np.ndarray, row_scores: np.ndarray) -> Hits:
         # FAISS pads with row -1 when fewer than k neighbours were found.
@@ -99,9 +118,11 @@ def load_index(path: Path, config: IndexConfig | None = None) -> LoadedIndex:
     if config is not None:
         apply_search_params(index, config)
     doc_ids = read_doc_ids(path, int(index.ntotal))
+    knobs = search_params(index)
     index, on_gpu = place_index(index, config.use_gpu if config is not None else "auto")
     return LoadedIndex(index, doc_ids, manifest, path, published_version, on_gpu,
-                       sparse=load_sparse_side(path, doc_ids), tuned_fusion=read_tuned_fusion(path))
+                       sparse=load_sparse_side(path, doc_ids), tuned_fusion=read_tuned_fusion(path),
+                       search_knobs=knobs)
 
 
 def _read_faiss(index_path: Path) -> faiss.Index:

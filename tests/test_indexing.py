@@ -101,6 +101,67 @@ def test_approximate_indexes_recall_at_least_90_percent_of_flat(index_type: str,
     assert approximate.index_type == index_type
 
 
+def _recall(exact: list, approximate: list, k: int) -> float:
+    found = sum(len({doc for doc, _ in want} & {doc for doc, _ in got})
+                for want, got in zip(exact, approximate, strict=True))
+    return found / (k * len(exact))
+
+
+@pytest.mark.parametrize("opq", [False, True])
+def test_ivf_pq_compresses_and_a_per_call_nprobe_trades_speed_for_recall(opq: bool, tmp_path: Path) -> None:
+    doc_embeddings = clustered_embeddings(4000, 32, clusters=40, seed=1)
+    query_embeddings = clustered_embeddings(200, 32, clusters=40, seed=2)
+    exact = load_index(build_synthetic(tmp_path / "flat", doc_embeddings)).search(query_embeddings, 10)
+    config = IndexConfig(type="ivf_pq", ivf_nlist=64, ivf_nprobe=1, pq_m=16, opq=opq)
+    build_index_from_embeddings(doc_embeddings, [f"doc{row}" for row in range(4000)], tmp_path / "pq",
+                                index_config=config, embedding_space=SPACE)
+    loaded = load_index(tmp_path / "pq")
+    params = loaded.manifest.metadata["params"]
+    assert (params["pq_m"], params["opq"], params["ivf_nprobe"], loaded.index_type) == (16, opq, 1, "ivf_pq")
+    assert (tmp_path / "pq" / INDEX_FILE).stat().st_size < 4000 * 32 * 4 / 4  # codes, not vectors
+    narrow = _recall(exact, loaded.search(query_embeddings, 10), 10)
+    wide = _recall(exact, loaded.search(query_embeddings, 10, nprobe=64), 10)
+    assert wide > narrow and wide >= 0.5
+    assert loaded.search(query_embeddings, 10) == loaded.search(query_embeddings, 10, nprobe=1)  # call-local
+
+
+def test_a_per_call_ef_search_overrides_hnsw_for_that_call_only(tmp_path: Path) -> None:
+    doc_embeddings = clustered_embeddings(4000, 32, clusters=40, seed=1)
+    query_embeddings = clustered_embeddings(200, 32, clusters=40, seed=2)
+    exact = load_index(build_synthetic(tmp_path / "flat", doc_embeddings)).search(query_embeddings, 10)
+    build_index_from_embeddings(doc_embeddings, [f"doc{row}" for row in range(4000)], tmp_path / "hnsw",
+                                index_config=IndexConfig(type="hnsw", hnsw_m=4, hnsw_ef_search=10),
+                                embedding_space=SPACE)
+    loaded = load_index(tmp_path / "hnsw")
+    stored = loaded.search(query_embeddings, 10)
+    assert _recall(exact, loaded.search(query_embeddings, 10, ef_search=200), 10) > _recall(exact, stored, 10)
+    assert loaded.search(query_embeddings, 10) == stored
+
+
+def test_auto_picks_exact_then_the_most_accurate_structure_that_fits_the_budget(tmp_path: Path) -> None:
+    from indexing.factory import choose_index_type, estimated_bytes
+
+    auto = IndexConfig(type="auto")
+    assert choose_index_type(10_000, 384, auto).type == "flat"
+    assert choose_index_type(1_000_000, 384, auto).type == "hnsw"
+    hnsw, ivf = (estimated_bytes(kind, 1_000_000, 384, auto) for kind in ("hnsw", "ivf"))
+    between = IndexConfig(type="auto", memory_budget_mb=(hnsw + ivf) / 2 / 2**20)
+    assert choose_index_type(1_000_000, 384, between).type == "ivf"
+    tight = IndexConfig(type="auto", memory_budget_mb=200)
+    choice = choose_index_type(1_000_000, 384, tight)
+    assert choice.type == "ivf_pq" and "memory_budget_mb=200" in choice.reason
+    with pytest.raises(ConfigError, match="even IVF-PQ"):
+        choose_index_type(1_000_000, 384, IndexConfig(type="auto", memory_budget_mb=1))
+    with pytest.raises(ConfigError, match="must divide"):
+        choose_index_type(1_000_000, 384, IndexConfig(type="auto", pq_m=7, memory_budget_mb=200))
+    # Built: the manifest names the structure chosen and why.
+    embeddings = clustered_embeddings(3000, 16, 8, seed=3)
+    build_index_from_embeddings(embeddings, [f"d{row}" for row in range(3000)], tmp_path / "auto",
+                                index_config=IndexConfig(type="auto", auto_exact_below=1000), embedding_space=SPACE)
+    loaded = load_index(tmp_path / "auto")
+    assert loaded.index_type == "hnsw" and "3000 documents" in loaded.manifest.metadata["auto_choice"]
+
+
 def test_ivf_caps_the_number_of_lists_on_a_small_corpus(tmp_path: Path) -> None:
     loaded = load_index(build_synthetic(tmp_path / "ivf", clustered_embeddings(80, 16, 4, seed=3), "ivf"))
     assert loaded.manifest.metadata["params"]["ivf_nlist"] == 2

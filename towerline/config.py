@@ -164,7 +164,9 @@ class ExportConfig(Section):
 
 
 class IndexConfig(Section):
-    type: Literal["flat", "hnsw", "ivf"] = "flat"
+    # "ivf" is IVF-Flat; "ivf_pq" stores product-quantised codes (optionally rotated by OPQ);
+    # "auto" picks by corpus size and memory_budget_mb (indexing.factory.choose_index_type).
+    type: Literal["flat", "hnsw", "ivf", "ivf_pq", "auto"] = "flat"
     batch_size: int = Field(64, ge=1)
     # "bf16": embed the corpus under bf16 autocast (about 2x faster for a 135M LLM on this CPU; the
     # vectors are stored as fp32 either way). fp32 by default so that indexes are bit-reproducible.
@@ -174,6 +176,16 @@ class IndexConfig(Section):
     hnsw_ef_search: int = Field(128, ge=8)
     ivf_nlist: int = Field(256, ge=1)
     ivf_nprobe: int = Field(16, ge=1)
+    # IVF-PQ: sub-quantisers (must divide the dimension; None: dim / 8) of pq_nbits bits each.
+    pq_m: int | None = Field(None, ge=1)
+    pq_nbits: int = Field(8, ge=4, le=12)
+    opq: bool = False
+    # At most this many vectors train the IVF centroids / PQ codebooks (a seeded random sample).
+    train_sample: int = Field(200_000, ge=1_000)
+    # type=auto: exact search below this many documents; above, the most accurate structure whose
+    # estimated size fits memory_budget_mb (None: no limit) — HNSW, then IVF-Flat, then IVF-PQ.
+    auto_exact_below: int = Field(50_000, ge=1)
+    memory_budget_mb: float | None = Field(None, gt=0)
     use_gpu: Literal["auto", "never", "always"] = "auto"
     # A BM25 index of the same corpus beside the dense one, in the same index version (hybrid search).
     sparse: bool = True
