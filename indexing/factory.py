@@ -16,6 +16,8 @@ MIN_POINTS_PER_LIST = 39
 # A PQ codebook of 2^nbits centroids wants at least this many training points per centroid.
 MIN_POINTS_PER_CODE = 39
 TRAIN_SEED = 1234
+# OPQ trains its rotation with an 8-bit PQ: k-means of 256 centroids per sub-space.
+OPQ_MIN_POINTS = 256
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,9 @@ def create_index(doc_embeddings: np.ndarray, config: IndexConfig, index_type: st
             description = f"IVF{nlist},Flat"
         else:
             m = pq_subquantizers(dim, config)
+            if config.opq and count < OPQ_MIN_POINTS:
+                raise ConfigError(f"index.opq=true needs at least {OPQ_MIN_POINTS} vectors to train the rotation; "
+                                  f"got {count} (set index.opq=false)")
             # PQ codebooks need enough points per code; fewer bits on a small corpus.
             nbits = min(config.pq_nbits, max(4, int(np.log2(max(count // MIN_POINTS_PER_CODE, 16)))))
             description = f"{f'OPQ{m},' if config.opq else ''}IVF{nlist},PQ{m}x{nbits}"

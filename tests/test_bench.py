@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks.serve import run_serve_bench
@@ -148,3 +149,35 @@ def test_the_load_generator_counts_shed_calls_keeps_its_concurrency_and_stops_on
     assert 0.3 <= timed["seconds"] < 1.0 and timed["requests"] > 0
     with pytest.raises(ValueError, match="requests, duration_s"):
         run_load(open_caller, concurrency=2)
+
+
+def test_index_bench_sweeps_every_type_and_marks_the_pareto_front(tiny_config: TowerlineConfig,
+                                                                   tmp_path: Path) -> None:
+    """Small synthetic corpus plus a real row (the tiny demo-like index and its ONNX query encoder)."""
+    from benchmarks.index import clustered_vectors, pareto_front, real_vectors, run_index_bench
+
+    init_dual_encoder(tiny_config, tmp_path / "encoder")
+    run_export(tiny_config, tmp_path / "encoder", tmp_path / "onnx")
+    build_index(tiny_config, tmp_path / "encoder", tmp_path / "index")
+    real = real_vectors(tmp_path / "index", tmp_path / "onnx", tiny_config.data, tiny_config.eval.split)
+    config = tiny_config.index.model_copy(update={"type": "auto", "auto_exact_below": 1000, "ivf_nlist": 16,
+                                                  "pq_m": 4})
+    results, plot = tmp_path / "index.json", tmp_path / "pareto.png"
+    summary = run_index_bench(results, plot, vectors=3000, dim=16, queries=40, clusters=30, batch1_queries=20,
+                              config=config, real=real, real_source="tiny")
+    assert json.loads(results.read_text()) == summary and plot.stat().st_size > 0
+    synthetic = summary["datasets"]["synthetic"]
+    assert set(synthetic["builds"]) == {"flat", "ivf", "ivf_pq", "ivf_pq+opq", "hnsw"}
+    flat = next(row for row in synthetic["rows"] if row["index"] == "flat")
+    assert flat["recall@10"] == 1.0 and flat["speedup_batch1_over_flat"] == 1.0
+    widest = [row for row in synthetic["rows"] if row["index"] == "ivf" and row["nprobe"] in (1, 128)]
+    assert widest[0]["recall@10"] < widest[1]["recall@10"] == 1.0  # every list probed is exact
+    assert synthetic["auto"]["type"] == "hnsw" and synthetic["auto"]["row"]["ef_search"] == config.hnsw_ef_search
+    assert summary["datasets"]["real"]["data"]["vectors"] == 80  # the tiny corpus, queried by its encoder
+    assert summary["targets"]["auto_choice"]["type"] == "hnsw"
+    assert str(tmp_path) not in results.read_text()
+    # The front: nothing on it is beaten on both axes, and everything off it is.
+    rows = [{"recall@10": r, "qps_batch1": q} for r, q in ((0.5, 100), (0.9, 50), (0.8, 40), (1.0, 10))]
+    assert pareto_front(rows) == [0, 1, 3]
+    vectors = clustered_vectors(500, 16, 5, seed=1)
+    assert vectors.shape == (500, 16) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)

@@ -737,6 +737,43 @@ def bench_serve(
     run_serve_bench(config, index, onnx, encoder, results, requests=requests, concurrency=concurrency)
 
 
+@command(bench_app, "index")
+def bench_index(
+    vectors: Annotated[int, typer.Option(min=100, help="synthetic corpus size")] = 1_000_000,
+    dim: Annotated[int, typer.Option(min=8, help="synthetic vector dimension")] = 384,
+    queries: Annotated[int, typer.Option(min=10, help="held-out queries (recall over all of them)")] = 1000,
+    clusters: Annotated[int, typer.Option(min=2, help="synthetic clusters (Zipf-sized)")] = 10_000,
+    batch1_queries: Annotated[int, typer.Option(min=1, help="at most this many one-query calls per setting "
+                                                            "(and at most ~10 s)")] = 1000,
+    real_index: Annotated[Path, typer.Option(help="flat index artifact for the real sanity row (skipped if "
+                                                   "absent)")] = Path("runs/demo/index-fine_tuned"),
+    real_onnx: Annotated[Path, typer.Option(help="its ONNX query encoder (encodes the eval split's "
+                                                  "queries)")] = Path("runs/demo/onnx-fine_tuned"),
+    results: Annotated[Path, typer.Option(help="output JSON")] = Path("benchmarks/results/index.json"),
+    plot: Annotated[Path, typer.Option(help="Pareto plot (PNG)")] = Path("benchmarks/results/index_pareto.png"),
+    config_file: ConfigOption = None,
+    overrides: Overrides = None,
+) -> None:
+    """Recall@10 vs exact and QPS (batch 1 and 64) of Flat, IVF-Flat, IVF-PQ (+OPQ) and HNSW over their
+    search knobs, on synthetic clustered vectors and a real index; build time and size; the Pareto plot.
+
+    The index.* settings (ivf_nlist, pq_m, hnsw_m, hnsw_ef_construction, the auto rule) apply, e.g.
+    `towerline bench index index.ivf_nlist=4096`.
+    """
+    from benchmarks.index import real_vectors, run_index_bench
+
+    config = _config(config_file, overrides)
+    real, source = None, ""
+    if (real_index / "manifest.json").is_file() and (real_onnx / "manifest.json").is_file():
+        real = real_vectors(real_index, real_onnx, config.data, config.eval.split)
+        source = f"{real_index.name} ({config.data.dataset} {config.eval.split} queries)"
+    else:
+        console.print(f"[yellow]no real row[/]: {escape(str(real_index))} or {escape(str(real_onnx))} not found "
+                      "(run `towerline demo` first)")
+    run_index_bench(results, plot, vectors=vectors, dim=dim, queries=queries, clusters=clusters,
+                    batch1_queries=batch1_queries, config=config.index, real=real, real_source=source)
+
+
 @command(bench_app, "demo")
 def bench_demo(
     results: Annotated[Path, typer.Option(help="output JSON")] = Path("benchmarks/results/demo.json"),
