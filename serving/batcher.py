@@ -25,8 +25,8 @@ from dataclasses import dataclass, field, replace
 
 from serving.errors import DeadlineExceeded
 from serving.metrics import ServingMetrics
-from serving.results import SearchResult
-from serving.service import RetrievalService
+from serving.results import SearchKnobs, SearchResult
+from serving.service import DEFAULT_KNOBS, RetrievalService
 
 
 class QueueFull(Exception):
@@ -39,6 +39,7 @@ class Waiting:
     query: str
     top_k: int
     mode: str
+    knobs: SearchKnobs
     deadline: float | None  # time.monotonic() seconds; None: no deadline
     enqueued: float = field(default_factory=time.monotonic)
     future: Future[SearchResult] = field(default_factory=Future)
@@ -62,8 +63,9 @@ class MicroBatcher:
         self._thread = threading.Thread(target=self._loop, name="towerline-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, query: str, top_k: int, mode: str, timeout_s: float | None) -> Future[SearchResult]:
-        waiting = Waiting(query, top_k, mode, None if timeout_s is None else time.monotonic() + timeout_s)
+    def submit(self, query: str, top_k: int, mode: str, timeout_s: float | None,
+               knobs: SearchKnobs = DEFAULT_KNOBS) -> Future[SearchResult]:
+        waiting = Waiting(query, top_k, mode, knobs, None if timeout_s is None else time.monotonic() + timeout_s)
         try:
             self.queue.put_nowait(waiting)
         except queue.Full:
@@ -111,7 +113,7 @@ class MicroBatcher:
 
     def _run(self, batch: list[Waiting]) -> None:
         now = time.monotonic()
-        groups: dict[tuple[int, str, int], list[Waiting]] = defaultdict(list)
+        groups: dict[tuple[int, str, SearchKnobs, int], list[Waiting]] = defaultdict(list)
         for waiting in batch:
             if not waiting.future.set_running_or_notify_cancel():
                 continue  # the caller gave up (cancelled): never encoded
@@ -122,15 +124,15 @@ class MicroBatcher:
                 waiting.future.set_exception(QueueFull(
                     f"queued for a batch longer than {self.max_queue_wait_s * 1000:g} ms (serve.max_queue_wait_ms)"))
                 continue
-            groups[(waiting.top_k, waiting.mode, self._bucket(waiting.query))].append(waiting)
+            groups[(waiting.top_k, waiting.mode, waiting.knobs, self._bucket(waiting.query))].append(waiting)
             if self.metrics is not None:
                 self.metrics.stage("queue_wait", now - waiting.enqueued)
         if self.metrics is not None:
             self.metrics.queue_depth.set(self.queue.qsize())
         service = self.service
-        for (top_k, mode, _), members in groups.items():
+        for (top_k, mode, knobs, _), members in groups.items():
             try:
-                results = service.run_checked([member.query for member in members], top_k, mode)
+                results = service.run_checked([member.query for member in members], top_k, mode, knobs)
             except Exception as exc:  # every caller of the batch gets the error; the batcher goes on
                 for member in members:
                     member.future.set_exception(exc)

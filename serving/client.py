@@ -19,11 +19,12 @@ from serving.messages import (
     from_index_info_response,
     from_recommend_response,
     from_search_response,
+    knobs_to_proto,
     mode_to_proto,
 )
 from serving.proto.towerline.v1 import retrieval_pb2 as pb
 from serving.proto.towerline.v1 import retrieval_pb2_grpc as pb_grpc
-from serving.results import Hit, IndexInfo, Recommendation, SearchResult
+from serving.results import Hit, IndexInfo, Recommendation, SearchKnobs, SearchResult
 from serving.security import read_secret
 from serving.servicer import SERVICE_NAME
 from towerline.errors import ConfigError
@@ -97,26 +98,30 @@ class RetrievalClient:
         self._stub = pb_grpc.RetrievalServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
-    def search(self, query: str, top_k: int = 10, mode: str = "") -> list[Hit]:
+    def search(self, query: str, top_k: int = 10, mode: str = "", knobs: SearchKnobs | None = None) -> list[Hit]:
         """Hits best first, each a named tuple (doc_id, score, dense_score, sparse_score).
-        `mode`: "dense", "sparse", "hybrid", or "" for the server's default."""
-        return self.search_result(query, top_k, mode).hits
+        `mode`: "dense", "sparse", "hybrid", or "" for the server's default; `knobs`: this request's
+        nprobe / ef_search (None: the index's own)."""
+        return self.search_result(query, top_k, mode, knobs).hits
 
-    def search_result(self, query: str, top_k: int = 10, mode: str = "") -> SearchResult:
+    def search_result(self, query: str, top_k: int = 10, mode: str = "",
+                      knobs: SearchKnobs | None = None) -> SearchResult:
         """Hits plus the index version, the mode served and the server-side latency."""
-        request = pb.SearchRequest(query=query, top_k=top_k, mode=mode_to_proto(mode))
+        request = pb.SearchRequest(query=query, top_k=top_k, mode=mode_to_proto(mode), knobs=knobs_to_proto(knobs))
         return from_search_response(self._call(self._stub.Search, request))
 
-    def batch_search(self, queries: list[str], top_k: int = 10, mode: str = "") -> list[list[Hit]]:
+    def batch_search(self, queries: list[str], top_k: int = 10, mode: str = "",
+                     knobs: SearchKnobs | None = None) -> list[list[Hit]]:
         """Hits per query, in query order (the `BatchSearch` shape evaluation takes)."""
-        return [result.hits for result in self.batch_search_results(queries, top_k, mode)]
+        return [result.hits for result in self.batch_search_results(queries, top_k, mode, knobs)]
 
-    def batch_search_results(self, queries: list[str], top_k: int = 10, mode: str = "") -> list[SearchResult]:
+    def batch_search_results(self, queries: list[str], top_k: int = 10, mode: str = "",
+                             knobs: SearchKnobs | None = None) -> list[SearchResult]:
         """Long lists go out as several BatchSearch calls of `batch_size` queries each."""
         results: list[SearchResult] = []
         for start in range(0, len(queries), self.batch_size):
             request = pb.BatchSearchRequest(queries=queries[start : start + self.batch_size], top_k=top_k,
-                                            mode=mode_to_proto(mode))
+                                            mode=mode_to_proto(mode), knobs=knobs_to_proto(knobs))
             response = self._call(self._stub.BatchSearch, request)
             results.extend(from_search_response(item) for item in response.results)
         return results

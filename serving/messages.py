@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from serving.proto.towerline.v1 import retrieval_pb2 as pb
-from serving.results import Hit, IndexInfo, Recommendation, RecommendedItem, SearchResult
+from serving.results import Hit, IndexInfo, Recommendation, RecommendedItem, SearchKnobs, SearchResult
 
 MODE_TO_PROTO = {"": pb.RETRIEVAL_MODE_UNSPECIFIED, "dense": pb.RETRIEVAL_MODE_DENSE,
                  "sparse": pb.RETRIEVAL_MODE_SPARSE, "hybrid": pb.RETRIEVAL_MODE_HYBRID}
@@ -14,6 +14,14 @@ def mode_to_proto(mode: str) -> int:
     if mode not in MODE_TO_PROTO:
         raise ValueError(f"mode must be one of dense, sparse, hybrid or '' (the server's default), got {mode!r}")
     return MODE_TO_PROTO[mode]
+
+
+def knobs_from_proto(knobs: pb.SearchKnobs) -> SearchKnobs:
+    return SearchKnobs(nprobe=knobs.nprobe, ef_search=knobs.ef_search)
+
+
+def knobs_to_proto(knobs: SearchKnobs | None) -> pb.SearchKnobs | None:
+    return None if knobs is None else pb.SearchKnobs(nprobe=knobs.nprobe, ef_search=knobs.ef_search)
 
 
 def mode_from_proto(number: int) -> str:

@@ -24,6 +24,14 @@ class Hit(NamedTuple):
 
 
 @dataclass(frozen=True)
+class SearchKnobs:
+    """Per-request approximate-search settings; 0 keeps the index version's stored value."""
+
+    nprobe: int = 0  # IVF: inverted lists probed
+    ef_search: int = 0  # HNSW: search beam
+
+
+@dataclass(frozen=True)
 class SearchResult:
     hits: list[Hit] = field(default_factory=list)
     index_version: str = ""

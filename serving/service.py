@@ -18,7 +18,7 @@ from indexing.load import LoadedIndex
 from serving.errors import InvalidArgument
 from serving.fusion import describe, fuse, one_side
 from serving.query_encoder import QueryEncoder
-from serving.results import RETRIEVAL_MODES, IndexInfo, SearchResult
+from serving.results import RETRIEVAL_MODES, IndexInfo, SearchKnobs, SearchResult
 from towerline.artifacts import require_same_space
 from towerline.config import FusionConfig, ServeConfig
 from towerline.errors import ConfigError
@@ -42,6 +42,12 @@ def _no_checkpoint() -> None:
     return None
 
 
+# Upper bound on a per-request nprobe / ef_search: far above any useful value, low enough that one
+# request cannot turn an approximate search into a scan of a huge graph.
+MAX_KNOB = 1 << 16
+DEFAULT_KNOBS = SearchKnobs()
+
+
 class RetrievalService:
     def __init__(self, query_encoder: QueryEncoder, index: LoadedIndex, limits: ServeConfig,
                  fusion: FusionConfig | None = None) -> None:
@@ -63,24 +69,28 @@ class RetrievalService:
                               "rebuild it with index.sparse=true")
 
     def search(self, query: str, top_k: int, checkpoint: Checkpoint = _no_checkpoint,
-               mode: str = "") -> SearchResult:
+               mode: str = "", knobs: SearchKnobs = DEFAULT_KNOBS) -> SearchResult:
         """`mode`: "dense", "sparse", "hybrid", or "" for the server's default."""
-        return self._run([query], top_k, checkpoint, self.check_search(query, top_k, mode))[0]
+        return self._run([query], top_k, checkpoint, self.check_search(query, top_k, mode, knobs), knobs)[0]
 
-    def check_search(self, query: str, top_k: int, mode: str = "") -> str:
+    def check_search(self, query: str, top_k: int, mode: str = "", knobs: SearchKnobs = DEFAULT_KNOBS) -> str:
         """Validate one search request (InvalidArgument naming the field); returns the mode to run."""
         self._check_top_k(top_k)
         self._check_query(query, "query")
+        self._check_knobs(knobs)
         return self._mode(mode)
 
-    def run_checked(self, queries: list[str], top_k: int, mode: str) -> list[SearchResult]:
+    def run_checked(self, queries: list[str], top_k: int, mode: str,
+                    knobs: SearchKnobs = DEFAULT_KNOBS) -> list[SearchResult]:
         """Requests already through `check_search` (the micro-batcher's groups), as one batch."""
-        return self._run(queries, top_k, _no_checkpoint, mode)
+        return self._run(queries, top_k, _no_checkpoint, mode, knobs)
 
     def batch_search(
-        self, queries: list[str], top_k: int, checkpoint: Checkpoint = _no_checkpoint, mode: str = ""
+        self, queries: list[str], top_k: int, checkpoint: Checkpoint = _no_checkpoint, mode: str = "",
+        knobs: SearchKnobs = DEFAULT_KNOBS,
     ) -> list[SearchResult]:
         self._check_top_k(top_k)
+        self._check_knobs(knobs)
         if not queries:
             raise InvalidArgument("queries", "must hold at least one query")
         if len(queries) > self.limits.max_batch:
@@ -89,7 +99,7 @@ class RetrievalService:
             )
         for position, query in enumerate(queries):
             self._check_query(query, f"queries[{position}]")
-        return self._run(list(queries), top_k, checkpoint, self._mode(mode))
+        return self._run(list(queries), top_k, checkpoint, self._mode(mode), knobs)
 
     def info(self) -> IndexInfo:
         return IndexInfo(
@@ -107,7 +117,8 @@ class RetrievalService:
             fusion=describe(self.fusion) if self.index.sparse is not None else "",
         )
 
-    def _run(self, queries: list[str], top_k: int, checkpoint: Checkpoint, mode: str) -> list[SearchResult]:
+    def _run(self, queries: list[str], top_k: int, checkpoint: Checkpoint, mode: str,
+             knobs: SearchKnobs = DEFAULT_KNOBS) -> list[SearchResult]:
         started = time.perf_counter()
         # Hybrid fuses deeper lists than it returns: a document ranked low by one side and high by
         # the other must be in both lists to be fused.
@@ -119,7 +130,8 @@ class RetrievalService:
             if self.observer is not None:
                 self.observer.batch(len(queries))
             checkpoint()
-            dense = self._timed("dense_search", lambda: self.index.search(query_embeddings, depth))
+            dense = self._timed("dense_search", lambda: self.index.search(
+                query_embeddings, depth, nprobe=knobs.nprobe or None, ef_search=knobs.ef_search or None))
         if mode != "dense":
             checkpoint()
             assert self.index.sparse is not None  # checked by _mode
@@ -153,6 +165,18 @@ class RetrievalService:
             raise InvalidArgument("mode", f"{mode!r} needs a BM25 side and index version {self.index.version} "
                                           "has none (built with index.sparse=false)")
         return mode
+
+    def _check_knobs(self, knobs: SearchKnobs) -> None:
+        for name, value, stored_as in (("nprobe", knobs.nprobe, "ivf_nprobe"),
+                                       ("ef_search", knobs.ef_search, "hnsw_ef_search")):
+            if not value:
+                continue
+            if not 0 < value <= MAX_KNOB:
+                raise InvalidArgument(f"knobs.{name}", f"must be between 1 and {MAX_KNOB} (0: the index's own), "
+                                                       f"got {value}")
+            if stored_as not in self.index.search_knobs:
+                raise InvalidArgument(f"knobs.{name}", f"index version {self.index.version} is of type "
+                                                       f"{self.index.index_type!r}, which has no {name}")
 
     def _check_top_k(self, top_k: int) -> None:
         if not 1 <= top_k <= self.limits.max_top_k:

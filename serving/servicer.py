@@ -19,7 +19,13 @@ import grpc
 
 from serving.batcher import MicroBatcher, QueueFull
 from serving.errors import DeadlineExceeded, InvalidArgument
-from serving.messages import mode_from_proto, to_index_info_response, to_recommend_response, to_search_response
+from serving.messages import (
+    knobs_from_proto,
+    mode_from_proto,
+    to_index_info_response,
+    to_recommend_response,
+    to_search_response,
+)
 from serving.proto.towerline.v1 import retrieval_pb2 as pb
 from serving.proto.towerline.v1 import retrieval_pb2_grpc as pb_grpc
 from serving.results import SearchResult
@@ -56,7 +62,7 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
             return to_search_response(self._batched(request, context))
         with self._admitted(context) as service:
             result = service.search(request.query, request.top_k, _deadline_checkpoint(context),
-                                    mode_from_proto(request.mode))
+                                    mode_from_proto(request.mode), knobs_from_proto(request.knobs))
         return to_search_response(result)
 
     def swap(self, service: RetrievalService) -> None:
@@ -71,8 +77,9 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
         service, batcher = self._loaded(context), self.batcher
         assert batcher is not None
         with self._mapped_errors(context):
-            mode = service.check_search(request.query, request.top_k, mode_from_proto(request.mode))
-            future = batcher.submit(request.query, request.top_k, mode, _time_remaining(context))
+            knobs = knobs_from_proto(request.knobs)
+            mode = service.check_search(request.query, request.top_k, mode_from_proto(request.mode), knobs)
+            future = batcher.submit(request.query, request.top_k, mode, _time_remaining(context), knobs)
             # A caller that goes away lets the batcher skip its request.
             context.add_callback(future.cancel)
             try:
@@ -84,7 +91,7 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
     def BatchSearch(self, request: pb.BatchSearchRequest, context: grpc.ServicerContext) -> pb.BatchSearchResponse:
         with self._admitted(context) as service:
             results = service.batch_search(list(request.queries), request.top_k, _deadline_checkpoint(context),
-                                           mode_from_proto(request.mode))
+                                           mode_from_proto(request.mode), knobs_from_proto(request.knobs))
         return pb.BatchSearchResponse(results=[to_search_response(result) for result in results])
 
     def GetIndexInfo(self, request: pb.GetIndexInfoRequest, context: grpc.ServicerContext) -> pb.GetIndexInfoResponse:

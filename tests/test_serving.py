@@ -24,6 +24,7 @@ from serving.client import RetrievalClient
 from serving.errors import DeadlineExceeded, InvalidArgument, RetrievalRpcError
 from serving.proto.towerline.v1 import retrieval_pb2 as pb
 from serving.proto.towerline.v1 import retrieval_pb2_grpc as pb_grpc
+from serving.results import SearchKnobs
 from serving.server import serve_forever, start_server
 from serving.service import RetrievalService
 from serving.servicer import SERVICE_NAME
@@ -33,6 +34,7 @@ from towerline.errors import ArtifactError
 from towerline.towers import save_dual_encoder, towers_from_backbone
 
 LIMITS = ServeConfig(port=0, max_top_k=50, max_batch=8, max_query_chars=200)
+BATCHING = LIMITS.model_copy(update={"batching": True, "batch_max_size": 8, "batch_max_wait_ms": 30.0})
 QUERIES = ["alpha beta", "gamma", "delta epsilon zeta", "eta theta", "iota"]
 
 
@@ -59,9 +61,9 @@ class CountingIndex(LoadedIndex):
 
     searches = 0
 
-    def search(self, query_embeddings: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+    def search(self, query_embeddings: np.ndarray, k: int, **knobs: int | None) -> list[list[tuple[str, float]]]:
         self.searches += 1
-        return super().search(query_embeddings, k)
+        return super().search(query_embeddings, k, **knobs)
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +213,9 @@ def test_batch_search_over_grpc_equals_in_process(address: str, service: Retriev
         (pb.SearchRequest(query="ok", top_k=0), "top_k"),
         (pb.SearchRequest(query="ok", top_k=1000), "top_k"),
         (pb.BatchSearchRequest(queries=["q"] * 9, top_k=5), "queries"),
+        # The fixture's index is flat: no inverted lists, no graph.
+        (pb.SearchRequest(query="ok", top_k=5, knobs=pb.SearchKnobs(nprobe=4)), "knobs.nprobe"),
+        (pb.BatchSearchRequest(queries=["q"], top_k=5, knobs=pb.SearchKnobs(ef_search=-1)), "knobs.ef_search"),
     ],
 )
 def test_bad_input_is_invalid_argument_naming_the_field(address: str, request_message, field: str) -> None:
@@ -220,6 +225,31 @@ def test_bad_input_is_invalid_argument_naming_the_field(address: str, request_me
         method(request_message, timeout=10)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert raised.value.details().startswith(f"{field}: ")
+
+
+@pytest.mark.parametrize("limits", [LIMITS, BATCHING], ids=["unbatched", "batched"])
+def test_per_request_nprobe_reaches_faiss_over_grpc(artifacts: tuple[Path, Path], encoder: TorchQueryEncoder,
+                                                    index: LoadedIndex, limits: ServeConfig, tmp_path: Path) -> None:
+    """An IVF index probing 1 of its lists by default; a request probing all of them gets exact search."""
+    config = load_config(artifacts[1] / "config.yaml", ["index.type=ivf", "index.ivf_nprobe=1"])
+    build_index(config, artifacts[0], tmp_path / "ivf")
+    ivf = load_index(tmp_path / "ivf")
+    lists = int(ivf.search_knobs["ivf_nlist"])
+    assert lists > 1 and ivf.search_knobs["ivf_nprobe"] == 1
+    ivf_service, exact = RetrievalService(encoder, ivf, limits), RetrievalService(encoder, index, LIMITS)
+    for address in serve(ivf_service, limits):
+        with RetrievalClient(address, timeout_s=10) as client:
+            probed = [client.search(query, 10) for query in QUERIES]
+            every_list = [client.search(query, 10, knobs=SearchKnobs(nprobe=lists)) for query in QUERIES]
+            batched = client.batch_search(QUERIES, 10, knobs=SearchKnobs(nprobe=lists))
+            with pytest.raises(RetrievalRpcError, match=r"knobs\.ef_search"):
+                client.search("alpha", 10, knobs=SearchKnobs(ef_search=32))
+
+    def ids(results: list) -> list[list[str]]:
+        return [[hit.doc_id for hit in hits] for hits in results]
+
+    assert ids(every_list) == ids(batched) == ids([exact.search(query, 10).hits for query in QUERIES])
+    assert ids(probed) == ids([ivf_service.search(query, 10).hits for query in QUERIES]) != ids(every_list)
 
 
 def test_client_raises_typed_errors(client: RetrievalClient) -> None:
@@ -489,7 +519,6 @@ class RecordingEncoder:
         return self.inner.encode(texts)
 
 
-BATCHING = LIMITS.model_copy(update={"batching": True, "batch_max_size": 8, "batch_max_wait_ms": 30.0})
 
 
 def test_concurrent_searches_share_encoder_calls_and_get_their_own_hits(

@@ -19,14 +19,24 @@ RETRIEVAL_MODE_SPARSE: RetrievalMode
 RETRIEVAL_MODE_HYBRID: RetrievalMode
 
 class SearchRequest(_message.Message):
-    __slots__ = ("query", "top_k", "mode")
+    __slots__ = ("query", "top_k", "mode", "knobs")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    KNOBS_FIELD_NUMBER: _ClassVar[int]
     query: str
     top_k: int
     mode: RetrievalMode
-    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ...) -> None: ...
+    knobs: SearchKnobs
+    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ..., knobs: _Optional[_Union[SearchKnobs, _Mapping]] = ...) -> None: ...
+
+class SearchKnobs(_message.Message):
+    __slots__ = ("nprobe", "ef_search")
+    NPROBE_FIELD_NUMBER: _ClassVar[int]
+    EF_SEARCH_FIELD_NUMBER: _ClassVar[int]
+    nprobe: int
+    ef_search: int
+    def __init__(self, nprobe: _Optional[int] = ..., ef_search: _Optional[int] = ...) -> None: ...
 
 class Hit(_message.Message):
     __slots__ = ("doc_id", "score", "dense_score", "sparse_score")
@@ -53,14 +63,16 @@ class SearchResponse(_message.Message):
     def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., index_version: _Optional[str] = ..., latency_ms: _Optional[float] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ...) -> None: ...
 
 class BatchSearchRequest(_message.Message):
-    __slots__ = ("queries", "top_k", "mode")
+    __slots__ = ("queries", "top_k", "mode", "knobs")
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    KNOBS_FIELD_NUMBER: _ClassVar[int]
     queries: _containers.RepeatedScalarFieldContainer[str]
     top_k: int
     mode: RetrievalMode
-    def __init__(self, queries: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ...) -> None: ...
+    knobs: SearchKnobs
+    def __init__(self, queries: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ..., knobs: _Optional[_Union[SearchKnobs, _Mapping]] = ...) -> None: ...
 
 class BatchSearchResponse(_message.Message):
     __slots__ = ("results",)

@@ -81,8 +81,8 @@ class RetrievalServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Recommend(self, request, context):
-        """Personalised recommendations (user tower / CRM → item index → RecLoRA re-rank).
-        Not implemented yet: the server answers UNIMPLEMENTED.
+        """Personalised recommendations (user tower / CRM → item index → RecLoRA re-rank); UNIMPLEMENTED
+        on a server started without a recommendation model.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
