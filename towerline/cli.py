@@ -520,6 +520,10 @@ def search(
     address: Annotated[str, typer.Option(help="host:port of a running `towerline serve`")] = "127.0.0.1:50051",
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="hits to return")] = 10,
     mode: Annotated[str, typer.Option(help="dense, sparse (BM25) or hybrid; default: the server's")] = "",
+    nprobe: Annotated[int, typer.Option(min=0, help="IVF indexes: lists probed for this query (0: the "
+                                                    "index's own)")] = 0,
+    ef_search: Annotated[int, typer.Option(min=0, help="HNSW indexes: search beam for this query (0: the "
+                                                       "index's own)")] = 0,
     titles: Annotated[
         bool, typer.Option(help="show titles from the configured dataset (data.dir / $TOWERLINE_DATA_DIR / bundled)")
     ] = True,
@@ -532,13 +536,15 @@ def search(
 ) -> None:
     """Query a running retrieval service over gRPC and print the hits (hybrid: D/S = found by dense/BM25)."""
     from serving.client import RetrievalClient
+    from serving.results import SearchKnobs
     from towerline.beir import load_dataset
     from towerline.display import print_hits
 
     config = _config(config_file, overrides)
+    knobs = SearchKnobs(nprobe=nprobe, ef_search=ef_search) if nprobe or ef_search else None
     with RetrievalClient(address, **_client_security(token_file, tls_ca, tls_cert, tls_key)) as client:
         try:
-            result = client.search_result(query, top_k, mode)
+            result = client.search_result(query, top_k, mode, knobs)
         except ValueError as exc:
             raise ConfigError(f"--mode: {exc}") from None
     corpus = load_dataset(config.data).corpus if titles else None
