@@ -9,6 +9,7 @@ import faiss
 import numpy as np
 from pydantic import BaseModel
 
+from indexing.doc_store import write_doc_store
 from indexing.factory import choose_index_type, create_index, search_params
 from indexing.layout import INDEX_FILE, INDEX_KIND, METRIC, write_doc_ids
 from indexing.sparse import write_sparse_side
@@ -31,6 +32,7 @@ def build_index(config: TowerlineConfig, encoder_path: Path, output: Path) -> Ma
     template = doc_tower.spec.document_template
     doc_embeddings = embed_texts(doc_tower, [corpus[doc_id].render(template) for doc_id in doc_ids], config.index)
     sparse_texts = [corpus[doc_id].full_text for doc_id in doc_ids] if config.index.sparse else None
+    documents = ([corpus[doc_id].title for doc_id in doc_ids], [corpus[doc_id].text for doc_id in doc_ids])
     return build_index_from_embeddings(
         doc_embeddings,
         doc_ids,
@@ -45,6 +47,7 @@ def build_index(config: TowerlineConfig, encoder_path: Path, output: Path) -> Ma
             "encoder": str(encoder_path),
         },
         sparse_texts=sparse_texts,
+        documents=documents if config.index.doc_store else None,
     )
 
 
@@ -66,9 +69,11 @@ def build_index_from_embeddings(
     config: BaseModel | None = None,
     metadata: dict[str, Any] | None = None,
     sparse_texts: list[str] | None = None,
+    documents: tuple[list[str], list[str]] | None = None,
 ) -> Manifest:
     """Index precomputed, L2-normalised embeddings (row i belongs to doc_ids[i]); with `sparse_texts`
-    (row-aligned), a BM25 index of them too, in the same version."""
+    (row-aligned), a BM25 index of them too, and with `documents` (titles, texts; row-aligned) a
+    document store, all in the same version."""
     doc_embeddings = _checked_embeddings(doc_embeddings, doc_ids)
     choice = choose_index_type(*doc_embeddings.shape, index_config)
     index = create_index(doc_embeddings, index_config, choice.type)
@@ -78,6 +83,9 @@ def build_index_from_embeddings(
         if sparse_texts is not None:
             staged.metadata["sparse"] = write_sparse_side(staged.path, doc_ids, sparse_texts,
                                                           index_config.sparse_stemmer)
+        if documents is not None:
+            write_doc_store(staged.path, doc_ids, *documents)
+            staged.metadata["doc_store"] = True
         staged.metadata.update(metadata or {})
         staged.metadata.update(
             embedding_space=embedding_space,

@@ -9,6 +9,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from indexing.doc_store import DocStore, load_doc_store
 from indexing.factory import apply_search_params, search_parameters, search_params
 from indexing.gpu import place_index
 from indexing.layout import INDEX_FILE, INDEX_KIND, read_doc_ids, read_tuned_fusion
@@ -35,6 +36,8 @@ class LoadedIndex:
     sparse: Bm25Index | None = None
     # The fusion settings `eval tune-fusion` chose on dev for this version (FUSION_FILE), if any.
     tuned_fusion: FusionConfig | None = None
+    # Titles and texts of the documents (indexing.doc_store), when the version was built with them.
+    doc_store: DocStore | None = None
     # The search knobs in effect after loading (stored ones, or the config's overrides).
     search_knobs: dict[str, int | bool] = field(default_factory=dict)
     # A GPU index is not safe to search from several threads at once (FAISS's GPU resources are
@@ -122,7 +125,7 @@ def load_index(path: Path, config: IndexConfig | None = None) -> LoadedIndex:
     index, on_gpu = place_index(index, config.use_gpu if config is not None else "auto")
     return LoadedIndex(index, doc_ids, manifest, path, published_version, on_gpu,
                        sparse=load_sparse_side(path, doc_ids), tuned_fusion=read_tuned_fusion(path),
-                       search_knobs=knobs)
+                       search_knobs=knobs, doc_store=load_doc_store(path, len(doc_ids)))
 
 
 def _read_faiss(index_path: Path) -> faiss.Index:

@@ -98,30 +98,33 @@ class RetrievalClient:
         self._stub = pb_grpc.RetrievalServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
-    def search(self, query: str, top_k: int = 10, mode: str = "", knobs: SearchKnobs | None = None) -> list[Hit]:
-        """Hits best first, each a named tuple (doc_id, score, dense_score, sparse_score).
+    def search(self, query: str, top_k: int = 10, mode: str = "", knobs: SearchKnobs | None = None,
+               include_documents: bool = False) -> list[Hit]:
+        """Hits best first, each a named tuple (doc_id, score, dense_score, sparse_score, title, snippet).
         `mode`: "dense", "sparse", "hybrid", or "" for the server's default; `knobs`: this request's
-        nprobe / ef_search (None: the index's own)."""
-        return self.search_result(query, top_k, mode, knobs).hits
+        nprobe / ef_search (None: the index's own); `include_documents`: titles and snippets too."""
+        return self.search_result(query, top_k, mode, knobs, include_documents).hits
 
-    def search_result(self, query: str, top_k: int = 10, mode: str = "",
-                      knobs: SearchKnobs | None = None) -> SearchResult:
+    def search_result(self, query: str, top_k: int = 10, mode: str = "", knobs: SearchKnobs | None = None,
+                      include_documents: bool = False) -> SearchResult:
         """Hits plus the index version, the mode served and the server-side latency."""
-        request = pb.SearchRequest(query=query, top_k=top_k, mode=mode_to_proto(mode), knobs=knobs_to_proto(knobs))
+        request = pb.SearchRequest(query=query, top_k=top_k, mode=mode_to_proto(mode), knobs=knobs_to_proto(knobs),
+                                   include_documents=include_documents)
         return from_search_response(self._call(self._stub.Search, request))
 
-    def batch_search(self, queries: list[str], top_k: int = 10, mode: str = "",
-                     knobs: SearchKnobs | None = None) -> list[list[Hit]]:
+    def batch_search(self, queries: list[str], top_k: int = 10, mode: str = "", knobs: SearchKnobs | None = None,
+                     include_documents: bool = False) -> list[list[Hit]]:
         """Hits per query, in query order (the `BatchSearch` shape evaluation takes)."""
-        return [result.hits for result in self.batch_search_results(queries, top_k, mode, knobs)]
+        return [result.hits for result in self.batch_search_results(queries, top_k, mode, knobs, include_documents)]
 
     def batch_search_results(self, queries: list[str], top_k: int = 10, mode: str = "",
-                             knobs: SearchKnobs | None = None) -> list[SearchResult]:
+                             knobs: SearchKnobs | None = None, include_documents: bool = False) -> list[SearchResult]:
         """Long lists go out as several BatchSearch calls of `batch_size` queries each."""
         results: list[SearchResult] = []
         for start in range(0, len(queries), self.batch_size):
             request = pb.BatchSearchRequest(queries=queries[start : start + self.batch_size], top_k=top_k,
-                                            mode=mode_to_proto(mode), knobs=knobs_to_proto(knobs))
+                                            mode=mode_to_proto(mode), knobs=knobs_to_proto(knobs),
+                                            include_documents=include_documents)
             response = self._call(self._stub.BatchSearch, request)
             results.extend(from_search_response(item) for item in response.results)
         return results

@@ -31,7 +31,8 @@ def mode_from_proto(number: int) -> str:
 
 def to_search_response(result: SearchResult) -> pb.SearchResponse:
     return pb.SearchResponse(
-        hits=[pb.Hit(doc_id=hit.doc_id, score=hit.score, dense_score=hit.dense_score, sparse_score=hit.sparse_score)
+        hits=[pb.Hit(doc_id=hit.doc_id, score=hit.score, dense_score=hit.dense_score, sparse_score=hit.sparse_score,
+                     title=hit.title, snippet=hit.snippet)
               for hit in result.hits],
         index_version=result.index_version,
         latency_ms=result.latency_ms,
@@ -43,7 +44,9 @@ def from_search_response(response: pb.SearchResponse) -> SearchResult:
     return SearchResult(
         hits=[Hit(hit.doc_id, hit.score,
                   hit.dense_score if hit.HasField("dense_score") else None,
-                  hit.sparse_score if hit.HasField("sparse_score") else None)
+                  hit.sparse_score if hit.HasField("sparse_score") else None,
+                  hit.title if hit.HasField("title") else None,
+                  hit.snippet if hit.HasField("snippet") else None)
               for hit in response.hits],
         index_version=response.index_version,
         latency_ms=response.latency_ms,

@@ -16,6 +16,9 @@ class Hit(NamedTuple):
     score: float
     dense_score: float | None = None
     sparse_score: float | None = None
+    # Filled when the request asked for documents (the index version's document store).
+    title: str | None = None
+    snippet: str | None = None
 
     @property
     def found_by(self) -> tuple[str, ...]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Protocol, TypeVar
 
 from indexing.layout import INDEX_KIND, METRIC
@@ -100,6 +101,23 @@ class RetrievalService:
         for position, query in enumerate(queries):
             self._check_query(query, f"queries[{position}]")
         return self._run(list(queries), top_k, checkpoint, self._mode(mode), knobs)
+
+    def check_documents(self) -> None:
+        """A request asking for documents needs a version built with a document store."""
+        if self.index.doc_store is None:
+            raise InvalidArgument("include_documents", f"index version {self.index.version} has no document store "
+                                                       "(built with index.doc_store=false)")
+
+    def with_documents(self, results: list[SearchResult]) -> list[SearchResult]:
+        """Each hit's title and snippet from the document store (one lookup for all the lists)."""
+        store = self.index.doc_store
+        assert store is not None  # check_documents ran first
+        found = self._timed("documents", lambda: store.lookup([hit.doc_id for result in results
+                                                                for hit in result.hits]))
+        cut = self.limits.snippet_chars
+        return [replace(result, hits=[hit._replace(title=found[hit.doc_id][0], snippet=found[hit.doc_id][1][:cut])
+                                      if hit.doc_id in found else hit for hit in result.hits])
+                for result in results]
 
     def info(self) -> IndexInfo:
         return IndexInfo(

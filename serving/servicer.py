@@ -61,8 +61,12 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
         if self.batcher is not None:
             return to_search_response(self._batched(request, context))
         with self._admitted(context) as service:
+            if request.include_documents:
+                service.check_documents()
             result = service.search(request.query, request.top_k, _deadline_checkpoint(context),
                                     mode_from_proto(request.mode), knobs_from_proto(request.knobs))
+            if request.include_documents:
+                result = service.with_documents([result])[0]
         return to_search_response(result)
 
     def swap(self, service: RetrievalService) -> None:
@@ -79,19 +83,26 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
         with self._mapped_errors(context):
             knobs = knobs_from_proto(request.knobs)
             mode = service.check_search(request.query, request.top_k, mode_from_proto(request.mode), knobs)
+            if request.include_documents:
+                service.check_documents()
             future = batcher.submit(request.query, request.top_k, mode, _time_remaining(context), knobs)
             # A caller that goes away lets the batcher skip its request.
             context.add_callback(future.cancel)
             try:
-                return future.result(timeout=_time_remaining(context))
+                result = future.result(timeout=_time_remaining(context))
+                return service.with_documents([result])[0] if request.include_documents else result
             except FutureTimeout:
                 future.cancel()
                 raise DeadlineExceeded("the deadline ran out while waiting for a batch") from None
 
     def BatchSearch(self, request: pb.BatchSearchRequest, context: grpc.ServicerContext) -> pb.BatchSearchResponse:
         with self._admitted(context) as service:
+            if request.include_documents:
+                service.check_documents()
             results = service.batch_search(list(request.queries), request.top_k, _deadline_checkpoint(context),
                                            mode_from_proto(request.mode), knobs_from_proto(request.knobs))
+            if request.include_documents:
+                results = service.with_documents(results)
         return pb.BatchSearchResponse(results=[to_search_response(result) for result in results])
 
     def GetIndexInfo(self, request: pb.GetIndexInfoRequest, context: grpc.ServicerContext) -> pb.GetIndexInfoResponse:

@@ -348,3 +348,23 @@ def test_gpu_index_returns_the_cpu_results(index_type: str, tmp_path: Path) -> N
     gpu_ids = [[doc for doc, _ in row] for row in on_gpu.search(query_embeddings, 10)]
     agreement = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(cpu_ids, gpu_ids, strict=True)])
     assert agreement >= 0.95
+
+
+def test_the_doc_store_looks_up_by_id_and_must_match_the_index(tmp_path: Path) -> None:
+    from indexing.doc_store import DOC_STORE_FILE, load_doc_store, write_doc_store
+
+    embeddings = clustered_embeddings(3, 8, 1, seed=4)
+    build_index_from_embeddings(embeddings, ["a", "b", "c"], tmp_path / "index", index_config=IndexConfig(),
+                                embedding_space=SPACE, documents=(["A", "B", "C"], ["text a", "text b", "text c"]))
+    store = load_index(tmp_path / "index").doc_store
+    assert store is not None
+    assert store.lookup(["c", "missing", "a", "c"]) == {"c": ("C", "text c"), "a": ("A", "text a")}
+    assert store.lookup([f"id{n}" for n in range(2000)]) == {}  # more ids than one statement takes
+    (tmp_path / "other").mkdir()
+    write_doc_store(tmp_path / "other", ["a"], ["A"], ["text a"])
+    with pytest.raises(ArtifactError, match="holds 1 documents but the index holds 3 rows"):
+        load_doc_store(tmp_path / "other", 3)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / DOC_STORE_FILE).write_bytes(b"not a database at all" * 10)
+    with pytest.raises(ArtifactError, match="unreadable document store"):
+        load_doc_store(tmp_path / "broken", 3)

@@ -29,6 +29,7 @@ from serving.server import serve_forever, start_server
 from serving.service import RetrievalService
 from serving.servicer import SERVICE_NAME
 from serving.torch_encoder import TorchQueryEncoder
+from towerline.beir import load_dataset
 from towerline.config import ServeConfig, TowerlineConfig, load_config
 from towerline.errors import ArtifactError
 from towerline.towers import save_dual_encoder, towers_from_backbone
@@ -250,6 +251,32 @@ def test_per_request_nprobe_reaches_faiss_over_grpc(artifacts: tuple[Path, Path]
 
     assert ids(every_list) == ids(batched) == ids([exact.search(query, 10).hits for query in QUERIES])
     assert ids(probed) == ids([ivf_service.search(query, 10).hits for query in QUERIES]) != ids(every_list)
+
+
+@pytest.mark.parametrize("limits", [LIMITS, BATCHING], ids=["unbatched", "batched"])
+def test_include_documents_returns_titles_and_snippets_from_the_doc_store(
+        artifacts: tuple[Path, Path], encoder: TorchQueryEncoder, index: LoadedIndex, limits: ServeConfig,
+        tmp_path: Path) -> None:
+    corpus = load_dataset(load_config(artifacts[1] / "config.yaml").data).corpus
+    limits = limits.model_copy(update={"snippet_chars": 12})
+    for address in serve(RetrievalService(encoder, index, limits), limits):
+        with RetrievalClient(address, timeout_s=10) as client:
+            plain = client.search("alpha beta", 5)
+            with_documents = client.search("alpha beta", 5, include_documents=True)
+            batched = client.batch_search(QUERIES[:2], 5, include_documents=True)
+    assert [hit[:4] for hit in with_documents] == [hit[:4] for hit in plain]
+    assert all(hit.title is None and hit.snippet is None for hit in plain)
+    for hit in [*with_documents, *batched[0], *batched[1]]:
+        assert (hit.title, hit.snippet) == (corpus[hit.doc_id].title, corpus[hit.doc_id].text[:12])
+    # A version built without a document store refuses the request, naming the field.
+    config = load_config(artifacts[1] / "config.yaml", ["index.doc_store=false"])
+    build_index(config, artifacts[0], tmp_path / "bare")
+    bare = load_index(tmp_path / "bare")
+    assert bare.doc_store is None and index.doc_store is not None and index.doc_store.count == index.size
+    for address in serve(RetrievalService(encoder, bare, limits), limits):
+        with RetrievalClient(address, timeout_s=10) as client, pytest.raises(RetrievalRpcError) as raised:
+            client.search("alpha", 5, include_documents=True)
+    assert raised.value.code == "INVALID_ARGUMENT" and raised.value.details.startswith("include_documents: ")
 
 
 def test_client_raises_typed_errors(client: RetrievalClient) -> None:

@@ -525,7 +525,8 @@ def search(
     ef_search: Annotated[int, typer.Option(min=0, help="HNSW indexes: search beam for this query (0: the "
                                                        "index's own)")] = 0,
     titles: Annotated[
-        bool, typer.Option(help="show titles from the configured dataset (data.dir / $TOWERLINE_DATA_DIR / bundled)")
+        bool, typer.Option(help="show titles: from the service's document store, else from the configured "
+                                "dataset (data.dir / $TOWERLINE_DATA_DIR / bundled)")
     ] = True,
     token_file: TokenFileOption = None,
     tls_ca: TlsCaOption = None,
@@ -536,6 +537,7 @@ def search(
 ) -> None:
     """Query a running retrieval service over gRPC and print the hits (hybrid: D/S = found by dense/BM25)."""
     from serving.client import RetrievalClient
+    from serving.errors import RetrievalRpcError
     from serving.results import SearchKnobs
     from towerline.beir import load_dataset
     from towerline.display import print_hits
@@ -544,10 +546,15 @@ def search(
     knobs = SearchKnobs(nprobe=nprobe, ef_search=ef_search) if nprobe or ef_search else None
     with RetrievalClient(address, **_client_security(token_file, tls_ca, tls_cert, tls_key)) as client:
         try:
-            result = client.search_result(query, top_k, mode, knobs)
+            result = client.search_result(query, top_k, mode, knobs, include_documents=titles)
         except ValueError as exc:
             raise ConfigError(f"--mode: {exc}") from None
-    corpus = load_dataset(config.data).corpus if titles else None
+        except RetrievalRpcError as error:
+            if not (titles and "include_documents" in error.details):
+                raise
+            result = client.search_result(query, top_k, mode, knobs)  # an index version without documents
+    served = any(hit.title is not None for hit in result.hits)
+    corpus = load_dataset(config.data).corpus if titles and not served else None
     print_hits(query, result.hits, corpus, show_sides=result.mode == "hybrid")
 
 

@@ -189,6 +189,8 @@ class IndexConfig(Section):
     use_gpu: Literal["auto", "never", "always"] = "auto"
     # A BM25 index of the same corpus beside the dense one, in the same index version (hybrid search).
     sparse: bool = True
+    # A document store (title, text) in the same version, so that Search can return documents.
+    doc_store: bool = True
     sparse_stemmer: Literal["english", "none"] = "english"
 
 
@@ -224,6 +226,8 @@ class ServeConfig(Section):
     max_top_k: int = Field(1000, ge=1)
     max_batch: int = Field(256, ge=1)
     max_query_chars: int = Field(4096, ge=1)
+    # Characters of a document's text returned as its snippet (include_documents).
+    snippet_chars: int = Field(300, ge=0)
     intra_op_threads: int = Field(1, ge=1)
     # Follow the index (a registry's CURRENT, or an artifact re-sealed in place) and the query
     # encoder: look every reload_interval_s seconds (and at once on SIGHUP); 0 turns it off.

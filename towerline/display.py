@@ -27,11 +27,21 @@ def print_hits(
         mark = "" if relevant is None else ("[green]✓[/] " if doc_id in relevant else "  ")
         sides = _sides(hit) if show_sides else ""
         line = f"{rank:>3}  {mark}{score:7.4f}{sides}  {escape(doc_id):<{id_width}}"
-        if corpus is not None:
+        served = _served_document(hit)
+        if served is not None:
+            line += "  " + escape(served)
+        elif corpus is not None:
             document = corpus.get(doc_id)
             line += "  " + (escape(document.title or document.text) if document else "(not in this corpus)")
         # One hit per line, cut to the terminal width.
         console.print(line, no_wrap=True, overflow="ellipsis")
+
+
+def _served_document(hit: tuple[Any, ...]) -> str | None:
+    # serving.results.Hit with include_documents: (…, title, snippet) from the service's document store.
+    if len(hit) >= 6 and (hit[4] is not None or hit[5] is not None):
+        return str(hit[4] or hit[5])
+    return None
 
 
 def _sides(hit: tuple[Any, ...]) -> str:

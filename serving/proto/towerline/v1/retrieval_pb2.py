@@ -24,37 +24,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctowerline/v1/retrieval.proto\x12\x0ctowerline.v1\"\x82\x01\n\rSearchRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12)\n\x04mode\x18\x03 \x01(\x0e\x32\x1b.towerline.v1.RetrievalMode\x12(\n\x05knobs\x18\x04 \x01(\x0b\x32\x19.towerline.v1.SearchKnobs\"0\n\x0bSearchKnobs\x12\x0e\n\x06nprobe\x18\x01 \x01(\x05\x12\x11\n\tef_search\x18\x02 \x01(\x05\"z\n\x03Hit\x12\x0e\n\x06\x64oc_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x18\n\x0b\x64\x65nse_score\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x19\n\x0csparse_score\x18\x04 \x01(\x02H\x01\x88\x01\x01\x42\x0e\n\x0c_dense_scoreB\x0f\n\r_sparse_score\"\x87\x01\n\x0eSearchResponse\x12\x1f\n\x04hits\x18\x01 \x03(\x0b\x32\x11.towerline.v1.Hit\x12\x15\n\rindex_version\x18\x02 \x01(\t\x12\x12\n\nlatency_ms\x18\x03 \x01(\x02\x12)\n\x04mode\x18\x04 \x01(\x0e\x32\x1b.towerline.v1.RetrievalMode\"\x89\x01\n\x12\x42\x61tchSearchRequest\x12\x0f\n\x07queries\x18\x01 \x03(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12)\n\x04mode\x18\x03 \x01(\x0e\x32\x1b.towerline.v1.RetrievalMode\x12(\n\x05knobs\x18\x04 \x01(\x0b\x32\x19.towerline.v1.SearchKnobs\"D\n\x13\x42\x61tchSearchResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.towerline.v1.SearchResponse\"\x15\n\x13GetIndexInfoRequest\"\x81\x02\n\x14GetIndexInfoResponse\x12\x12\n\nindex_kind\x18\x01 \x01(\t\x12\x12\n\nindex_type\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x03\x12\x0b\n\x03\x64im\x18\x04 \x01(\x05\x12\x17\n\x0f\x65mbedding_space\x18\x05 \x01(\t\x12\x14\n\x0c\x65ncoder_name\x18\x06 \x01(\t\x12\x19\n\x11index_fingerprint\x18\x07 \x01(\t\x12\x15\n\rindex_version\x18\x08 \x01(\t\x12\x0e\n\x06metric\x18\t \x01(\t\x12\x0e\n\x06sparse\x18\n \x01(\x08\x12\x14\n\x0c\x64\x65\x66\x61ult_mode\x18\x0b \x01(\t\x12\x0e\n\x06\x66usion\x18\x0c \x01(\t\"L\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x18\n\x10history_item_ids\x18\x03 \x03(\t\"@\n\x0fRecommendedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05title\x18\x03 \x01(\t\"~\n\x11RecommendResponse\x12,\n\x05items\x18\x01 \x03(\x0b\x32\x1d.towerline.v1.RecommendedItem\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\nlatency_ms\x18\x03 \x01(\x02\x12\x10\n\x08strategy\x18\x04 \x01(\t*\x7f\n\rRetrievalMode\x12\x1e\n\x1aRETRIEVAL_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14RETRIEVAL_MODE_DENSE\x10\x01\x12\x19\n\x15RETRIEVAL_MODE_SPARSE\x10\x02\x12\x19\n\x15RETRIEVAL_MODE_HYBRID\x10\x03\x32\xd0\x02\n\x10RetrievalService\x12\x43\n\x06Search\x12\x1b.towerline.v1.SearchRequest\x1a\x1c.towerline.v1.SearchResponse\x12R\n\x0b\x42\x61tchSearch\x12 .towerline.v1.BatchSearchRequest\x1a!.towerline.v1.BatchSearchResponse\x12U\n\x0cGetIndexInfo\x12!.towerline.v1.GetIndexInfoRequest\x1a\".towerline.v1.GetIndexInfoResponse\x12L\n\tRecommend\x12\x1e.towerline.v1.RecommendRequest\x1a\x1f.towerline.v1.RecommendResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctowerline/v1/retrieval.proto\x12\x0ctowerline.v1\"\x9d\x01\n\rSearchRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12)\n\x04mode\x18\x03 \x01(\x0e\x32\x1b.towerline.v1.RetrievalMode\x12(\n\x05knobs\x18\x04 \x01(\x0b\x32\x19.towerline.v1.SearchKnobs\x12\x19\n\x11include_documents\x18\x05 \x01(\x08\"0\n\x0bSearchKnobs\x12\x0e\n\x06nprobe\x18\x01 \x01(\x05\x12\x11\n\tef_search\x18\x02 \x01(\x05\"\xba\x01\n\x03Hit\x12\x0e\n\x06\x64oc_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x18\n\x0b\x64\x65nse_score\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x19\n\x0csparse_score\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05title\x18\x05 \x01(\tH\x02\x88\x01\x01\x12\x14\n\x07snippet\x18\x06 \x01(\tH\x03\x88\x01\x01\x42\x0e\n\x0c_dense_scoreB\x0f\n\r_sparse_scoreB\x08\n\x06_titleB\n\n\x08_snippet\"\x87\x01\n\x0eSearchResponse\x12\x1f\n\x04hits\x18\x01 \x03(\x0b\x32\x11.towerline.v1.Hit\x12\x15\n\rindex_version\x18\x02 \x01(\t\x12\x12\n\nlatency_ms\x18\x03 \x01(\x02\x12)\n\x04mode\x18\x04 \x01(\x0e\x32\x1b.towerline.v1.RetrievalMode\"\xa4\x01\n\x12\x42\x61tchSearchRequest\x12\x0f\n\x07queries\x18\x01 \x03(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12)\n\x04mode\x18\x03 \x01(\x0e\x32\x1b.towerline.v1.RetrievalMode\x12(\n\x05knobs\x18\x04 \x01(\x0b\x32\x19.towerline.v1.SearchKnobs\x12\x19\n\x11include_documents\x18\x05 \x01(\x08\"D\n\x13\x42\x61tchSearchResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.towerline.v1.SearchResponse\"\x15\n\x13GetIndexInfoRequest\"\x81\x02\n\x14GetIndexInfoResponse\x12\x12\n\nindex_kind\x18\x01 \x01(\t\x12\x12\n\nindex_type\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x03\x12\x0b\n\x03\x64im\x18\x04 \x01(\x05\x12\x17\n\x0f\x65mbedding_space\x18\x05 \x01(\t\x12\x14\n\x0c\x65ncoder_name\x18\x06 \x01(\t\x12\x19\n\x11index_fingerprint\x18\x07 \x01(\t\x12\x15\n\rindex_version\x18\x08 \x01(\t\x12\x0e\n\x06metric\x18\t \x01(\t\x12\x0e\n\x06sparse\x18\n \x01(\x08\x12\x14\n\x0c\x64\x65\x66\x61ult_mode\x18\x0b \x01(\t\x12\x0e\n\x06\x66usion\x18\x0c \x01(\t\"L\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x18\n\x10history_item_ids\x18\x03 \x03(\t\"@\n\x0fRecommendedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05title\x18\x03 \x01(\t\"~\n\x11RecommendResponse\x12,\n\x05items\x18\x01 \x03(\x0b\x32\x1d.towerline.v1.RecommendedItem\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\nlatency_ms\x18\x03 \x01(\x02\x12\x10\n\x08strategy\x18\x04 \x01(\t*\x7f\n\rRetrievalMode\x12\x1e\n\x1aRETRIEVAL_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14RETRIEVAL_MODE_DENSE\x10\x01\x12\x19\n\x15RETRIEVAL_MODE_SPARSE\x10\x02\x12\x19\n\x15RETRIEVAL_MODE_HYBRID\x10\x03\x32\xd0\x02\n\x10RetrievalService\x12\x43\n\x06Search\x12\x1b.towerline.v1.SearchRequest\x1a\x1c.towerline.v1.SearchResponse\x12R\n\x0b\x42\x61tchSearch\x12 .towerline.v1.BatchSearchRequest\x1a!.towerline.v1.BatchSearchResponse\x12U\n\x0cGetIndexInfo\x12!.towerline.v1.GetIndexInfoRequest\x1a\".towerline.v1.GetIndexInfoResponse\x12L\n\tRecommend\x12\x1e.towerline.v1.RecommendRequest\x1a\x1f.towerline.v1.RecommendResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'towerline.v1.retrieval_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RETRIEVALMODE']._serialized_start=1256
-  _globals['_RETRIEVALMODE']._serialized_end=1383
+  _globals['_RETRIEVALMODE']._serialized_start=1375
+  _globals['_RETRIEVALMODE']._serialized_end=1502
   _globals['_SEARCHREQUEST']._serialized_start=47
-  _globals['_SEARCHREQUEST']._serialized_end=177
-  _globals['_SEARCHKNOBS']._serialized_start=179
-  _globals['_SEARCHKNOBS']._serialized_end=227
-  _globals['_HIT']._serialized_start=229
-  _globals['_HIT']._serialized_end=351
-  _globals['_SEARCHRESPONSE']._serialized_start=354
-  _globals['_SEARCHRESPONSE']._serialized_end=489
-  _globals['_BATCHSEARCHREQUEST']._serialized_start=492
-  _globals['_BATCHSEARCHREQUEST']._serialized_end=629
-  _globals['_BATCHSEARCHRESPONSE']._serialized_start=631
-  _globals['_BATCHSEARCHRESPONSE']._serialized_end=699
-  _globals['_GETINDEXINFOREQUEST']._serialized_start=701
-  _globals['_GETINDEXINFOREQUEST']._serialized_end=722
-  _globals['_GETINDEXINFORESPONSE']._serialized_start=725
-  _globals['_GETINDEXINFORESPONSE']._serialized_end=982
-  _globals['_RECOMMENDREQUEST']._serialized_start=984
-  _globals['_RECOMMENDREQUEST']._serialized_end=1060
-  _globals['_RECOMMENDEDITEM']._serialized_start=1062
-  _globals['_RECOMMENDEDITEM']._serialized_end=1126
-  _globals['_RECOMMENDRESPONSE']._serialized_start=1128
-  _globals['_RECOMMENDRESPONSE']._serialized_end=1254
-  _globals['_RETRIEVALSERVICE']._serialized_start=1386
-  _globals['_RETRIEVALSERVICE']._serialized_end=1722
+  _globals['_SEARCHREQUEST']._serialized_end=204
+  _globals['_SEARCHKNOBS']._serialized_start=206
+  _globals['_SEARCHKNOBS']._serialized_end=254
+  _globals['_HIT']._serialized_start=257
+  _globals['_HIT']._serialized_end=443
+  _globals['_SEARCHRESPONSE']._serialized_start=446
+  _globals['_SEARCHRESPONSE']._serialized_end=581
+  _globals['_BATCHSEARCHREQUEST']._serialized_start=584
+  _globals['_BATCHSEARCHREQUEST']._serialized_end=748
+  _globals['_BATCHSEARCHRESPONSE']._serialized_start=750
+  _globals['_BATCHSEARCHRESPONSE']._serialized_end=818
+  _globals['_GETINDEXINFOREQUEST']._serialized_start=820
+  _globals['_GETINDEXINFOREQUEST']._serialized_end=841
+  _globals['_GETINDEXINFORESPONSE']._serialized_start=844
+  _globals['_GETINDEXINFORESPONSE']._serialized_end=1101
+  _globals['_RECOMMENDREQUEST']._serialized_start=1103
+  _globals['_RECOMMENDREQUEST']._serialized_end=1179
+  _globals['_RECOMMENDEDITEM']._serialized_start=1181
+  _globals['_RECOMMENDEDITEM']._serialized_end=1245
+  _globals['_RECOMMENDRESPONSE']._serialized_start=1247
+  _globals['_RECOMMENDRESPONSE']._serialized_end=1373
+  _globals['_RETRIEVALSERVICE']._serialized_start=1505
+  _globals['_RETRIEVALSERVICE']._serialized_end=1841
 # @@protoc_insertion_point(module_scope)

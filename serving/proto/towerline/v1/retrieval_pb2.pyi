@@ -19,16 +19,18 @@ RETRIEVAL_MODE_SPARSE: RetrievalMode
 RETRIEVAL_MODE_HYBRID: RetrievalMode
 
 class SearchRequest(_message.Message):
-    __slots__ = ("query", "top_k", "mode", "knobs")
+    __slots__ = ("query", "top_k", "mode", "knobs", "include_documents")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     KNOBS_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     query: str
     top_k: int
     mode: RetrievalMode
     knobs: SearchKnobs
-    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ..., knobs: _Optional[_Union[SearchKnobs, _Mapping]] = ...) -> None: ...
+    include_documents: bool
+    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ..., knobs: _Optional[_Union[SearchKnobs, _Mapping]] = ..., include_documents: _Optional[bool] = ...) -> None: ...
 
 class SearchKnobs(_message.Message):
     __slots__ = ("nprobe", "ef_search")
@@ -39,16 +41,20 @@ class SearchKnobs(_message.Message):
     def __init__(self, nprobe: _Optional[int] = ..., ef_search: _Optional[int] = ...) -> None: ...
 
 class Hit(_message.Message):
-    __slots__ = ("doc_id", "score", "dense_score", "sparse_score")
+    __slots__ = ("doc_id", "score", "dense_score", "sparse_score", "title", "snippet")
     DOC_ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     DENSE_SCORE_FIELD_NUMBER: _ClassVar[int]
     SPARSE_SCORE_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    SNIPPET_FIELD_NUMBER: _ClassVar[int]
     doc_id: str
     score: float
     dense_score: float
     sparse_score: float
-    def __init__(self, doc_id: _Optional[str] = ..., score: _Optional[float] = ..., dense_score: _Optional[float] = ..., sparse_score: _Optional[float] = ...) -> None: ...
+    title: str
+    snippet: str
+    def __init__(self, doc_id: _Optional[str] = ..., score: _Optional[float] = ..., dense_score: _Optional[float] = ..., sparse_score: _Optional[float] = ..., title: _Optional[str] = ..., snippet: _Optional[str] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("hits", "index_version", "latency_ms", "mode")
@@ -63,16 +69,18 @@ class SearchResponse(_message.Message):
     def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., index_version: _Optional[str] = ..., latency_ms: _Optional[float] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ...) -> None: ...
 
 class BatchSearchRequest(_message.Message):
-    __slots__ = ("queries", "top_k", "mode", "knobs")
+    __slots__ = ("queries", "top_k", "mode", "knobs", "include_documents")
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     KNOBS_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     queries: _containers.RepeatedScalarFieldContainer[str]
     top_k: int
     mode: RetrievalMode
     knobs: SearchKnobs
-    def __init__(self, queries: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ..., knobs: _Optional[_Union[SearchKnobs, _Mapping]] = ...) -> None: ...
+    include_documents: bool
+    def __init__(self, queries: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ..., knobs: _Optional[_Union[SearchKnobs, _Mapping]] = ..., include_documents: _Optional[bool] = ...) -> None: ...
 
 class BatchSearchResponse(_message.Message):
     __slots__ = ("results",)
