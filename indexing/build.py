@@ -10,6 +10,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from indexing.doc_store import write_doc_store
+from indexing.embedding_cache import content_hash, write_embedding_cache
 from indexing.factory import choose_index_type, create_index, search_params
 from indexing.layout import INDEX_FILE, INDEX_KIND, METRIC, write_doc_ids
 from indexing.sparse import write_sparse_side
@@ -30,7 +31,8 @@ def build_index(config: TowerlineConfig, encoder_path: Path, output: Path) -> Ma
     doc_ids = list(corpus)
     # Rendered with the template the doc tower was trained with (saved in its spec).
     template = doc_tower.spec.document_template
-    doc_embeddings = embed_texts(doc_tower, [corpus[doc_id].render(template) for doc_id in doc_ids], config.index)
+    rendered = [corpus[doc_id].render(template) for doc_id in doc_ids]
+    doc_embeddings = embed_texts(doc_tower, rendered, config.index)
     sparse_texts = [corpus[doc_id].full_text for doc_id in doc_ids] if config.index.sparse else None
     documents = ([corpus[doc_id].title for doc_id in doc_ids], [corpus[doc_id].text for doc_id in doc_ids])
     return build_index_from_embeddings(
@@ -48,6 +50,7 @@ def build_index(config: TowerlineConfig, encoder_path: Path, output: Path) -> Ma
         },
         sparse_texts=sparse_texts,
         documents=documents if config.index.doc_store else None,
+        content_hashes=[content_hash(text) for text in rendered] if config.index.embedding_cache else None,
     )
 
 
@@ -70,10 +73,12 @@ def build_index_from_embeddings(
     metadata: dict[str, Any] | None = None,
     sparse_texts: list[str] | None = None,
     documents: tuple[list[str], list[str]] | None = None,
+    content_hashes: list[str] | None = None,
 ) -> Manifest:
     """Index precomputed, L2-normalised embeddings (row i belongs to doc_ids[i]); with `sparse_texts`
     (row-aligned), a BM25 index of them too, and with `documents` (titles, texts; row-aligned) a
-    document store, all in the same version."""
+    document store, and with `content_hashes` (of each document's rendered text) the embedding
+    cache that `index update` reuses, all in the same version."""
     doc_embeddings = _checked_embeddings(doc_embeddings, doc_ids)
     choice = choose_index_type(*doc_embeddings.shape, index_config)
     index = create_index(doc_embeddings, index_config, choice.type)
@@ -86,6 +91,9 @@ def build_index_from_embeddings(
         if documents is not None:
             write_doc_store(staged.path, doc_ids, *documents)
             staged.metadata["doc_store"] = True
+        if content_hashes is not None:
+            write_embedding_cache(staged.path, doc_embeddings, list(content_hashes))
+            staged.metadata["embedding_cache"] = True
         staged.metadata.update(metadata or {})
         staged.metadata.update(
             embedding_space=embedding_space,

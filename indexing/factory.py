@@ -109,18 +109,20 @@ def create_index(doc_embeddings: np.ndarray, config: IndexConfig, index_type: st
 
 def apply_search_params(index: faiss.Index, config: IndexConfig) -> None:
     """Query-time knobs (stored in the index file, and overridable at load time)."""
+    index = without_id_map(index)
     if isinstance(index, faiss.IndexHNSW):
         index.hnsw.efSearch = config.hnsw_ef_search
-    elif (ivf := _ivf_of(index)) is not None:
+    elif (ivf := ivf_of(index)) is not None:
         ivf.nprobe = min(config.ivf_nprobe, ivf.nlist)
 
 
 def search_parameters(index: faiss.Index, nprobe: int | None = None,
                       ef_search: int | None = None) -> faiss.SearchParameters | None:
     """Per-call search knobs (thread-safe, unlike setting them on the shared index); None: the stored ones."""
+    index = without_id_map(index)  # an id map hands the parameters to the index it wraps
     if isinstance(index, faiss.IndexHNSW) and ef_search:
         return faiss.SearchParametersHNSW(efSearch=ef_search)
-    ivf = _ivf_of(index)
+    ivf = ivf_of(index)
     if ivf is None or not nprobe:
         return None
     params = faiss.SearchParametersIVF(nprobe=min(nprobe, ivf.nlist))
@@ -130,9 +132,10 @@ def search_parameters(index: faiss.Index, nprobe: int | None = None,
 
 
 def search_params(index: faiss.Index) -> dict[str, int | bool]:
+    index = without_id_map(index)
     if isinstance(index, faiss.IndexHNSW):
         return {"hnsw_m": int(index.hnsw.nb_neighbors(1)), "hnsw_ef_search": int(index.hnsw.efSearch)}
-    ivf = _ivf_of(index)
+    ivf = ivf_of(index)
     if ivf is None:
         return {}
     params = {"ivf_nlist": int(ivf.nlist), "ivf_nprobe": int(ivf.nprobe)}
@@ -141,7 +144,14 @@ def search_params(index: faiss.Index) -> dict[str, int | bool]:
     return params
 
 
-def _ivf_of(index: faiss.Index) -> faiss.IndexIVF | None:
+def without_id_map(index: faiss.Index) -> faiss.Index:
+    """The structure inside an IndexIDMap2 (flat / HNSW versions after `index update` deleted labels)."""
+    if isinstance(index, faiss.IndexIDMap | faiss.IndexIDMap2):
+        return faiss.downcast_index(index.index)
+    return index
+
+
+def ivf_of(index: faiss.Index) -> faiss.IndexIVF | None:
     try:
         return faiss.downcast_index(faiss.extract_index_ivf(index))
     except RuntimeError:  # not an IVF index (flat, HNSW)

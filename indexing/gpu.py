@@ -6,6 +6,7 @@ import logging
 
 import faiss
 
+from indexing.factory import without_id_map
 from towerline.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ def place_index(index: faiss.Index, use_gpu: str) -> tuple[faiss.Index, bool]:
                 "install towerline[gpu] on a GPU machine or set index.use_gpu=auto"
             )
         return index, False
-    if isinstance(index, faiss.IndexHNSW):
+    if isinstance(without_id_map(index), faiss.IndexHNSW):
         # FAISS has no GPU HNSW; a graph index keeps serving from CPU.
         if use_gpu == "always":
             raise ConfigError("index.use_gpu='always' but FAISS has no GPU HNSW; use index.type flat or ivf")

@@ -12,7 +12,7 @@ import numpy as np
 from indexing.doc_store import DocStore, load_doc_store
 from indexing.factory import apply_search_params, search_parameters, search_params
 from indexing.gpu import place_index
-from indexing.layout import INDEX_FILE, INDEX_KIND, read_doc_ids, read_tuned_fusion
+from indexing.layout import INDEX_FILE, INDEX_KIND, live_doc_ids, read_doc_ids, read_tuned_fusion
 from indexing.publish import is_registry_entry, resolve_published
 from indexing.sparse import load_sparse_side
 from towerline.artifacts import Manifest, read_manifest
@@ -26,7 +26,8 @@ Hits = list[tuple[str, float]]
 @dataclass
 class LoadedIndex:
     index: faiss.Index
-    doc_ids: list[str]
+    # Label → doc id (None: a label deleted by an update); FAISS returns labels.
+    doc_ids: list[str | None]
     manifest: Manifest
     path: Path
     # Published version name ("v0003") when loaded from a registry; "" for a bare artifact.
@@ -99,7 +100,7 @@ class LoadedIndex:
     def _hits(self, row_ids: np.ndarray, row_scores: np.ndarray) -> Hits:
         # FAISS pads with row -1 when fewer than k neighbours were found.
         return [
-            (self.doc_ids[row], float(score))
+            (self.doc_ids[row], float(score))  # FAISS returns live labels only: never a None id
             for row, score in zip(row_ids.tolist(), row_scores.tolist(), strict=True)
             if row >= 0
         ]
@@ -124,8 +125,8 @@ def load_index(path: Path, config: IndexConfig | None = None) -> LoadedIndex:
     knobs = search_params(index)
     index, on_gpu = place_index(index, config.use_gpu if config is not None else "auto")
     return LoadedIndex(index, doc_ids, manifest, path, published_version, on_gpu,
-                       sparse=load_sparse_side(path, doc_ids), tuned_fusion=read_tuned_fusion(path),
-                       search_knobs=knobs, doc_store=load_doc_store(path, len(doc_ids)))
+                       sparse=load_sparse_side(path, live_doc_ids(doc_ids)), tuned_fusion=read_tuned_fusion(path),
+                       search_knobs=knobs, doc_store=load_doc_store(path, int(index.ntotal)))
 
 
 def _read_faiss(index_path: Path) -> faiss.Index:

@@ -444,6 +444,38 @@ def index_build(
     _produce(config, "index", output, "FAISS index", lambda tracker: build_index(config, encoder_path, output))
 
 
+@command(index_app, "update")
+def index_update(
+    base: Annotated[Path, typer.Argument(help="faiss-index artifact or registry entry (its CURRENT) to update")],
+    upsert: Annotated[Path | None, typer.Option(help="BEIR corpus lines (_id, title, text): new documents, or "
+                                                     "new text for existing ones")] = None,
+    delete: Annotated[Path | None, typer.Option(help="doc ids to delete, one per line")] = None,
+    encoder: Annotated[
+        Path | None, typer.Option(help="the dual-encoder artifact the base was built with (default: "
+                                       "RUN_DIR/encoder)")
+    ] = None,
+    config_file: ConfigOption = None,
+    out: OutOption = None,
+    overrides: Overrides = None,
+) -> None:
+    """A new index version with documents upserted and deleted: only new or changed texts are embedded;
+    IVF indexes are updated in place, flat and HNSW rebuilt from the cached vectors. Publish it next."""
+    from indexing.update import read_deletes, read_upserts, update_index
+
+    if upsert is None and delete is None:
+        raise ConfigError("index update: give --upsert FILE and/or --delete FILE")
+    config = _config(config_file, overrides)
+    output = _out(out, config, "index-updated")
+    upserts = read_upserts(upsert) if upsert is not None else []
+    deletes = read_deletes(delete) if delete is not None else []
+    encoder_path = encoder or config.run_dir / "encoder"
+    manifest = update_index(config, base, encoder_path, output, upserts=upserts, deletes=deletes)
+    done = manifest.metadata["update"]
+    console.print(f"[green]✓[/] {escape(str(output))}: {done['added']} added, {done['changed']} changed, "
+                  f"{done['deleted']} deleted, {done['unchanged']} unchanged; {done['embedded']} embedded; "
+                  f"index {done['how']}")
+
+
 @command(index_app, "publish")
 def index_publish(
     index: Annotated[Path, typer.Argument(help="faiss-index artifact to publish")],

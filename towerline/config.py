@@ -191,6 +191,9 @@ class IndexConfig(Section):
     sparse: bool = True
     # A document store (title, text) in the same version, so that Search can return documents.
     doc_store: bool = True
+    # The doc vectors and a hash of each document's text, so that `index update` embeds only new or
+    # changed documents (doubles the version's disk size for flat / HNSW, not its memory).
+    embedding_cache: bool = True
     sparse_stemmer: Literal["english", "none"] = "english"
 
 
