@@ -118,7 +118,7 @@ def load_index(path: Path, config: IndexConfig | None = None) -> LoadedIndex:
         path = resolve_published(path)
         published_version = path.name
     manifest = read_manifest(path, INDEX_KIND, verify=True)
-    index = _read_faiss(path / INDEX_FILE)
+    index = _read_faiss(path / INDEX_FILE, mmap=config is not None and config.mmap)
     if config is not None:
         apply_search_params(index, config)
     doc_ids = read_doc_ids(path, int(index.ntotal))
@@ -129,9 +129,10 @@ def load_index(path: Path, config: IndexConfig | None = None) -> LoadedIndex:
                        search_knobs=knobs, doc_store=load_doc_store(path, int(index.ntotal)))
 
 
-def _read_faiss(index_path: Path) -> faiss.Index:
+def _read_faiss(index_path: Path, mmap: bool = False) -> faiss.Index:
+    flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
     try:
-        return faiss.read_index(str(index_path))
+        return faiss.read_index(str(index_path), flags)
     except RuntimeError as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "unknown error"
         raise ArtifactError(f"{index_path}: FAISS cannot read the index ({first_line})") from None

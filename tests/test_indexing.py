@@ -125,6 +125,14 @@ def test_ivf_pq_compresses_and_a_per_call_nprobe_trades_speed_for_recall(opq: bo
     assert loaded.search(query_embeddings, 10) == loaded.search(query_embeddings, 10, nprobe=1)  # call-local
 
 
+@pytest.mark.parametrize("index_type", ["flat", "ivf", "hnsw"])
+def test_a_memory_mapped_index_answers_as_the_loaded_one(index_type: str, tmp_path: Path) -> None:
+    path = build_synthetic(tmp_path / index_type, clustered_embeddings(2000, 16, 10, seed=5), index_type)
+    queries = clustered_embeddings(20, 16, 10, seed=6)
+    mapped = load_index(path, IndexConfig(type=index_type, mmap=True))
+    assert mapped.search(queries, 5) == load_index(path, IndexConfig(type=index_type)).search(queries, 5)
+
+
 def test_a_per_call_ef_search_overrides_hnsw_for_that_call_only(tmp_path: Path) -> None:
     doc_embeddings = clustered_embeddings(4000, 32, clusters=40, seed=1)
     query_embeddings = clustered_embeddings(200, 32, clusters=40, seed=2)

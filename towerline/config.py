@@ -194,6 +194,9 @@ class IndexConfig(Section):
     # The doc vectors and a hash of each document's text, so that `index update` embeds only new or
     # changed documents (doubles the version's disk size for flat / HNSW, not its memory).
     embedding_cache: bool = True
+    # Serve the index file memory-mapped (read-only) instead of read into memory: replicas on one host
+    # share the page cache, and a large index starts without a full read.
+    mmap: bool = False
     sparse_stemmer: Literal["english", "none"] = "english"
 
 
