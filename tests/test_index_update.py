@@ -98,3 +98,34 @@ def test_bad_updates_are_refused_before_anything_is_written(tiny_config: Towerli
     lines.write_text(json.dumps({"_id": "a", "title": "t", "text": "x"}) + "\n\n" + '{"_id": "b", "title": 3}\n')
     with pytest.raises(DataError, match=r"upserts\.jsonl:3: "):
         read_upserts(lines)
+
+
+def test_index_update_publish_verify_and_rollback_from_the_command_line(tiny_config: TowerlineConfig,
+                                                                        tiny_overrides: list[str],
+                                                                        built: tuple[Path, Path]) -> None:
+    from typer.testing import CliRunner
+
+    from towerline.cli import app
+
+    encoder, root = built
+    build_index(tiny_config, encoder, root / "v1")
+    (root / "new.jsonl").write_text(json.dumps({"_id": NEW.doc_id, "title": NEW.title, "text": NEW.text}) + "\n")
+    gone = next(iter(load_dataset(tiny_config.data).corpus))
+    (root / "gone.txt").write_text(gone + "\n")
+    runner = CliRunner()
+
+    def run(*args: str) -> str:
+        outcome = runner.invoke(app, list(args))
+        assert outcome.exit_code == 0, outcome.output
+        return outcome.output
+
+    said = run("index", "update", str(root / "v1"), "--upsert", str(root / "new.jsonl"), "--delete",
+               str(root / "gone.txt"), "--encoder", str(encoder), "--out", str(root / "v2"), *tiny_overrides)
+    assert "1 added, 0 changed, 1 deleted, 79 unchanged; 1 embedded" in " ".join(said.split())
+    registry = root / "registry"
+    for version in ("v1", "v2"):
+        run("index", "publish", str(root / version), "--registry", str(registry), "--name", "tiny", "--keep", "2")
+    run("index", "verify", str(registry / "tiny"), "--all-versions")
+    assert load_index(registry / "tiny").size == 80 - 1 + 1
+    run("index", "rollback", str(registry / "tiny"))
+    assert load_index(registry / "tiny").doc_ids[0] == gone  # v0001 serves again
