@@ -18,7 +18,7 @@ from towerline.artifacts import ArtifactWriter, Manifest
 from towerline.beir import load_dataset
 from towerline.config import IndexConfig, TowerlineConfig
 from towerline.encoder import Tower
-from towerline.errors import DataError
+from towerline.errors import ConfigError, DataError
 from towerline.progress import progress_bar
 from towerline.towers import load_towers
 
@@ -55,6 +55,13 @@ def build_index(config: TowerlineConfig, encoder_path: Path, output: Path) -> Ma
 
 
 def embed_texts(doc_tower: Tower, texts: list[str], config: IndexConfig) -> np.ndarray:
+    """Embed on the GPU when one is visible (and index.use_gpu allows it), else on the CPU."""
+    import torch
+
+    if config.use_gpu != "never" and torch.cuda.is_available():
+        doc_tower.to("cuda")
+    elif config.use_gpu == "always":
+        raise ConfigError("index.use_gpu='always' but torch sees no CUDA device to embed the corpus on")
     with progress_bar("Embedding corpus", total=len(texts)) as bar:
         return doc_tower.encode(texts, batch_size=config.batch_size, on_batch=lambda n: bar.advance(0, n),
                                 bf16=config.precision == "bf16")
