@@ -6,12 +6,17 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
+from indexing.embedding_cache import VECTORS_FILE, read_embedding_cache
 from indexing.load import LoadedIndex
 from towerline.errors import ConfigError
 
 
 def index_vectors(index: LoadedIndex) -> np.ndarray:
-    """Every document vector of the index, by row (as stored: exact for flat/HNSW/IVF-flat)."""
+    """Every document vector of the index, by label: from its embedding cache when it has one (exact
+    for every index type, and label-aligned after `index update`), else reconstructed from the index
+    (exact for flat/HNSW/IVF-flat)."""
+    if (index.path / VECTORS_FILE).is_file():
+        return read_embedding_cache(index.path, len(index.doc_ids))[0]
     cpu_index = faiss.index_gpu_to_cpu(index.index) if index.on_gpu else index.index
     if isinstance(cpu_index, faiss.IndexIVF):
         cpu_index.make_direct_map()
