@@ -10,6 +10,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from indexing.doc_store import write_doc_store
+from indexing.embed_shards import embed_resumably, remove_shards, shard_dir_for
 from indexing.embedding_cache import content_hash, write_embedding_cache
 from indexing.factory import choose_index_type, create_index, search_params
 from indexing.layout import INDEX_FILE, INDEX_KIND, METRIC, write_doc_ids
@@ -32,10 +33,11 @@ def build_index(config: TowerlineConfig, encoder_path: Path, output: Path) -> Ma
     # Rendered with the template the doc tower was trained with (saved in its spec).
     template = doc_tower.spec.document_template
     rendered = [corpus[doc_id].render(template) for doc_id in doc_ids]
-    doc_embeddings = embed_texts(doc_tower, rendered, config.index)
+    shard_dir = shard_dir_for(output)
+    doc_embeddings = embed_texts(doc_tower, rendered, config.index, resume=(shard_dir, encoder_manifest.fingerprint))
     sparse_texts = [corpus[doc_id].full_text for doc_id in doc_ids] if config.index.sparse else None
     documents = ([corpus[doc_id].title for doc_id in doc_ids], [corpus[doc_id].text for doc_id in doc_ids])
-    return build_index_from_embeddings(
+    manifest = build_index_from_embeddings(
         doc_embeddings,
         doc_ids,
         output,
@@ -52,10 +54,14 @@ def build_index(config: TowerlineConfig, encoder_path: Path, output: Path) -> Ma
         documents=documents if config.index.doc_store else None,
         content_hashes=[content_hash(text) for text in rendered] if config.index.embedding_cache else None,
     )
+    remove_shards(shard_dir)
+    return manifest
 
 
-def embed_texts(doc_tower: Tower, texts: list[str], config: IndexConfig) -> np.ndarray:
-    """Embed on the GPU when one is visible (and index.use_gpu allows it), else on the CPU."""
+def embed_texts(doc_tower: Tower, texts: list[str], config: IndexConfig,
+                resume: tuple[Path, str] | None = None) -> np.ndarray:
+    """Embed on the GPU when one is visible (and index.use_gpu allows it), else on the CPU. With
+    `resume` (shard directory, doc tower fingerprint), shard by shard, reusing finished shards."""
     import torch
 
     if config.use_gpu != "never" and torch.cuda.is_available():
@@ -63,8 +69,13 @@ def embed_texts(doc_tower: Tower, texts: list[str], config: IndexConfig) -> np.n
     elif config.use_gpu == "always":
         raise ConfigError("index.use_gpu='always' but torch sees no CUDA device to embed the corpus on")
     with progress_bar("Embedding corpus", total=len(texts)) as bar:
-        return doc_tower.encode(texts, batch_size=config.batch_size, on_batch=lambda n: bar.advance(0, n),
-                                bf16=config.precision == "bf16")
+        if resume is None:
+            return doc_tower.encode(texts, batch_size=config.batch_size, on_batch=lambda n: bar.advance(0, n),
+                                    bf16=config.precision == "bf16")
+        return embed_resumably(
+            texts, lambda chunk: doc_tower.encode(chunk, batch_size=config.batch_size, bf16=config.precision == "bf16",
+                                                  on_batch=lambda n: bar.advance(0, n)),
+            resume[0], config.embed_shard_size, resume[1], on_reused=lambda n: bar.advance(0, n))
 
 
 def build_index_from_embeddings(

@@ -129,3 +129,30 @@ def test_index_update_publish_verify_and_rollback_from_the_command_line(tiny_con
     assert load_index(registry / "tiny").size == 80 - 1 + 1
     run("index", "rollback", str(registry / "tiny"))
     assert load_index(registry / "tiny").doc_ids[0] == gone  # v0001 serves again
+
+
+def test_a_build_that_dies_resumes_from_its_finished_embedding_shards(tiny_config: TowerlineConfig,
+                                                                      built: tuple[Path, Path],
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from indexing.embed_shards import shard_dir_for
+    from towerline.encoder import Tower
+
+    encoder, root = built
+    config = tiny_config.model_copy(update={"index": tiny_config.index.model_copy(update={"embed_shard_size": 30})})
+    build_index(config, encoder, root / "reference")
+    encode, calls = Tower.encode, []
+
+    def dies_on_the_third_shard(self: Tower, texts: list[str], *args: object, **kwargs: object) -> np.ndarray:
+        calls.append(len(texts))
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return encode(self, texts, *args, **kwargs)
+
+    monkeypatch.setattr(Tower, "encode", dies_on_the_third_shard)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(config, encoder, root / "index")
+    assert not (root / "index").exists() and len(list(shard_dir_for(root / "index").glob("shard-*.npy"))) == 2
+    calls.clear()
+    build_index(config, encoder, root / "index")  # 80 docs: shards of 30, 30, 20 — only the last is embedded
+    assert calls == [20] and not shard_dir_for(root / "index").exists()
+    assert np.array_equal(read_embedding_cache(root / "index", 80)[0], read_embedding_cache(root / "reference", 80)[0])

@@ -168,6 +168,9 @@ class IndexConfig(Section):
     # "auto" picks by corpus size and memory_budget_mb (indexing.factory.choose_index_type).
     type: Literal["flat", "hnsw", "ivf", "ivf_pq", "auto"] = "flat"
     batch_size: int = Field(64, ge=1)
+    # The corpus is embedded in shards of this many documents, each saved as it finishes: a build
+    # that dies resumes from the last finished shard (indexing.embed_shards).
+    embed_shard_size: int = Field(20_000, ge=1)
     # "bf16": embed the corpus under bf16 autocast (about 2x faster for a 135M LLM on this CPU; the
     # vectors are stored as fp32 either way). fp32 by default so that indexes are bit-reproducible.
     precision: Literal["fp32", "bf16"] = "fp32"
