@@ -35,5 +35,21 @@ def place_index(index: faiss.Index, use_gpu: str) -> tuple[faiss.Index, bool]:
             raise ConfigError("index.use_gpu='always' but FAISS has no GPU HNSW; use index.type flat or ivf")
         log.info("HNSW index stays on CPU (FAISS has no GPU HNSW)")
         return index, False
-    log.info("moving the index to %d GPU(s)", gpus)
-    return faiss.index_cpu_to_all_gpus(index), True
+    options = faiss.GpuMultipleClonerOptions()
+    options.shard = gpus > 1 and _exceeds_one_device(index)
+    log.info("moving the index to %d GPU(s), %s", gpus, "sharded" if options.shard else "replicated")
+    return faiss.index_cpu_to_all_gpus(index, co=options), True
+
+
+def _exceeds_one_device(index: faiss.Index) -> bool:
+    """Whether the index (its serialized size, with 20 % headroom for search buffers) is larger than the
+    free memory of one GPU: then it is split over the GPUs instead of copied to each. Without torch
+    (the lean serving install) the free memory is unknown and the index is replicated."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    if not torch.cuda.is_available():
+        return False
+    free = min(torch.cuda.mem_get_info(device)[0] for device in range(torch.cuda.device_count()))
+    return int(faiss.serialize_index(index).nbytes * 1.2) > free
