@@ -42,7 +42,7 @@ def place_index(index: faiss.Index, use_gpu: str) -> tuple[faiss.Index, bool]:
 
 
 def _exceeds_one_device(index: faiss.Index) -> bool:
-    """Whether the index (its serialized size, with 20 % headroom for search buffers) is larger than the
+    """Whether the index (its codes and ids, with 20 % headroom for search buffers) is larger than the
     free memory of one GPU: then it is split over the GPUs instead of copied to each. Without torch
     (the lean serving install) the free memory is unknown and the index is replicated."""
     try:
@@ -52,4 +52,5 @@ def _exceeds_one_device(index: faiss.Index) -> bool:
     if not torch.cuda.is_available():
         return False
     free = min(torch.cuda.mem_get_info(device)[0] for device in range(torch.cuda.device_count()))
-    return int(faiss.serialize_index(index).nbytes * 1.2) > free
+    # Codes plus an 8-byte id per vector (sa_code_size: the per-vector encoding; no copy of the index).
+    return int(index.ntotal * (index.sa_code_size() + 8) * 1.2) > free
