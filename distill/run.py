@@ -20,6 +20,7 @@ from distill.model import DistillationModel, build_student, count_parameters, fi
 from distill.queries import DistillQueries, collect_queries
 from distill.ranking import index_vectors, teacher_candidates
 from evaluation.retrieval import retrieval_metrics
+from indexing.embed_shards import embed_resumably
 from indexing.load import LoadedIndex, load_index
 from towerline.artifacts import ArtifactWriter, Manifest, read_manifest, require_same_space
 from towerline.beir import load_dataset
@@ -32,6 +33,9 @@ from towerline.tracking import Tracker
 
 # Texts the least-squares projection start is fitted on (a 385 x 768 solve: seconds).
 PROJECTION_FIT_SAMPLE = 8192
+# Teacher query embeddings are cached in shards of this many texts: one shard for any realistic
+# query set, so the encoding is the single length-sorted pass it always was (same numbers).
+TEACHER_CACHE_SHARD = 1_000_000
 
 
 class TeacherTargets(Dataset):
@@ -105,8 +109,13 @@ def run_distill(
     queries = collect_queries(dataset, config.pairs.split, config.data.positive_min, settings.dev_queries,
                               settings.seed, pseudo_queries, settings.query_log)
     teacher = Tower.load(encoder_path / QUERY_DIR).eval()
+    # The frozen teacher's query embeddings are kept beside the output (keyed by the teacher and the
+    # texts), so a rerun with other student settings does not encode them again.
     with progress_bar("teacher query embeddings", len(queries.train_texts)) as bar:
-        targets = teacher.encode(queries.train_texts, on_batch=lambda n: bar.advance(0, n))
+        targets = embed_resumably(
+            queries.train_texts, lambda texts: teacher.encode(texts, on_batch=lambda n: bar.advance(0, n)),
+            output.parent / f"{output.name}.teacher-cache", TEACHER_CACHE_SHARD, teacher_manifest.fingerprint,
+            on_reused=lambda n: bar.advance(0, n))
     torch.manual_seed(settings.seed)
     student = build_student(settings, teacher, encoder_path / QUERY_DIR)
     start_cosine = (fit_projection(student, queries.train_texts, torch.as_tensor(targets), PROJECTION_FIT_SAMPLE,

@@ -1,6 +1,7 @@
-"""Corpus embedding that survives a crash: the corpus is embedded in shards, each saved as soon as it
-is done beside the index being built, and a rerun with the same doc tower and the same texts loads
-the finished shards instead of embedding them again. The shard directory goes once the index exists.
+"""Embedding that survives a crash: texts are embedded in shards, each saved as soon as it is done,
+and a rerun with the same tower and the same texts loads the finished shards instead of embedding
+them again. `index build` removes its shard directory once the index exists; `distill` keeps the
+teacher's query embeddings this way as a cache for its next run.
 """
 
 from __future__ import annotations

@@ -84,6 +84,28 @@ def test_distilled_student_learns_the_teacher_and_keeps_its_embedding_space(
     assert after > before + 0.2, (before, after)
 
 
+def test_a_rerun_takes_the_teacher_query_embeddings_from_its_cache(
+    tiny_config: TowerlineConfig, teacher: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = distill_config(tiny_config)
+    teacher_dir, index_dir = teacher
+    encode, teacher_calls = Tower.encode, []
+
+    def recording(self: Tower, texts: list[str], *args: object, **kwargs: object):
+        if Path(self.backbone.config._name_or_path) == teacher_dir / "query":
+            teacher_calls.append(len(texts))
+        return encode(self, texts, *args, **kwargs)
+
+    monkeypatch.setattr(Tower, "encode", recording)
+    first = run_distill(config, teacher_dir, index_dir, tmp_path / "student", Tracker(None))
+    texts = first.metadata["queries"]["distinct_texts"]
+    assert texts in teacher_calls and len(list((tmp_path / "student.teacher-cache").glob("shard-*.npy"))) == 1
+    teacher_calls.clear()
+    config.distill.cosine_weight = 0.5  # another student setting, the same teacher and texts
+    run_distill(config, teacher_dir, index_dir, tmp_path / "student", Tracker(None))
+    assert texts not in teacher_calls  # only the dev scoring ran the teacher
+
+
 def test_the_student_serves_against_the_teacher_index_and_no_other(
     tiny_config: TowerlineConfig, teacher: tuple[Path, Path], tmp_path: Path
 ) -> None:
