@@ -103,7 +103,7 @@ def _study(corpus: np.ndarray, queries: np.ndarray, config: IndexConfig, batch1_
     flat_qps = next(row["qps_batch1"] for row in rows if row["index"] == "flat")
     for row in rows:
         row["speedup_batch1_over_flat"] = row["qps_batch1"] / flat_qps
-    auto = choose_index_type(*corpus.shape, config)
+    auto = choose_index_type(*corpus.shape, config.model_copy(update={"type": "auto"}))  # what auto would pick
     auto_knob = {"hnsw": ("ef_search", config.hnsw_ef_search), "ivf": ("nprobe", config.ivf_nprobe),
                  "ivf_pq": ("nprobe", config.ivf_nprobe)}.get(auto.type)
     auto_row = next(row for row in rows if row["index"] == auto.type

@@ -160,7 +160,7 @@ def test_index_bench_sweeps_every_type_and_marks_the_pareto_front(tiny_config: T
     run_export(tiny_config, tmp_path / "encoder", tmp_path / "onnx")
     build_index(tiny_config, tmp_path / "encoder", tmp_path / "index")
     real = real_vectors(tmp_path / "index", tmp_path / "onnx", tiny_config.data, tiny_config.eval.split)
-    config = tiny_config.index.model_copy(update={"type": "auto", "auto_exact_below": 1000, "ivf_nlist": 16,
+    config = tiny_config.index.model_copy(update={"auto_exact_below": 1000, "ivf_nlist": 16,
                                                   "pq_m": 4})
     results, plot = tmp_path / "index.json", tmp_path / "pareto.png"
     summary = run_index_bench(results, plot, vectors=3000, dim=16, queries=40, clusters=30, batch1_queries=20,
