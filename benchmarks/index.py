@@ -62,8 +62,7 @@ def run_index_bench(results_path: Path, plot_path: Path, *, vectors: int, dim: i
     del corpus
     if real is not None:
         console.rule(f"[bold]real: {real_source}")
-        real_config = config.model_copy(update={"auto_exact_below": min(config.auto_exact_below, len(real[0]))})
-        datasets["real"] = _study(real[0], real[1], real_config, batch1_queries)
+        datasets["real"] = _study(real[0], real[1], config, batch1_queries)
         datasets["real"]["data"] = {"source": real_source, "vectors": len(real[0]), "dim": int(real[0].shape[1]),
                                     "queries": len(real[1])}
     summary = {
