@@ -1,4 +1,4 @@
-"""The one metrics module: nDCG@10, Recall@100 and MRR@10 computed by pytrec_eval."""
+"""The one metrics module: nDCG@10, Recall@100, MRR@10 (per query and mean) and Recall@k computed by pytrec_eval."""
 
 from __future__ import annotations
 
@@ -17,17 +17,22 @@ def truncate(run: Run, depth: int) -> Run:
     }
 
 
-def score_run(qrels: Qrels, run: Run, positive_min: int = 1) -> dict[str, float]:
-    """Mean metrics over every query with a positive (score >= positive_min); no hits counts as zero.
-
-    nDCG uses the graded scores as gains (negative grades count as 0); Recall and MRR count a
-    document as relevant from `positive_min` up.
-    """
-    judged = {
+def _judged(qrels: Qrels, positive_min: int) -> Qrels:
+    """Queries with a positive (score >= positive_min); graded scores as gains, negative grades as 0."""
+    return {
         qid: {doc_id: max(grade, 0) for doc_id, grade in docs.items()}
         for qid, docs in qrels.items()
         if any(grade >= positive_min for grade in docs.values())
     }
+
+
+def per_query_scores(qrels: Qrels, run: Run, positive_min: int = 1) -> dict[str, dict[str, float]]:
+    """nDCG@10, Recall@100 and MRR@10 of every query with a positive; a query with no hits scores zero.
+
+    nDCG uses the graded scores as gains (negative grades count as 0); Recall and MRR count a
+    document as relevant from `positive_min` up.
+    """
+    judged = _judged(qrels, positive_min)
     complete_run = {qid: run.get(qid) or {"__none__": 0.0} for qid in judged}
     per_query = pytrec_eval.RelevanceEvaluator(
         judged, {"ndcg_cut.10", "recall.100"}, relevance_level=positive_min
@@ -36,13 +41,29 @@ def score_run(qrels: Qrels, run: Run, positive_min: int = 1) -> dict[str, float]
     reciprocal = pytrec_eval.RelevanceEvaluator(
         judged, {"recip_rank"}, relevance_level=positive_min
     ).evaluate(truncate(complete_run, 10))
-    count = max(len(judged), 1)
     return {
-        "ndcg@10": sum(scores["ndcg_cut_10"] for scores in per_query.values()) / count,
-        "recall@100": sum(scores["recall_100"] for scores in per_query.values()) / count,
-        "mrr@10": sum(scores["recip_rank"] for scores in reciprocal.values()) / count,
-        "queries": float(len(judged)),
+        qid: {"ndcg@10": scores["ndcg_cut_10"], "recall@100": scores["recall_100"],
+              "mrr@10": reciprocal[qid]["recip_rank"]}
+        for qid, scores in per_query.items()
     }
+
+
+def score_run(qrels: Qrels, run: Run, positive_min: int = 1) -> dict[str, float]:
+    """Mean metrics over every query with a positive (see `per_query_scores`)."""
+    per_query = per_query_scores(qrels, run, positive_min)
+    count = max(len(per_query), 1)
+    means = {metric: sum(scores[metric] for scores in per_query.values()) / count for metric in HEADLINE_METRICS}
+    return {**means, "queries": float(len(per_query))}
+
+
+def recall_curve(qrels: Qrels, run: Run, positive_min: int, cutoffs: tuple[int, ...]) -> dict[int, float]:
+    """Mean Recall@k over the queries with a positive, for every k of `cutoffs`."""
+    judged = _judged(qrels, positive_min)
+    complete_run = {qid: run.get(qid) or {"__none__": 0.0} for qid in judged}
+    measures = {f"recall.{','.join(str(k) for k in cutoffs)}"}
+    per_query = pytrec_eval.RelevanceEvaluator(judged, measures, relevance_level=positive_min).evaluate(complete_run)
+    count = max(len(per_query), 1)
+    return {k: sum(scores[f"recall_{k}"] for scores in per_query.values()) / count for k in cutoffs}
 
 
 def candidate_metrics(relevant: Qrels, run: Run) -> dict[str, float]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,19 +16,25 @@ from towerline.errors import DataError
 from towerline.progress import console, progress_bar
 
 EVAL_KIND = "eval-report"
+LATENCY_FILE = "latency.json"
 # (query texts, top_k) -> per query, hits as (doc id, score), best first.
 BatchSearch = Callable[[list[str], int], list[list[tuple[str, float]]]]
 
 
 def collect_run(
-    search: BatchSearch, queries: dict[str, str], top_k: int, batch_size: int
+    search: BatchSearch, queries: dict[str, str], top_k: int, batch_size: int,
+    latencies_ms: list[float] | None = None,
 ) -> Run:
+    """Every query's hits; each search call's wall time in ms is appended to `latencies_ms` if given."""
     query_ids = list(queries)
     run: Run = {}
     with progress_bar("evaluate", len(query_ids)) as bar:
         for start in range(0, len(query_ids), batch_size):
             chunk = query_ids[start : start + batch_size]
+            started = time.perf_counter()
             results = search([queries[qid] for qid in chunk], top_k)
+            if latencies_ms is not None:
+                latencies_ms.append((time.perf_counter() - started) * 1000)
             for query_id, hits in zip(chunk, results, strict=True):
                 run[query_id] = {doc_id: float(score) for doc_id, score in hits}
             bar.advance(0, len(chunk))
@@ -51,10 +58,14 @@ def evaluate(
     queries = {qid: dataset.queries[qid] for qid, docs in qrels.items() if positives(docs, positive_min)}
     if not queries:
         raise DataError(f"qrels/{split}: no query has a judgment with score >= data.positive_min={positive_min}")
-    run = collect_run(search, queries, config.eval.top_k, config.eval.batch_size)
+    latencies_ms: list[float] = []
+    run = collect_run(search, queries, config.eval.top_k, config.eval.batch_size, latencies_ms)
     metrics = score_run(qrels, run, positive_min)
     with ArtifactWriter(output, EVAL_KIND, producer="eval", config=config) as staged:
         (staged.path / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        # Wall time of each search call (eval.batch_size queries per call), for `eval compare`'s histograms.
+        (staged.path / LATENCY_FILE).write_text(json.dumps({"batch_size": config.eval.batch_size,
+                                                            "calls_ms": latencies_ms}))
         write_trec_run(staged.path / "run.trec", run)
         staged.metadata.update(metrics=metrics, target=target, split=split, positive_min=positive_min,
                                dataset=dataset.files.identity(), dropped_judgments=dropped)

@@ -55,7 +55,8 @@ class DefaultCommandGroup(TyperGroup):
 
 
 eval_app = typer.Typer(cls=DefaultCommandGroup, help="Offline evaluation of retrieval: `score` (the default: "
-                       "`towerline eval --address ...` is `towerline eval score --address ...`) and `tune-fusion`.")
+                       "`towerline eval --address ...` is `towerline eval score --address ...`), `compare` "
+                       "and `tune-fusion`.")
 app.add_typer(eval_app, name="eval")
 rec_app = typer.Typer(help="Recommendation side: interactions, ranking (CRM) and candidate models, Recommend.",
                       no_args_is_help=True)
@@ -437,11 +438,25 @@ def index_build(
 ) -> None:
     """Embed the corpus with the doc tower and build a FAISS index artifact."""
     from indexing.build import build_index
+    from towerline.artifacts import read_manifest
+    from towerline.tower_spec import DUAL_ENCODER_KIND
 
     config = _config(config_file, overrides)
     output = _out(out, config, "index")
     encoder_path = encoder or config.run_dir / "encoder"
-    _produce(config, "index", output, "FAISS index", lambda tracker: build_index(config, encoder_path, output))
+
+    def build_and_register(tracker: Tracker) -> Manifest:
+        manifest = build_index(config, encoder_path, output)
+        if config.tracking.index_model:
+            # By reference: the registry records where the index is and what it was built from.
+            encoder_inputs = read_manifest(encoder_path, DUAL_ENCODER_KIND).inputs
+            version = tracker.register_model(output, config.tracking.index_model, manifest, by_reference=True,
+                                             lineage={f"encoder.{k}": v for k, v in encoder_inputs.items()})
+            if version:
+                console.print(f"registered as MLflow model {config.tracking.index_model} version {version}")
+        return manifest
+
+    _produce(config, "index", output, "FAISS index", build_and_register)
 
 
 @command(index_app, "update")
@@ -529,7 +544,10 @@ def index_info(index: Annotated[Path, typer.Argument(help="faiss-index artifact 
 @command(app)
 def serve(
     index: Annotated[Path | None, typer.Option(help="faiss-index artifact (default: RUN_DIR/index)")] = None,
-    onnx: Annotated[Path | None, typer.Option(help="onnx-query-encoder artifact (default: RUN_DIR/onnx)")] = None,
+    onnx: Annotated[Path | None, typer.Option(help="onnx-query-encoder artifact (default: RUN_DIR/onnx), or a "
+                                                  "registered one: models:/NAME@champion, models:/NAME/VERSION "
+                                                  "(then --index defaults to the registered index in its "
+                                                  "embedding space)")] = None,
     recommender: Annotated[
         Path | None, typer.Option(help="also serve Recommend from DIR/{interactions,two-tower,crm,item-index} "
                                        "(the `towerline rec ...` outputs, e.g. RUN_DIR); "
@@ -543,7 +561,60 @@ def serve(
     from serving.app import serve_until_stopped
 
     config = _config(config_file, overrides)
-    serve_until_stopped(config, index or config.run_dir / "index", onnx or config.run_dir / "onnx", recommender)
+    index_path, onnx_path = index or config.run_dir / "index", onnx or config.run_dir / "onnx"
+    if str(onnx_path).startswith("models:/"):
+        from evaluation.registry import registered_serving_artifacts
+
+        onnx_path, index_path, what = registered_serving_artifacts(config, str(onnx_path), index)
+        console.print(f"serving {what}")
+    serve_until_stopped(config, index_path, onnx_path, recommender)
+
+
+@command(app)
+def promote(
+    model: Annotated[str | None, typer.Option(help="registered query-encoder model (default: "
+                                                   "tracking.query_encoder_model)")] = None,
+    challenger: Annotated[str | None, typer.Option(help="version to promote (default: the @challenger alias, "
+                                                        "the newest export)")] = None,
+    metric: Annotated[str, typer.Option(help="ndcg@10, recall@100 or mrr@10")] = "ndcg@10",
+    alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="significance level (Holm-corrected)")] = 0.05,
+    permutations: Annotated[int, typer.Option(min=100, help="resamples of the randomisation test")] = 10_000,
+    mode: Annotated[str, typer.Option(help="retrieval mode to score: dense, sparse or hybrid")] = "dense",
+    force: Annotated[bool, typer.Option(help="move @champion even without a significant win (recorded as "
+                                             "forced)")] = False,
+    note: Annotated[str, typer.Option(help="free text recorded with the decision")] = "",
+    data: Annotated[Path | None, typer.Option(help="BEIR-format dataset dir to judge on (default: data.dir, "
+                                                   "$TOWERLINE_DATA_DIR or the bundled SciFact)")] = None,
+    config_file: ConfigOption = None,
+    out: OutOption = None,
+    overrides: Overrides = None,
+) -> None:
+    """Move a query encoder's `champion` alias to the challenger only if it is significantly better.
+
+    Champion and challenger are each scored with their own registered index (matched by embedding
+    space) on the eval split, compared by paired t-test and randomisation test; `champion` moves
+    when the challenger's metric is higher and both tests are significant, or with --force. The
+    decision, its p-values and the dataset fingerprint are tagged on the challenger's version, and
+    the comparison report is written under --out. Exit code 1 when refused.
+    """
+    from evaluation.registry import promote as run_promotion
+
+    config = _config(config_file, overrides, data)
+    output = _out(out, config, "promote")
+    result = run_promotion(config, output, model=model, challenger=challenger, metric=metric, alpha=alpha,
+                           permutations=permutations, mode=mode, force=force, note=note)
+    previous = f"v{result.champion}" if result.champion else "none"
+    if result.promoted or result.forced:
+        how = "forced" if result.forced else "promoted"
+        console.print(f"[green]✓[/] {result.model} v{result.challenger} {how} to champion (was {previous}): "
+                      f"{escape(result.reason)}")
+    else:
+        console.print(f"[yellow]refused:[/] {result.model} v{result.challenger} stays challenger; champion "
+                      f"{previous} kept: {escape(result.reason)}")
+    if result.comparison is not None:
+        console.print(f"report: {output / 'compare' / 'report.html'}")
+    if not (result.promoted or result.forced):
+        raise typer.Exit(1)
 
 
 @command(app)
@@ -651,6 +722,60 @@ def evaluate(
     for each, metrics in rows.items():
         table.add_row(each, *(f"{metrics[m]:.4f}" for m in ("ndcg@10", "recall@100", "mrr@10")))
     console.print(table)
+
+
+@command(eval_app, "compare")
+def compare_command(
+    runs: Annotated[list[Path], typer.Argument(help="eval-report directories (from `towerline eval`) or TREC run "
+                                                    "files; the first is the baseline")],
+    name: Annotated[list[str] | None, typer.Option(help="display name per run, in order (default: the "
+                                                        "directory or file name)")] = None,
+    alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="significance level after the Holm correction")] = 0.05,
+    permutations: Annotated[int, typer.Option(min=100, help="resamples of the randomisation test")] = 10_000,
+    force: Annotated[bool, typer.Option(help="compare runs scored on another dataset, split or positive_min")] = False,
+    title: Annotated[str | None, typer.Option(help="report title")] = None,
+    data: Annotated[Path | None, typer.Option(help="BEIR-format dataset dir the runs were scored on (default: "
+                                                   "data.dir, $TOWERLINE_DATA_DIR or the bundled SciFact)")] = None,
+    split: Annotated[str | None, typer.Option(help="qrels split the runs were scored on (default: eval.split)")] = None,
+    positive_min: PositiveMin = None,
+    config_file: ConfigOption = None,
+    out: OutOption = None,
+) -> None:
+    """Compare runs on the eval split with paired significance tests; write an HTML + Markdown report.
+
+    Every run after the first is tested against the first on nDCG@10, Recall@100 and MRR@10 by a
+    paired t-test and a paired randomisation test, Holm-corrected over the runs. The report has the
+    tables, per-query delta bars, Recall@k curves, per-query score distributions and, for eval
+    reports that timed their calls, latency histograms. Runs scored on another dataset (by content
+    fingerprint), split or positive_min are refused unless --force.
+    """
+    from evaluation.compare import compare_to_report
+    from towerline.tracking import track
+
+    config = _config(config_file, [f"eval.split={split}"] if split else [], data, positive_min)
+    output = _out(out, config, "compare")
+    with track(config, "eval-compare") as tracker:
+        comparison = compare_to_report(config, runs, output, names=name, alpha=alpha, permutations=permutations,
+                                       force=force, title=title)
+        tracker.artifact_dir(output, "compare")
+    table = Table(title=f"{comparison['dataset']['name']} {comparison['dataset']['split']}, "
+                        f"{comparison['queries']} queries; p: t-test / randomisation, Holm-corrected")
+    table.add_column("system")
+    for metric in comparison["metrics"]:
+        table.add_column(metric, justify="right")
+    for system, means in comparison["table"].items():
+        cells = []
+        for metric in comparison["metrics"]:
+            test = comparison["comparisons"].get(system, {}).get(metric)
+            cell = f"{means[metric]:.4f}"
+            if test is not None:
+                mark = "[bold green]*[/]" if test["significant"] else ""
+                p_values = f"{test['t_test_p_holm']:.3g} / {test['permutation_p_holm']:.3g}"
+                cell += f" ({test['delta']:+.4f}; p {p_values}){mark}"
+            cells.append(cell)
+        table.add_row(system, *cells)
+    console.print(table)
+    console.print(f"report: {output / 'report.html'} (and report.md); * = significant at alpha {alpha}")
 
 
 @command(eval_app, "tune-fusion")

@@ -288,6 +288,8 @@ class TrackingConfig(Section):
     experiment: str = "towerline"
     # `export` registers each ONNX query encoder as a new version of this MLflow model; "" disables.
     query_encoder_model: str = "towerline-query-encoder"
+    # `index build` registers each index (by reference: its directory) as a new version of this model.
+    index_model: str = "towerline-index"
 
 
 class RecDataConfig(Section):
@@ -337,6 +339,10 @@ class CrmConfig(Section):
     # Measured on ML-100K (seed 0, same run): test AUC / GAUC 0.7634 / 0.7021 without, 0.7618 / 0.7037
     # with (within the seed spread, ±0.002); valid GAUC peaks at epoch 1 either way. Off by default.
     item_statistics: bool = False
+    # A learned per-item logit added to the MLP's output (the wide part of wide & deep).
+    item_bias: bool = False
+    # The valid-split metric that picks the epoch (and stops training): "auc" or "gauc".
+    select_on: Literal["auc", "gauc"] = "auc"
     seed: int = 0
 
 

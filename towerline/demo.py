@@ -68,6 +68,7 @@ def run_demo(
     config: TowerlineConfig, results_path: Path, *, split_test_queries: float | None = None, split_seed: int = 13
 ) -> dict[str, Any]:
     from distill.run import run_distill
+    from evaluation.compare import compare_to_report
     from evaluation.fusion_tuning import tune_fusion
     from indexing.build import build_index
     from pipelines.pairs import run_pairs
@@ -119,6 +120,11 @@ def run_demo(
                 lambda t, o=onnx_dir, i=index_dir, w=wanted, name=label: _serve_and_score(
                     config, evaluated, root, w, i, o, t, show_examples=name == list(models)[-1]),
             ))
+        if len(scores) > 1:
+            # Every row against the first (zero-shot), with paired significance tests: report.html.
+            clock.run("compare", lambda t: compare_to_report(
+                config, [root / f"eval-{row}" for row in scores], root / "compare", names=list(scores),
+                title=f"Towerline demo: {report.name} {config.eval.split}"))
         summary = _summary(config, report, protocol, scores, clock.seconds, time.perf_counter() - started)
         summary["fusion"] = fusion
         summary["mlflow_run_id"] = parent.run_id
@@ -126,6 +132,8 @@ def run_demo(
     _print_table(report, config.eval.split, scores)
     write_results(results_path, summary)
     console.print(f"results written to [bold]{results_path}[/]; artifacts under [bold]{root}[/]")
+    if (root / "compare" / "report.html").is_file():
+        console.print(f"comparison report (significance tests, plots): [bold]{root / 'compare' / 'report.html'}[/]")
     return summary
 
 

@@ -6,8 +6,10 @@ working directory. `MLFLOW_TRACKING_URI` (or `tracking.uri`) points at a server 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +20,9 @@ from towerline.config import TowerlineConfig
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 DEFAULT_ARTIFACT_ROOT = "mlartifacts"
+# Registry aliases: every new version becomes the challenger; `towerline promote` moves the champion.
+CHAMPION_ALIAS = "champion"
+CHALLENGER_ALIAS = "challenger"
 
 
 class Tracker:
@@ -48,33 +53,61 @@ class Tracker:
             if (path / file_name).is_file():
                 self._mlflow.log_artifact(str(path / file_name), artifact_path=name)
 
-    def register_model(self, artifact_dir: Path, model_name: str, manifest: Manifest) -> str | None:
-        """Log a whole artifact directory and register it as a new version of `model_name`.
+    def register_model(self, artifact_dir: Path, model_name: str, manifest: Manifest, *,
+                       by_reference: bool = False, lineage: dict[str, str] | None = None) -> str | None:
+        """Register an artifact as a new version of `model_name` and point the `challenger` alias at it.
 
-        The version's source is the logged copy, tagged with the artifact's kind, fingerprint and
-        embedding space, so a registry user can tell which index a query encoder belongs to.
+        The version's source is a logged copy of the whole directory, or with `by_reference` (indexes:
+        too large to copy into the artifact store) the directory itself, with only its manifest
+        logged. Tags: the artifact's kind, fingerprint, embedding space and dataset, the git commit,
+        and its lineage (`lineage.<input>` = the fingerprint of each artifact it was made from, plus
+        `lineage`: further ancestors), so a registry user can tell which towers built which index
+        from which pairs.
         """
         if self._mlflow is None:
             return None
         from mlflow.exceptions import MlflowException
 
-        self._mlflow.log_artifacts(str(artifact_dir), artifact_path=manifest.kind)
+        if by_reference:
+            self._mlflow.log_artifact(str(artifact_dir / "manifest.json"), artifact_path=manifest.kind)
+            source = Path(artifact_dir).resolve().as_uri()
+        else:
+            self._mlflow.log_artifacts(str(artifact_dir), artifact_path=manifest.kind)
+            source = self._mlflow.get_artifact_uri(manifest.kind)
         client = self._mlflow.MlflowClient()
         try:
             client.get_registered_model(model_name)
         except MlflowException:
             client.create_registered_model(model_name)
-        tags = {"kind": manifest.kind, "fingerprint": manifest.fingerprint}
+        tags = {"kind": manifest.kind, "fingerprint": manifest.fingerprint,
+                **{f"lineage.{name}": fingerprint for name, fingerprint in manifest.inputs.items()},
+                **{f"lineage.{name}": fingerprint for name, fingerprint in (lineage or {}).items()}}
         if "embedding_space" in manifest.metadata:
             tags["embedding_space"] = str(manifest.metadata["embedding_space"])
-        version = client.create_model_version(
-            model_name, source=self._mlflow.get_artifact_uri(manifest.kind), run_id=self.run_id, tags=tags
-        )
+        dataset = manifest.metadata.get("dataset")
+        if isinstance(dataset, dict) and "fingerprint" in dataset:
+            tags.update({"dataset": str(dataset.get("name")), "dataset_fingerprint": str(dataset["fingerprint"])})
+        commit = git_commit()
+        if commit:
+            tags["git_commit"] = commit
+        version = client.create_model_version(model_name, source=source, run_id=self.run_id, tags=tags)
+        client.set_registered_model_alias(model_name, CHALLENGER_ALIAS, version.version)
         return str(version.version)
 
     def tags(self, values: dict[str, str]) -> None:
         if self._mlflow is not None:
             self._mlflow.set_tags(values)
+
+
+@functools.cache
+def git_commit() -> str | None:
+    """The commit of the working tree the process runs from, or None outside a git checkout."""
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
 
 
 def metric_name(name: str) -> str:
@@ -112,7 +145,7 @@ def track(config: TowerlineConfig, run_name: str, *, nested: bool = False) -> It
     with mlflow.start_run(run_name=run_name, nested=nested):
         tracker = Tracker(mlflow)
         tracker.params(config.flat())
-        tracker.tags({"towerline.stage": run_name})
+        tracker.tags({"towerline.stage": run_name, **({"git_commit": git_commit()} if git_commit() else {})})
         yield tracker
 
 
