@@ -8,12 +8,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from evaluation.judged import JudgedQueries, dataset_judged
 from evaluation.metrics import Run, score_run
 from towerline.artifacts import ArtifactWriter, Manifest
-from towerline.beir import load_dataset, positives
 from towerline.config import TowerlineConfig
 from towerline.errors import DataError
-from towerline.progress import console, progress_bar
+from towerline.progress import progress_bar
 
 EVAL_KIND = "eval-report"
 LATENCY_FILE = "latency.json"
@@ -47,28 +47,35 @@ def evaluate(
     output: Path,
     *,
     target: dict[str, Any],
+    force: bool = False,
+    judged: JudgedQueries | None = None,
 ) -> tuple[dict[str, float], Manifest]:
-    """Run the split's judged queries through `search` and write an eval-report artifact."""
-    split, positive_min = config.eval.split, config.data.positive_min
-    dataset = load_dataset(config.data, [split])  # checked before the first query is sent
-    qrels = dataset.split(split)
-    dropped = dataset.rejected_in(dataset.files.split_file(split))
-    if dropped:
-        console.print(f"[yellow]qrels/{split}: {dropped} judgment(s) dropped (unknown query or doc id, or repeated)")
-    queries = {qid: dataset.queries[qid] for qid, docs in qrels.items() if positives(docs, positive_min)}
-    if not queries:
-        raise DataError(f"qrels/{split}: no query has a judgment with score >= data.positive_min={positive_min}")
+    """Run the judged queries (default: the configured dataset's eval split) through `search` and
+    write an eval-report artifact.
+
+    Refuses (unless `force`) when the target's index was built from other data than the dataset
+    it is to be scored on: `target["service"]` names the index's dataset fingerprint. TREC topics
+    carry no corpus, so nothing can be checked for them."""
+    judged = judged if judged is not None else dataset_judged(config)  # checked before the first query is sent
+    identity = judged.identity
+    built_on = target.get("service", {}).get("dataset_fingerprint")
+    if judged.from_corpus_dataset and built_on and built_on != identity["fingerprint"] and not force:
+        raise DataError(f"the index was built from {target['service'].get('dataset') or 'a dataset'} "
+                        f"({built_on[:12]}), not from {identity['name']} ({identity['fingerprint'][:12]}) that it "
+                        "would be scored on: rebuild it from that data or pass --force")
+    positive_min = config.data.positive_min
     latencies_ms: list[float] = []
-    run = collect_run(search, queries, config.eval.top_k, config.eval.batch_size, latencies_ms)
-    metrics = score_run(qrels, run, positive_min)
+    run = collect_run(search, judged.queries, config.eval.top_k, config.eval.batch_size, latencies_ms)
+    metrics = score_run(judged.qrels, run, positive_min)
     with ArtifactWriter(output, EVAL_KIND, producer="eval", config=config) as staged:
         (staged.path / "metrics.json").write_text(json.dumps(metrics, indent=2))
         # Wall time of each search call (eval.batch_size queries per call), for `eval compare`'s histograms.
         (staged.path / LATENCY_FILE).write_text(json.dumps({"batch_size": config.eval.batch_size,
                                                             "calls_ms": latencies_ms}))
         write_trec_run(staged.path / "run.trec", run)
-        staged.metadata.update(metrics=metrics, target=target, split=split, positive_min=positive_min,
-                               dataset=dataset.files.identity(), dropped_judgments=dropped)
+        staged.metadata.update(metrics=metrics, target=target, split=config.eval.split if judged.from_corpus_dataset
+                               else "trec", positive_min=positive_min, dataset=identity,
+                               dropped_judgments=judged.dropped, forced=force)
     assert staged.manifest is not None
     return metrics, staged.manifest
 

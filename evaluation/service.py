@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
+from evaluation.judged import JudgedQueries
 from evaluation.run import evaluate
 from serving.client import ClientTls, RetrievalClient
 from serving.results import RETRIEVAL_MODES
@@ -13,7 +14,8 @@ from towerline.config import TowerlineConfig
 
 
 def evaluate_service(config: TowerlineConfig, address: str, output: Path, mode: str = "", *,
-                     token: str | None = None, tls: ClientTls | None = None) -> dict[str, float]:
+                     token: str | None = None, tls: ClientTls | None = None, force: bool = False,
+                     judged: JudgedQueries | None = None) -> dict[str, float]:
     with RetrievalClient(address, token=token, tls=tls) as client:
         client.wait_ready(timeout=30)
         info = client.info()
@@ -23,12 +25,13 @@ def evaluate_service(config: TowerlineConfig, address: str, output: Path, mode: 
 
         metrics, _ = evaluate(config, batch_search, output,
                               target={"address": address, "mode": mode or info.default_mode,
-                                      "service": asdict(info)})
+                                      "service": asdict(info)}, force=force, judged=judged)
     return metrics
 
 
 def evaluate_artifacts(config: TowerlineConfig, index_path: Path, encoder_path: Path, output: Path,
-                       mode: str = "") -> dict[str, float]:
+                       mode: str = "", *, force: bool = False, judged: JudgedQueries | None = None,
+                       ) -> dict[str, float]:
     """Score an index + query encoder without a server: the same service code, called in-process."""
     from serving.app import build_service
 
@@ -40,7 +43,8 @@ def evaluate_artifacts(config: TowerlineConfig, index_path: Path, encoder_path: 
 
     metrics, _ = evaluate(config, batch_search, output,
                           target={"index": str(index_path), "encoder": str(encoder_path),
-                                  "mode": mode or service.default_mode, "service": asdict(service.info())})
+                                  "mode": mode or service.default_mode, "service": asdict(service.info())},
+                          force=force, judged=judged)
     return metrics
 
 

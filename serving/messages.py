@@ -72,6 +72,8 @@ def from_index_info_response(response: pb.GetIndexInfoResponse) -> IndexInfo:
         sparse=response.sparse,
         default_mode=response.default_mode,
         fusion=response.fusion,
+        dataset=response.dataset,
+        dataset_fingerprint=response.dataset_fingerprint,
     )
 
 

@@ -58,6 +58,9 @@ class IndexInfo:
     sparse: bool = False
     default_mode: str = "dense"
     fusion: str = ""
+    # The dataset the index was built from (name and content fingerprint; empty when unknown).
+    dataset: str = ""
+    dataset_fingerprint: str = ""
 
 
 @dataclass(frozen=True)

@@ -120,6 +120,7 @@ class RetrievalService:
                 for result in results]
 
     def info(self) -> IndexInfo:
+        built_on = self.index.manifest.metadata.get("dataset") or {}
         return IndexInfo(
             index_kind=INDEX_KIND,
             index_type=self.index.index_type,
@@ -133,6 +134,8 @@ class RetrievalService:
             sparse=self.index.sparse is not None,
             default_mode=self.default_mode,
             fusion=describe(self.fusion) if self.index.sparse is not None else "",
+            dataset=str(built_on.get("name", "")),
+            dataset_fingerprint=str(built_on.get("fingerprint", "")),
         )
 
     def _run(self, queries: list[str], top_k: int, checkpoint: Checkpoint, mode: str,

@@ -55,8 +55,8 @@ class DefaultCommandGroup(TyperGroup):
 
 
 eval_app = typer.Typer(cls=DefaultCommandGroup, help="Offline evaluation of retrieval: `score` (the default: "
-                       "`towerline eval --address ...` is `towerline eval score --address ...`), `compare` "
-                       "and `tune-fusion`.")
+                       "`towerline eval --address ...` is `towerline eval score --address ...`), `suite`, "
+                       "`compare` and `tune-fusion`.")
 app.add_typer(eval_app, name="eval")
 rec_app = typer.Typer(help="Recommendation side: interactions, ranking (CRM) and candidate models, Recommend.",
                       no_args_is_help=True)
@@ -673,6 +673,13 @@ def evaluate(
     mode: Annotated[
         str, typer.Option(help="dense, sparse (BM25), hybrid, or all: every mode the index version has")
     ] = "all",
+    force: Annotated[bool, typer.Option(help="score an index built from other data than the dataset given "
+                                             "(refused otherwise; recorded)")] = False,
+    topics: Annotated[Path | None, typer.Option(help="TREC topics (SGML <top> blocks, or query_id<TAB>text "
+                                                     "lines) to score instead of the dataset's split; with "
+                                                     "--qrels")] = None,
+    qrels: Annotated[Path | None, typer.Option(help="TREC qrels (query_id iteration doc_id relevance) for "
+                                                    "--topics")] = None,
     token_file: TokenFileOption = None,
     tls_ca: TlsCaOption = None,
     tls_cert: TlsCertOption = None,
@@ -686,13 +693,17 @@ def evaluate(
     Reports nDCG@10, Recall@100 and MRR@10 per retrieval mode and writes an eval-report artifact per
     mode (OUT/<mode> with --mode all, else OUT).
     """
+    from evaluation.judged import trec_judged
     from evaluation.service import evaluate_artifacts, evaluate_service, modes_served
     from serving.results import RETRIEVAL_MODES
     from towerline.tracking import track
 
     if mode not in (*RETRIEVAL_MODES, "all"):
         raise ConfigError(f"--mode {mode!r}: expected dense, sparse, hybrid or all")
+    if (topics is None) != (qrels is None):
+        raise ConfigError("--topics and --qrels go together")
     config = _config(config_file, overrides)
+    judged = trec_judged(topics, qrels, config.data.positive_min) if topics and qrels else None
     output = _out(out, config, "eval")
     security: dict[str, Any] = {}
     if index is not None:
@@ -711,17 +722,60 @@ def evaluate(
     with track(config, "eval") as tracker:
         for each in modes:
             target = output / each if mode == "all" else output
-            rows[each] = (evaluate_artifacts(config, index, encoder or config.run_dir / "onnx", target, each)
-                          if index is not None else evaluate_service(config, address, target, each, **security))
+            rows[each] = (evaluate_artifacts(config, index, encoder or config.run_dir / "onnx", target, each,
+                                             force=force, judged=judged)
+                          if index is not None else evaluate_service(config, address, target, each, force=force,
+                                                                     judged=judged, **security))
             tracker.metrics({f"eval.{each}.{k}": v for k, v in rows[each].items()})
             tracker.artifact_dir(target, f"eval/{each}")
-    table = Table(title=f"qrels/{config.eval.split}" + (f", {address}" if index is None else f", {index}"))
+    scored_on = f"{topics.name} + {qrels.name}" if topics and qrels else f"qrels/{config.eval.split}"
+    table = Table(title=scored_on + (f", {address}" if index is None else f", {index}"))
     table.add_column("mode")
     for name in ("nDCG@10", "R@100", "MRR@10"):
         table.add_column(name, justify="right")
     for each, metrics in rows.items():
         table.add_row(each, *(f"{metrics[m]:.4f}" for m in ("ndcg@10", "recall@100", "mrr@10")))
     console.print(table)
+
+
+@command(eval_app, "suite")
+def suite_command(
+    data: Annotated[list[Path], typer.Option(help="BEIR-format dataset dir; repeat for each dataset of the suite")],
+    encoder: Annotated[Path | None, typer.Option(help="dual-encoder artifact (default: RUN_DIR/encoder): its doc "
+                                                      "tower indexes each corpus, its query tower searches")] = None,
+    mode: Annotated[str, typer.Option(help="dense, sparse, hybrid, or all (every mode index.sparse gives)")] = "dense",
+    config_file: ConfigOption = None,
+    out: OutOption = None,
+    overrides: Overrides = None,
+) -> None:
+    """Score one dual encoder on several BEIR-format datasets, BEIR-style, with a summary table.
+
+    Each corpus gets its own index (OUT/<dataset>/index) and eval report per mode
+    (OUT/<dataset>/eval-<mode>); OUT/summary.json has every row and the mean over the datasets.
+    """
+    from evaluation.suite import run_suite
+    from serving.results import RETRIEVAL_MODES
+    from towerline.tracking import track
+
+    if mode not in (*RETRIEVAL_MODES, "all"):
+        raise ConfigError(f"--mode {mode!r}: expected dense, sparse, hybrid or all")
+    configs = [_config(config_file, overrides, each) for each in data]
+    output = _out(out, configs[0], "suite")
+    with track(configs[0], "eval-suite") as tracker:
+        summary = run_suite(configs, encoder or configs[0].run_dir / "encoder", output, mode)
+        tracker.metrics({f"suite.{name}.{each}.{k}": v for name, row in summary["rows"].items()
+                         for each, metrics in row.items() for k, v in metrics.items()})
+    table = Table(title=f"eval suite, qrels/{summary['split']}")
+    for column in ("dataset", "mode", "nDCG@10", "R@100", "MRR@10", "queries"):
+        table.add_column(column, justify="left" if column in ("dataset", "mode") else "right")
+    for name, row in summary["rows"].items():
+        for each, metrics in row.items():
+            table.add_row(name, each, *(f"{metrics[m]:.4f}" for m in ("ndcg@10", "recall@100", "mrr@10")),
+                          f"{metrics['queries']:.0f}")
+    for each, metrics in summary["mean"].items():
+        table.add_row("[bold]mean", each, *(f"{metrics[m]:.4f}" for m in ("ndcg@10", "recall@100", "mrr@10")), "")
+    console.print(table)
+    console.print(f"summary: {output / 'summary.json'}")
 
 
 @command(eval_app, "compare")

@@ -93,7 +93,7 @@ class GetIndexInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetIndexInfoResponse(_message.Message):
-    __slots__ = ("index_kind", "index_type", "count", "dim", "embedding_space", "encoder_name", "index_fingerprint", "index_version", "metric", "sparse", "default_mode", "fusion")
+    __slots__ = ("index_kind", "index_type", "count", "dim", "embedding_space", "encoder_name", "index_fingerprint", "index_version", "metric", "sparse", "default_mode", "fusion", "dataset", "dataset_fingerprint")
     INDEX_KIND_FIELD_NUMBER: _ClassVar[int]
     INDEX_TYPE_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +106,8 @@ class GetIndexInfoResponse(_message.Message):
     SPARSE_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MODE_FIELD_NUMBER: _ClassVar[int]
     FUSION_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     index_kind: str
     index_type: str
     count: int
@@ -118,7 +120,9 @@ class GetIndexInfoResponse(_message.Message):
     sparse: bool
     default_mode: str
     fusion: str
-    def __init__(self, index_kind: _Optional[str] = ..., index_type: _Optional[str] = ..., count: _Optional[int] = ..., dim: _Optional[int] = ..., embedding_space: _Optional[str] = ..., encoder_name: _Optional[str] = ..., index_fingerprint: _Optional[str] = ..., index_version: _Optional[str] = ..., metric: _Optional[str] = ..., sparse: _Optional[bool] = ..., default_mode: _Optional[str] = ..., fusion: _Optional[str] = ...) -> None: ...
+    dataset: str
+    dataset_fingerprint: str
+    def __init__(self, index_kind: _Optional[str] = ..., index_type: _Optional[str] = ..., count: _Optional[int] = ..., dim: _Optional[int] = ..., embedding_space: _Optional[str] = ..., encoder_name: _Optional[str] = ..., index_fingerprint: _Optional[str] = ..., index_version: _Optional[str] = ..., metric: _Optional[str] = ..., sparse: _Optional[bool] = ..., default_mode: _Optional[str] = ..., fusion: _Optional[str] = ..., dataset: _Optional[str] = ..., dataset_fingerprint: _Optional[str] = ...) -> None: ...
 
 class RecommendRequest(_message.Message):
     __slots__ = ("user_id", "top_k", "history_item_ids")
