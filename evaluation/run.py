@@ -85,4 +85,6 @@ def write_trec_run(path: Path, run: Run) -> None:
         for query_id, hits in run.items():
             ranked = sorted(hits.items(), key=lambda item: -item[1])
             for rank, (doc_id, score) in enumerate(ranked, start=1):
-                handle.write(f"{query_id} Q0 {doc_id} {rank} {score:.6f} towerline\n")
+                # repr: the shortest text that reads back as the same float, so a run scored from its file
+                # scores exactly as the run did (rounded scores would add ties, ordered by doc id).
+                handle.write(f"{query_id} Q0 {doc_id} {rank} {float(score)!r} towerline\n")

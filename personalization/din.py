@@ -127,10 +127,6 @@ class DinModel(nn.Module):
         self.attention = ActivationUnit(self.item_dim, settings.attention_hidden)
         extra = ITEM_STATS if settings.item_statistics else 0
         self.mlp = _mlp(self.user_dim + 3 * self.item_dim + extra, settings.mlp_hidden, 1)
-        # The wide part of wide & deep: one learned logit per item added to the MLP's, zero at the start.
-        self.item_bias = nn.Embedding(sizes.items, 1, padding_idx=0) if settings.item_bias else None
-        if self.item_bias is not None:
-            nn.init.zeros_(self.item_bias.weight)
 
     @classmethod
     def from_data(cls, data: CtrData, settings: CrmConfig) -> DinModel:
@@ -170,8 +166,6 @@ class DinModel(nn.Module):
         if self.item_stats is not None:
             features.append(self.item_stats[item_index])
         logits = self.mlp(torch.cat(features, dim=-1)).squeeze(-1)
-        if self.item_bias is not None:
-            logits = logits + self.item_bias(item_index).squeeze(-1)
         outputs = {"logits": logits}
         if labels is not None:
             outputs["loss"] = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))

@@ -82,7 +82,7 @@ def train_din(data: CtrData, settings: CrmConfig, output_dir: Path | str, seed: 
         save_only_model=True,
         save_total_limit=1,  # the best checkpoint is always kept on top of the latest
         load_best_model_at_end=True,
-        metric_for_best_model=settings.select_on,
+        metric_for_best_model="auc",
         greater_is_better=True,
         seed=seed,
         use_cpu=not torch.cuda.is_available(),
@@ -102,7 +102,7 @@ def train_din(data: CtrData, settings: CrmConfig, output_dir: Path | str, seed: 
     history = _epoch_history(trainer.state.log_history)
     best_metric = trainer.state.best_metric
     # The Trainer only replaces its best on a strict improvement: the first epoch reaching the best AUC.
-    best_epoch = next(int(entry["epoch"]) for entry in history if entry[settings.select_on] == best_metric)
+    best_epoch = next(int(entry["epoch"]) for entry in history if entry["auc"] == best_metric)
     model = trainer.model.eval()
     result = CrmResult(model=model, model_dir=output_dir, best_epoch=best_epoch, epochs_run=len(history),
                        history=history)

@@ -170,3 +170,16 @@ def test_runs_scored_on_other_data_are_refused_unless_forced(dataset: Path, tmp_
     assert json.loads((tmp_path / "forced" / "manifest.json").read_text())["metadata"]["forced"] is True
     one = runner.invoke(app, ["eval", "compare", str(same), "--out", str(tmp_path / "y"), *common])
     assert one.exit_code == 2 and "at least two runs" in one.output
+
+
+def test_a_run_read_back_from_its_file_scores_as_it_did() -> None:
+    # Scores that differ only past the sixth decimal: rounded, they would tie and reorder.
+    qrels = {"q1": {"d2": 1}}
+    run = {"q1": {"d1": 12.3456781, "d2": 12.3456784, "d3": 1.0}}
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "run.trec"
+        write_trec_run(path, run)
+        assert read_trec_run(path) == run
+        assert score_run(qrels, read_trec_run(path)) == score_run(qrels, run)
