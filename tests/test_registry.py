@@ -92,6 +92,15 @@ def test_promote_needs_a_significant_win_and_serving_follows_the_champion(
         tmp_path / "index-mean", "faiss-index").fingerprint
     assert read_manifest(onnx_dir, "onnx-query-encoder").fingerprint == read_manifest(
         tmp_path / "onnx-mean", "onnx-query-encoder").fingerprint
+    # `towerline eval` takes the alias too, and scores what the champion's artifacts score.
+    by_alias = runner.invoke(app, ["eval", "--encoder", f"models:/{MODEL}@champion", "--mode", "dense", "--out",
+                                   str(tmp_path / "eval-alias"), *tiny_overrides])
+    by_path = runner.invoke(app, ["eval", "--encoder", str(tmp_path / "onnx-mean"), "--index",
+                                  str(tmp_path / "index-mean"), "--mode", "dense", "--out",
+                                  str(tmp_path / "eval-path"), *tiny_overrides])
+    assert by_alias.exit_code == 0 and by_path.exit_code == 0, by_alias.output + by_path.output
+    assert ((tmp_path / "eval-alias" / "metrics.json").read_text()
+            == (tmp_path / "eval-path" / "metrics.json").read_text())
     server, port = start_server(build_service(tiny_config, index_dir, onnx_dir),
                                 tiny_config.serve.model_copy(update={"port": 0}))
     try:

@@ -668,7 +668,9 @@ def evaluate(
         Path | None, typer.Option(help="score this faiss-index artifact in-process instead of a live service")
     ] = None,
     encoder: Annotated[
-        Path | None, typer.Option(help="with --index: onnx-query-encoder or dual-encoder artifact")
+        Path | None, typer.Option(help="with --index: onnx-query-encoder or dual-encoder artifact; or a registered "
+                                       "encoder, models:/NAME@ALIAS or models:/NAME/VERSION, scored in-process "
+                                       "with --index or the registered index of its embedding space")
     ] = None,
     mode: Annotated[
         str, typer.Option(help="dense, sparse (BM25), hybrid, or all: every mode the index version has")
@@ -704,6 +706,11 @@ def evaluate(
         raise ConfigError("--topics and --qrels go together")
     config = _config(config_file, overrides)
     judged = trec_judged(topics, qrels, config.data.positive_min) if topics and qrels else None
+    if encoder is not None and str(encoder).startswith("models:/"):
+        from evaluation.registry import registered_serving_artifacts
+
+        encoder, index, what = registered_serving_artifacts(config, str(encoder), index)
+        console.print(f"scoring {what}")
     output = _out(out, config, "eval")
     security: dict[str, Any] = {}
     if index is not None:
