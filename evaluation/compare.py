@@ -19,6 +19,7 @@ from scipy import stats
 
 from evaluation.metrics import Qrels, Run, per_query_scores, recall_curve
 from evaluation.run import EVAL_KIND, LATENCY_FILE
+from evaluation.trec import read_trec_run
 from towerline.artifacts import ArtifactWriter, read_manifest
 from towerline.beir import load_dataset
 from towerline.config import TowerlineConfig
@@ -39,26 +40,6 @@ class SystemRun:
     split: str | None = None
     positive_min: int | None = None
     latency_ms: list[float] = field(default_factory=list)
-
-
-def read_trec_run(path: Path) -> Run:
-    """A TREC run file (`qid Q0 docid rank score tag`); a malformed line is named by its number."""
-    run: Run = {}
-    with Path(path).open() as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            fields = line.split()
-            if len(fields) != 6:
-                raise DataError(f"{path}:{line_no}: a TREC run line has 6 fields, found {len(fields)}")
-            try:
-                score = float(fields[4])
-            except ValueError:
-                raise DataError(f"{path}:{line_no}: score {fields[4]!r} is not a number") from None
-            run.setdefault(fields[0], {})[fields[2]] = score
-    if not run:
-        raise DataError(f"{path}: no ranked documents")
-    return run
 
 
 def load_system(path: Path, name: str | None = None) -> SystemRun:

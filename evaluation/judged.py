@@ -1,25 +1,17 @@
-"""The judged queries an evaluation scores: a BEIR-format dataset's split, or TREC topics + qrels files.
-
-TREC topics are read in either of their two common forms: the classic SGML (`<top>`, `<num>`,
-`<title>`; the title is the query) or a TSV of `query_id<TAB>text` lines. TREC qrels are
-`query_id iteration doc_id relevance` lines. A malformed line is named by file and line number.
-"""
+"""The judged queries an evaluation scores: a BEIR-format dataset's split, or TREC topics + qrels files
+(`evaluation.trec`)."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from evaluation.metrics import Qrels
+from evaluation.trec import read_trec_qrels, read_trec_topics
 from towerline.beir import content_fingerprint, load_dataset, positives
 from towerline.config import TowerlineConfig
 from towerline.errors import DataError
 from towerline.progress import console
-
-TOP = re.compile(r"<top>(.*?)</top>", re.DOTALL | re.IGNORECASE)
-NUM = re.compile(r"<num>\s*(?:Number:)?\s*(\S+)", re.IGNORECASE)
-TITLE = re.compile(r"<title>\s*(?:Topic:)?\s*(.*?)\s*(?=<[a-z]+>|$)", re.DOTALL | re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -60,44 +52,3 @@ def trec_judged(topics: Path, qrels_path: Path, positive_min: int) -> JudgedQuer
         raise DataError(f"{qrels_path}: no topic of {topics.name} has a judgment >= positive_min={positive_min}")
     identity = {"name": topics.stem, "fingerprint": content_fingerprint([topics, qrels_path])}
     return JudgedQueries(queries, qrels, identity, False, dropped)
-
-
-def read_trec_topics(path: Path) -> dict[str, str]:
-    text = path.read_text()
-    topics: dict[str, str] = {}
-    if "<top>" in text.lower():
-        for number, block in enumerate(TOP.findall(text), start=1):
-            num, title = NUM.search(block), TITLE.search(block)
-            if not num or not title or not title.group(1).strip():
-                raise DataError(f"{path}: topic {number} has no <num> or no <title>")
-            topics[num.group(1)] = " ".join(title.group(1).split())
-    else:
-        for line_no, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            query_id, tab, query = line.partition("\t")
-            if not tab or not query_id.strip() or not query.strip():
-                raise DataError(f"{path}:{line_no}: expected query_id<TAB>text")
-            topics[query_id.strip()] = query.strip()
-    if not topics:
-        raise DataError(f"{path}: no topics")
-    return topics
-
-
-def read_trec_qrels(path: Path) -> Qrels:
-    qrels: Qrels = {}
-    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        fields = line.split()
-        if len(fields) != 4:
-            raise DataError(f"{path}:{line_no}: expected `query_id iteration doc_id relevance`, found "
-                            f"{len(fields)} field(s)")
-        try:
-            grade = int(fields[3])
-        except ValueError:
-            raise DataError(f"{path}:{line_no}: relevance {fields[3]!r} is not an integer") from None
-        qrels.setdefault(fields[0], {})[fields[2]] = grade
-    if not qrels:
-        raise DataError(f"{path}: no judgments")
-    return qrels

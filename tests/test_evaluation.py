@@ -117,7 +117,7 @@ def test_trec_topics_and_qrels_score_like_the_dataset_split(tiny_config: Towerli
 
 
 def test_trec_readers_name_the_bad_line(tmp_path: Path) -> None:
-    from evaluation.judged import read_trec_qrels, read_trec_topics
+    from evaluation.trec import read_trec_qrels, read_trec_topics
     from towerline.errors import DataError
 
     (tmp_path / "topics.tsv").write_text("q1\tfirst query\n\nq2\tsecond query\n")
