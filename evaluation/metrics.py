@@ -1,4 +1,4 @@
-"""The one metrics module: nDCG@10, Recall@100, MRR@10 (per query and mean) and Recall@k computed by pytrec_eval."""
+"""The one metrics module: nDCG@10, Recall@100/1000, MRR@10, MAP (per query and mean) and Recall@k, by pytrec_eval."""
 
 from __future__ import annotations
 
@@ -27,23 +27,25 @@ def _judged(qrels: Qrels, positive_min: int) -> Qrels:
 
 
 def per_query_scores(qrels: Qrels, run: Run, positive_min: int = 1) -> dict[str, dict[str, float]]:
-    """nDCG@10, Recall@100 and MRR@10 of every query with a positive; a query with no hits scores zero.
+    """nDCG@10, Recall@100, MRR@10 and MAP (over the run's depth) of every query with a positive, plus
+    Recall@1000 when the run goes 1,000 deep; a query with no hits scores zero.
 
-    nDCG uses the graded scores as gains (negative grades count as 0); Recall and MRR count a
+    nDCG uses the graded scores as gains (negative grades count as 0); Recall, MRR and MAP count a
     document as relevant from `positive_min` up.
     """
     judged = _judged(qrels, positive_min)
     complete_run = {qid: run.get(qid) or {"__none__": 0.0} for qid in judged}
-    per_query = pytrec_eval.RelevanceEvaluator(
-        judged, {"ndcg_cut.10", "recall.100"}, relevance_level=positive_min
-    ).evaluate(complete_run)
+    deep = max((len(hits) for hits in complete_run.values()), default=0) >= 1000
+    measures = {"ndcg_cut.10", "recall.100,1000" if deep else "recall.100", "map"}
+    per_query = pytrec_eval.RelevanceEvaluator(judged, measures, relevance_level=positive_min).evaluate(complete_run)
     # pytrec_eval's recip_rank has no cutoff: MRR@10 is recip_rank over the top 10 only.
     reciprocal = pytrec_eval.RelevanceEvaluator(
         judged, {"recip_rank"}, relevance_level=positive_min
     ).evaluate(truncate(complete_run, 10))
     return {
         qid: {"ndcg@10": scores["ndcg_cut_10"], "recall@100": scores["recall_100"],
-              "mrr@10": reciprocal[qid]["recip_rank"]}
+              "mrr@10": reciprocal[qid]["recip_rank"], "map": scores["map"],
+              **({"recall@1000": scores["recall_1000"]} if deep else {})}
         for qid, scores in per_query.items()
     }
 
@@ -52,7 +54,8 @@ def score_run(qrels: Qrels, run: Run, positive_min: int = 1) -> dict[str, float]
     """Mean metrics over every query with a positive (see `per_query_scores`)."""
     per_query = per_query_scores(qrels, run, positive_min)
     count = max(len(per_query), 1)
-    means = {metric: sum(scores[metric] for scores in per_query.values()) / count for metric in HEADLINE_METRICS}
+    names = next(iter(per_query.values()), dict.fromkeys(HEADLINE_METRICS))
+    means = {metric: sum(scores[metric] for scores in per_query.values()) / count for metric in names}
     return {**means, "queries": float(len(per_query))}
 
 

@@ -21,7 +21,7 @@ from urllib.parse import unquote, urlparse
 
 from towerline.config import TowerlineConfig
 from towerline.errors import ArtifactError, ConfigError, DataError
-from towerline.tracking import CHALLENGER_ALIAS, CHAMPION_ALIAS, tracking_uri
+from towerline.tracking import CHALLENGER_ALIAS, CHAMPION_ALIAS, LOCATION_TAG, tracking_uri
 
 MODEL_URI_PREFIX = "models:/"
 
@@ -77,8 +77,9 @@ def resolve_model(config: TowerlineConfig, uri: str) -> RegisteredArtifact:
 
 
 def _local_source(client: Any, version: Any) -> Path:
-    if version.source.startswith("file:"):
-        path = Path(unquote(urlparse(version.source).path))
+    location = version.tags.get(LOCATION_TAG)
+    if location:  # registered by reference
+        path = Path(unquote(urlparse(location).path))
         if not path.is_dir():
             raise ArtifactError(f"{version.name} version {version.version}: its directory {path} is gone")
         return path

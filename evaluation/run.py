@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from evaluation.judged import JudgedQueries, dataset_judged
-from evaluation.metrics import Run, score_run
+from evaluation.metrics import Run, per_query_scores, score_run
 from towerline.artifacts import ArtifactWriter, Manifest
 from towerline.config import TowerlineConfig
 from towerline.errors import DataError
@@ -17,6 +17,7 @@ from towerline.progress import progress_bar
 
 EVAL_KIND = "eval-report"
 LATENCY_FILE = "latency.json"
+PER_QUERY_FILE = "per_query.json"
 # (query texts, top_k) -> per query, hits as (doc id, score), best first.
 BatchSearch = Callable[[list[str], int], list[list[tuple[str, float]]]]
 
@@ -69,6 +70,7 @@ def evaluate(
     metrics = score_run(judged.qrels, run, positive_min)
     with ArtifactWriter(output, EVAL_KIND, producer="eval", config=config) as staged:
         (staged.path / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (staged.path / PER_QUERY_FILE).write_text(json.dumps(per_query_scores(judged.qrels, run, positive_min)))
         # Wall time of each search call (eval.batch_size queries per call), for `eval compare`'s histograms.
         (staged.path / LATENCY_FILE).write_text(json.dumps({"batch_size": config.eval.batch_size,
                                                             "calls_ms": latencies_ms}))

@@ -1,9 +1,14 @@
-"""The model registry on a real MLflow (sqlite): registration with lineage, `promote` both ways, and
-serving the `@champion` with its index over a real gRPC channel."""
+"""The model registry on a real MLflow (sqlite, and a real `mlflow server` on loopback): registration
+with lineage, `promote` both ways, and serving the `@champion` with its index over a real gRPC channel."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -16,9 +21,8 @@ from serving.client import RetrievalClient
 from serving.server import start_server
 from towerline.artifacts import read_manifest
 from towerline.cli import app
-from towerline.config import TowerlineConfig, load_config
+from towerline.config import load_config
 from towerline.errors import ConfigError
-from training.run import init_dual_encoder
 
 runner = CliRunner()
 MODEL = "towerline-query-encoder"
@@ -26,9 +30,10 @@ MODEL = "towerline-query-encoder"
 
 def _exported(overrides: list[str], tmp_path: Path, name: str, pooling: str) -> None:
     """A zero-shot dual encoder with `pooling`, exported and indexed through the CLI (both register)."""
-    config = load_config(None, [*overrides, f"encoder.pooling={pooling}"])
     if not (tmp_path / f"encoder-{pooling}").exists():
-        init_dual_encoder(config, tmp_path / f"encoder-{pooling}")
+        made = runner.invoke(app, ["train", "--zero-shot", "--out", str(tmp_path / f"encoder-{pooling}"), *overrides,
+                                   f"encoder.pooling={pooling}"])
+        assert made.exit_code == 0, made.output
         built = runner.invoke(app, ["index", "build", "--encoder", str(tmp_path / f"encoder-{pooling}"),
                                     "--out", str(tmp_path / f"index-{pooling}"), *overrides,
                                     f"encoder.pooling={pooling}"])
@@ -43,8 +48,40 @@ def _promote(overrides: list[str], tmp_path: Path, name: str) -> tuple[int, str]
     return result.exit_code, " ".join(result.output.split())
 
 
+@pytest.fixture()
+def mlflow_server(tmp_path: Path, free_tcp_port: int) -> Iterator[str]:
+    """A real `mlflow server` process on loopback: sqlite backend, artifacts proxied by the server."""
+    command = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+               "--port", str(free_tcp_port), "--workers", "1",
+               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+               "--artifacts-destination", str(tmp_path / "server-artifacts")]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{free_tcp_port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert process.poll() is None, "mlflow server exited"
+            assert time.monotonic() < deadline, "mlflow server did not come up"
+            time.sleep(0.5)
+        yield uri
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "server"])
 def test_promote_needs_a_significant_win_and_serving_follows_the_champion(
-        tiny_config: TowerlineConfig, tiny_overrides: list[str], tmp_path: Path) -> None:
+        backend: str, tiny_overrides: list[str], tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    if backend == "server":
+        uri = request.getfixturevalue("mlflow_server")
+        tiny_overrides = [o for o in tiny_overrides if not o.startswith("tracking.uri=")] + [f"tracking.uri={uri}"]
+    tiny_config = load_config(None, tiny_overrides)
     client = mlflow.MlflowClient(tiny_config.tracking.uri)
     # CLS pooling of a randomly initialised tower carries little of the text: the weak first champion.
     _exported(tiny_overrides, tmp_path, "onnx-cls", "cls")
@@ -78,6 +115,9 @@ def test_promote_needs_a_significant_win_and_serving_follows_the_champion(
     assert index_version.tags["lineage.encoder"] == encoder_fingerprint
     assert champion.tags["lineage.encoder"] == encoder_fingerprint
     assert index_version.tags["dataset_fingerprint"] == record["dataset_fingerprint"]
+    towers = {v.tags["fingerprint"]: v for v in client.search_model_versions("name='towerline-dual-encoder'")}
+    assert encoder_fingerprint in towers and len(towers) == 2  # the cls and the mean towers
+    assert towers[encoder_fingerprint].tags["embedding_space"] == champion.tags["embedding_space"]
 
     # A forced promotion moves the alias back and says so.
     forced = runner.invoke(app, ["promote", "--challenger", "2", "--force", "--permutations", "200", "--out",

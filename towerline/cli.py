@@ -205,12 +205,19 @@ def train(
 
     def produce(tracker: Tracker) -> Manifest | None:
         if zero_shot:
-            return init_dual_encoder(config, output)
-        if negative_search:
+            manifest = init_dual_encoder(config, output)
+        elif negative_search:
             from training.recipes import search_negative_recipes
 
-            return search_negative_recipes(config, pairs_path or config.run_dir / "pairs", output, tracker)
-        return run_train(config, pairs_path or config.run_dir / "pairs", output, tracker, resume=resume)
+            manifest = search_negative_recipes(config, pairs_path or config.run_dir / "pairs", output, tracker)
+        else:
+            manifest = run_train(config, pairs_path or config.run_dir / "pairs", output, tracker, resume=resume)
+        if manifest is not None and config.tracking.towers_model:
+            # By reference, like indexes: the towers that embed the corpus, with the pairs they came from.
+            version = tracker.register_model(output, config.tracking.towers_model, manifest, by_reference=True)
+            if version:
+                console.print(f"registered as MLflow model {config.tracking.towers_model} version {version}")
+        return manifest
 
     _produce(config, "train", output, "dual encoder", produce)
 

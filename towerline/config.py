@@ -288,8 +288,10 @@ class TrackingConfig(Section):
     experiment: str = "towerline"
     # `export` registers each ONNX query encoder as a new version of this MLflow model; "" disables.
     query_encoder_model: str = "towerline-query-encoder"
-    # `index build` registers each index (by reference: its directory) as a new version of this model.
+    # `index build` registers each index (by reference: its directory) as a new version of this model,
+    # `train` each dual encoder (query + doc towers) as one of this.
     index_model: str = "towerline-index"
+    towers_model: str = "towerline-dual-encoder"
 
 
 class RecDataConfig(Section):

@@ -23,6 +23,8 @@ DEFAULT_ARTIFACT_ROOT = "mlartifacts"
 # Registry aliases: every new version becomes the challenger; `towerline promote` moves the champion.
 CHAMPION_ALIAS = "champion"
 CHALLENGER_ALIAS = "challenger"
+# On versions registered by reference: the artifact directory's file URI.
+LOCATION_TAG = "location"
 
 
 class Tracker:
@@ -57,29 +59,31 @@ class Tracker:
                        by_reference: bool = False, lineage: dict[str, str] | None = None) -> str | None:
         """Register an artifact as a new version of `model_name` and point the `challenger` alias at it.
 
-        The version's source is a logged copy of the whole directory, or with `by_reference` (indexes:
-        too large to copy into the artifact store) the directory itself, with only its manifest
-        logged. Tags: the artifact's kind, fingerprint, embedding space and dataset, the git commit,
-        and its lineage (`lineage.<input>` = the fingerprint of each artifact it was made from, plus
-        `lineage`: further ancestors), so a registry user can tell which towers built which index
-        from which pairs.
+        The version's source is a logged copy of the whole directory, or with `by_reference` (indexes
+        and towers: too large to copy into the artifact store) a logged copy of its manifest, with the
+        directory's own URI in the `location` tag. Tags: the artifact's kind, fingerprint, embedding
+        space and dataset, the git commit, and its lineage (`lineage.<input>` = the fingerprint of each
+        artifact it was made from; `lineage` adds further ancestors), so a registry user can tell which
+        towers built which index from which pairs.
         """
         if self._mlflow is None:
             return None
         from mlflow.exceptions import MlflowException
 
         if by_reference:
+            # The source is the logged manifest; where the artifact itself lives goes in the `location`
+            # tag (a tracking server refuses model sources outside its artifact store).
             self._mlflow.log_artifact(str(artifact_dir / "manifest.json"), artifact_path=manifest.kind)
-            source = Path(artifact_dir).resolve().as_uri()
         else:
             self._mlflow.log_artifacts(str(artifact_dir), artifact_path=manifest.kind)
-            source = self._mlflow.get_artifact_uri(manifest.kind)
+        source = self._mlflow.get_artifact_uri(manifest.kind)
         client = self._mlflow.MlflowClient()
         try:
             client.get_registered_model(model_name)
         except MlflowException:
             client.create_registered_model(model_name)
         tags = {"kind": manifest.kind, "fingerprint": manifest.fingerprint,
+                **({LOCATION_TAG: Path(artifact_dir).resolve().as_uri()} if by_reference else {}),
                 **{f"lineage.{name}": fingerprint for name, fingerprint in manifest.inputs.items()},
                 **{f"lineage.{name}": fingerprint for name, fingerprint in (lineage or {}).items()}}
         if "embedding_space" in manifest.metadata:
