@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from evaluation.judged import JudgedQueries, dataset_judged
 from evaluation.metrics import Qrels, Run, per_query_scores, recall_curve
 from evaluation.run import EVAL_KIND, LATENCY_FILE
 from evaluation.trec import read_trec_run
 from towerline.artifacts import ArtifactWriter, read_manifest
-from towerline.beir import load_dataset
 from towerline.config import TowerlineConfig
 from towerline.errors import ArtifactError, DataError
 
@@ -155,20 +155,19 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 
 def compare_to_report(config: TowerlineConfig, paths: list[Path], output: Path, *, names: list[str] | None = None,
                       alpha: float = 0.05, permutations: int = 10_000, force: bool = False,
-                      title: str | None = None, seed: int = 0) -> dict[str, Any]:
-    """Compare runs on the configured dataset's eval split and write an eval-comparison artifact
-    (comparison.json, report.md, report.html, plots/) atomically; returns the comparison."""
+                      title: str | None = None, seed: int = 0, judged: JudgedQueries | None = None) -> dict[str, Any]:
+    """Compare runs on the judged queries (default: the configured dataset's eval split) and write an
+    eval-comparison artifact (comparison.json, report.md, report.html, plots/) atomically."""
     from evaluation.report import write_report
 
     if names and len(names) != len(paths):
         raise DataError(f"--name given {len(names)} time(s) for {len(paths)} run(s): name every run or none")
     systems = [load_system(path, names[i] if names else None) for i, path in enumerate(paths)]
-    split, positive_min = config.eval.split, config.data.positive_min
-    dataset = load_dataset(config.data, [split])
-    identity = dataset.files.identity()
+    judged = judged if judged is not None else dataset_judged(config)
+    identity, split, positive_min = judged.identity, judged.split, config.data.positive_min
     check_comparable(systems, identity, split, positive_min, force)
-    comparison = compare_systems(dataset.split(split), systems, positive_min, alpha=alpha,
-                                 permutations=permutations, seed=seed)
+    comparison = compare_systems(judged.qrels, systems, positive_min, alpha=alpha, permutations=permutations,
+                                 seed=seed)
     comparison["dataset"] = {**identity, "split": split}
     with ArtifactWriter(output, COMPARISON_KIND, producer="eval compare", config=config) as staged:
         write_report(comparison, staged.path, title=title or f"{identity['name']} {split}: "

@@ -13,6 +13,9 @@ from towerline.config import TowerlineConfig
 from towerline.errors import DataError
 from towerline.progress import console
 
+# What eval reports scored on TREC topics name as their split.
+TREC_SPLIT = "trec"
+
 
 @dataclass(frozen=True)
 class JudgedQueries:
@@ -20,6 +23,7 @@ class JudgedQueries:
     qrels: Qrels
     identity: dict[str, str]  # {"name", "fingerprint"}: how results name the data, never by path
     from_corpus_dataset: bool  # False for TREC files: nothing ties them to an index's corpus
+    split: str  # the dataset's qrels split, or "trec"
     dropped: int = 0  # judgments dropped while reading (unknown query or doc id, repeated)
 
 
@@ -34,7 +38,7 @@ def dataset_judged(config: TowerlineConfig) -> JudgedQueries:
     queries = {qid: dataset.queries[qid] for qid, docs in qrels.items() if positives(docs, positive_min)}
     if not queries:
         raise DataError(f"qrels/{split}: no query has a judgment with score >= data.positive_min={positive_min}")
-    return JudgedQueries(queries, qrels, dataset.files.identity(), True, dropped)
+    return JudgedQueries(queries, qrels, dataset.files.identity(), True, split, dropped)
 
 
 def trec_judged(topics: Path, qrels_path: Path, positive_min: int) -> JudgedQueries:
@@ -51,4 +55,4 @@ def trec_judged(topics: Path, qrels_path: Path, positive_min: int) -> JudgedQuer
     if not queries:
         raise DataError(f"{qrels_path}: no topic of {topics.name} has a judgment >= positive_min={positive_min}")
     identity = {"name": topics.stem, "fingerprint": content_fingerprint([topics, qrels_path])}
-    return JudgedQueries(queries, qrels, identity, False, dropped)
+    return JudgedQueries(queries, qrels, identity, False, TREC_SPLIT, dropped)

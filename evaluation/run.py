@@ -75,9 +75,8 @@ def evaluate(
         (staged.path / LATENCY_FILE).write_text(json.dumps({"batch_size": config.eval.batch_size,
                                                             "calls_ms": latencies_ms}))
         write_trec_run(staged.path / "run.trec", run)
-        staged.metadata.update(metrics=metrics, target=target, split=config.eval.split if judged.from_corpus_dataset
-                               else "trec", positive_min=positive_min, dataset=identity,
-                               dropped_judgments=judged.dropped, forced=force)
+        staged.metadata.update(metrics=metrics, target=target, split=judged.split, positive_min=positive_min,
+                               dataset=identity, dropped_judgments=judged.dropped, forced=force)
     assert staged.manifest is not None
     return metrics, staged.manifest
 

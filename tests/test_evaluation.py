@@ -115,6 +115,23 @@ def test_trec_topics_and_qrels_score_like_the_dataset_split(tiny_config: Towerli
     lonely = runner.invoke(app, [*command, "--topics", str(tmp_path / "topics.txt"), *overrides])
     assert lonely.exit_code == 2 and "--topics and --qrels go together" in lonely.output
 
+    # Runs scored on TREC topics compare on the same files; a run scored on the dataset split does not.
+    trec_files = ["--topics", str(tmp_path / "topics.txt"), "--qrels", str(tmp_path / "qrels.txt"),
+                  "--permutations", "200", "--config", str(_untracked(tmp_path))]
+    compared = runner.invoke(app, ["eval", "compare", str(tmp_path / "trec"), str(tmp_path / "trec"), "--name", "a",
+                                   "--name", "b", "--out", str(tmp_path / "cmp"), *trec_files])
+    assert compared.exit_code == 0, compared.output
+    assert json.loads((tmp_path / "cmp" / "comparison.json").read_text())["dataset"]["split"] == "trec"
+    mixed = runner.invoke(app, ["eval", "compare", str(tmp_path / "trec"), str(tmp_path / "split"), "--out",
+                                str(tmp_path / "mixed"), *trec_files])
+    assert mixed.exit_code == 2 and "split 'test' is not 'trec'" in " ".join(mixed.output.split())
+
+
+def _untracked(tmp_path: Path) -> Path:
+    path = tmp_path / "untracked.yaml"
+    path.write_text("tracking:\n  enabled: false\n")
+    return path
+
 
 def test_trec_readers_name_the_bad_line(tmp_path: Path) -> None:
     from evaluation.trec import read_trec_qrels, read_trec_topics

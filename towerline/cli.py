@@ -806,6 +806,9 @@ def compare_command(
                                                    "data.dir, $TOWERLINE_DATA_DIR or the bundled SciFact)")] = None,
     split: Annotated[str | None, typer.Option(help="qrels split the runs were scored on (default: eval.split)")] = None,
     positive_min: PositiveMin = None,
+    topics: Annotated[Path | None, typer.Option(help="TREC topics the runs were scored on (with --qrels), "
+                                                     "instead of a dataset split")] = None,
+    qrels: Annotated[Path | None, typer.Option(help="TREC qrels for --topics")] = None,
     config_file: ConfigOption = None,
     out: OutOption = None,
 ) -> None:
@@ -818,13 +821,17 @@ def compare_command(
     fingerprint), split or positive_min are refused unless --force.
     """
     from evaluation.compare import compare_to_report
+    from evaluation.judged import trec_judged
     from towerline.tracking import track
 
+    if (topics is None) != (qrels is None):
+        raise ConfigError("--topics and --qrels go together")
     config = _config(config_file, [f"eval.split={split}"] if split else [], data, positive_min)
+    judged = trec_judged(topics, qrels, config.data.positive_min) if topics and qrels else None
     output = _out(out, config, "compare")
     with track(config, "eval-compare") as tracker:
         comparison = compare_to_report(config, runs, output, names=name, alpha=alpha, permutations=permutations,
-                                       force=force, title=title)
+                                       force=force, title=title, judged=judged)
         tracker.artifact_dir(output, "compare")
     table = Table(title=f"{comparison['dataset']['name']} {comparison['dataset']['split']}, "
                         f"{comparison['queries']} queries; p: t-test / randomisation, Holm-corrected")
