@@ -26,7 +26,7 @@ img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
 .note { color: #555; font-size: 0.9em; }
 </style></head><body>
 <h1>{{ title }}</h1>
-<p class="note">{{ queries }} judged queries{% if dataset %} of {{ dataset }}{% endif %}; baseline
+<p class="note">{{ queries }} {{ unit }}{% if dataset %} of {{ dataset }}{% endif %}; baseline
 <b>{{ baseline }}</b>; paired t-test and paired randomisation test ({{ permutations }} permutations),
 p-values Holm-corrected over the {{ challengers }} challenger(s); <span class="sig">bold</span>: both
 tests significant at &alpha; = {{ alpha }}.</p>
@@ -66,7 +66,9 @@ def write_report(comparison: dict[str, Any], output: Path, *, title: str, datase
              for name, per_metric in comparison["comparisons"].items() for metric, test in per_metric.items()]
     rows = [{"name": name, "cells": [f"{means[m]:.4f}" for m in comparison["metrics"]]}
             for name, means in comparison["table"].items()]
-    context = {"title": title, "dataset": dataset, "queries": comparison["queries"], "baseline": comparison["baseline"],
+    unit = {"user": "users (with both labels)"}.get(comparison.get("unit", ""), "judged queries")
+    context = {"title": title, "dataset": dataset, "queries": comparison["queries"], "unit": unit,
+               "baseline": comparison["baseline"],
                "permutations": comparison["permutations"], "challengers": len(comparison["comparisons"]),
                "alpha": comparison["alpha"], "metrics": comparison["metrics"], "rows": rows, "tests": tests,
                "latency": comparison["latency_ms"]}
@@ -80,7 +82,7 @@ def write_report(comparison: dict[str, Any], output: Path, *, title: str, datase
 
 def _markdown(context: dict[str, Any], plots: list[tuple[str, Path]], output: Path) -> str:
     lines = [f"# {context['title']}", "",
-             f"{context['queries']} judged queries{' of ' + context['dataset'] if context['dataset'] else ''}; "
+             f"{context['queries']} {context['unit']}{' of ' + context['dataset'] if context['dataset'] else ''}; "
              f"baseline **{context['baseline']}**; paired t-test and randomisation test "
              f"({context['permutations']} permutations), Holm-corrected; significant (both tests, "
              f"α = {context['alpha']}) marked ✓.", "",
@@ -118,6 +120,7 @@ def _plots(comparison: dict[str, Any], latencies: dict[str, list[float]], direct
         made.append((plot_title, path))
 
     baseline, per_query = comparison["baseline"], comparison["per_query"]
+    unit = "users" if comparison.get("unit") == "user" else "queries"
     metric = comparison["metrics"][0]
     challengers = list(comparison["comparisons"])
     figure, axes = plt.subplots(len(challengers), 1, figsize=(10, 2.6 * len(challengers)), squeeze=False)
@@ -125,25 +128,26 @@ def _plots(comparison: dict[str, Any], latencies: dict[str, list[float]], direct
         deltas = np.sort([per_query[name][q][metric] - per_query[baseline][q][metric] for q in per_query[name]])[::-1]
         axis.bar(np.arange(len(deltas)), deltas, width=1.0, color=np.where(deltas >= 0, "#2a7d4f", "#b03a2e"))
         axis.axhline(0, color="black", linewidth=0.6)
-        axis.set(title=f"{name} − {baseline}", ylabel=f"Δ {metric}", xlabel="queries, sorted by Δ")
-    save(figure, "per_query_delta", f"Per-query Δ {metric} against {baseline}")
+        axis.set(title=f"{name} − {baseline}", ylabel=f"Δ {metric}", xlabel=f"{unit}, sorted by Δ")
+    save(figure, "per_query_delta", f"Per-{unit[:-1]} Δ {metric} against {baseline}")
 
-    figure, axis = plt.subplots(figsize=(7, 4.2))
-    for name, curve in comparison["recall_curves"].items():
-        cutoffs = sorted(curve, key=int)  # int keys in memory, str keys once read back from JSON
-        axis.plot([int(k) for k in cutoffs], [curve[k] for k in cutoffs], marker="o", label=name)
-    axis.set(xscale="log", xlabel="k", ylabel="mean Recall@k", title="Recall@k")
-    axis.grid(alpha=0.3)
-    axis.legend()
-    save(figure, "recall_at_k", "Recall@k curves")
+    if comparison["recall_curves"]:
+        figure, axis = plt.subplots(figsize=(7, 4.2))
+        for name, curve in comparison["recall_curves"].items():
+            cutoffs = sorted(curve, key=int)  # int keys in memory, str keys once read back from JSON
+            axis.plot([int(k) for k in cutoffs], [curve[k] for k in cutoffs], marker="o", label=name)
+        axis.set(xscale="log", xlabel="k", ylabel="mean Recall@k", title="Recall@k")
+        axis.grid(alpha=0.3)
+        axis.legend()
+        save(figure, "recall_at_k", "Recall@k curves")
 
     figure, axis = plt.subplots(figsize=(7, 4.2))
     bins = np.linspace(0, 1, 21)
     for name, scores in per_query.items():
         axis.hist([score[metric] for score in scores.values()], bins=bins, histtype="step", linewidth=1.6, label=name)
-    axis.set(xlabel=f"per-query {metric}", ylabel="queries", title=f"Distribution of per-query {metric}")
+    axis.set(xlabel=f"per-{unit[:-1]} {metric}", ylabel=unit, title=f"Distribution of per-{unit[:-1]} {metric}")
     axis.legend()
-    save(figure, "score_distribution", f"Per-query {metric} distributions")
+    save(figure, "score_distribution", f"Per-{unit[:-1]} {metric} distributions")
 
     timed = {name: values for name, values in latencies.items() if values}
     if timed:

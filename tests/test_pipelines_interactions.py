@@ -162,6 +162,39 @@ def test_din_trains_on_the_spark_output_and_beats_popularity(synthetic_artifact:
     assert 1 <= meta["best_epoch"] <= meta["epochs_run"] <= 5
     assert load_din(tmp_path / "crm").representation_dim == meta["representation_dim"]
 
+    # `rec compare`: the artifact's test probabilities, paired over users, in the eval compare report.
+    from sklearn.metrics import roc_auc_score
+    from typer.testing import CliRunner
+
+    from towerline.cli import app
+
+    result = CliRunner().invoke(app, ["rec", "compare", str(tmp_path / "crm"), "--permutations", "300", "--out",
+                                      str(tmp_path / "cmp")])
+    assert result.exit_code == 0, result.output
+    comparison = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert comparison["baseline"] == "popularity" and list(comparison["comparisons"]) == ["logreg", "din"]
+    for name in ("auc", "logloss", "gauc"):
+        assert comparison["table"]["din"][name] == pytest.approx(meta["din"]["test"][name])
+        assert comparison["table"]["popularity"][name] == pytest.approx(meta["baselines"]["popularity"][name])
+    frame = pd.read_parquet(tmp_path / "crm" / "test_predictions.parquet")
+    both = frame.groupby("user_index")["label"].transform("nunique") == 2
+    per_user = {model: frame[both].groupby("user_index").apply(lambda g, m=model: roc_auc_score(g["label"], g[m]))
+                for model in ("popularity", "din")}
+    assert comparison["queries"] == len(per_user["din"])
+    expected = (per_user["din"] - per_user["popularity"]).mean()
+    assert comparison["comparisons"]["din"]["user_auc"]["delta"] == pytest.approx(expected)
+    html = (tmp_path / "cmp" / "report.html").read_text()
+    assert "users (with both labels)" in html and html.count("data:image/png;base64,") == 2  # delta bars, distributions
+
+    # Two CRM artifacts of the same interactions: their DIN models side by side.
+    run_train_crm(config.model_copy(update={"rec": config.rec.model_copy(update={
+        "crm": config.rec.crm.model_copy(update={"seed": 1})})}), synthetic_artifact, tmp_path / "crm-b",
+        Tracker(None))
+    two = CliRunner().invoke(app, ["rec", "compare", str(tmp_path / "crm"), str(tmp_path / "crm-b"),
+                                   "--permutations", "300", "--out", str(tmp_path / "cmp2")])
+    assert two.exit_code == 0, two.output
+    assert list(json.loads((tmp_path / "cmp2" / "comparison.json").read_text())["table"]) == ["crm", "crm-b"]
+
 
 def test_two_tower_candidates_beat_most_popular(synthetic_artifact: Path, tiny_backbone: Path, tmp_path: Path) -> None:
     import numpy as np

@@ -255,6 +255,41 @@ def rec_train_crm(
     _produce(config, "rec-train-crm", output, "CRM", lambda tracker: run_train_crm(config, source, output, tracker))
 
 
+@command(rec_app, "compare")
+def rec_compare(
+    crm: Annotated[list[Path], typer.Argument(help="crm artifact(s): one compares its models; several compare "
+                                                   "their DIN models (same interactions artifact)")],
+    model: Annotated[list[str] | None, typer.Option(help="with one artifact: models to compare, in order, the "
+                                                         "first as baseline (default: popularity, logreg, "
+                                                         "din)")] = None,
+    alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="significance level (Holm-corrected)")] = 0.05,
+    permutations: Annotated[int, typer.Option(min=100, help="resamples of the randomisation test")] = 10_000,
+    config_file: ConfigOption = None,
+    out: OutOption = None,
+) -> None:
+    """Compare CTR models on the test split, paired over users: per-user AUC and log loss by paired
+    t-test and randomisation test (Holm-corrected), beside global AUC, LogLoss and GAUC; writes the
+    same report as `eval compare` (comparison.json, report.md, report.html)."""
+    from evaluation.ctr_compare import compare_crms_to_report
+
+    config = _config(config_file, [])
+    output = _out(out, config, "rec-compare")
+    comparison = compare_crms_to_report(config, crm, output, model, alpha=alpha, permutations=permutations)
+    table = Table(title=f"test split, {comparison['queries']} users with both labels; p: t-test / randomisation, "
+                        "Holm-corrected, paired over users")
+    for column in ("model", "AUC", "LogLoss", "GAUC", "user AUC (Δ, p)", "user LogLoss (Δ, p)"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for name, row in comparison["table"].items():
+        paired = []
+        for metric in ("user_auc", "logloss"):
+            test = comparison["comparisons"].get(name, {}).get(metric)
+            paired.append("—" if test is None else f"{test['delta']:+.4f} ({test['t_test_p_holm']:.3g} / "
+                          f"{test['permutation_p_holm']:.3g}){'*' if test['significant'] else ''}")
+        table.add_row(name, f"{row['auc']:.4f}", f"{row['logloss']:.4f}", f"{row['gauc']:.4f}", *paired)
+    console.print(table)
+    console.print(f"report: {output / 'report.html'}; * = significant at alpha {alpha}")
+
+
 @command(rec_app, "train-twotower")
 def rec_train_two_tower(
     interactions: Annotated[

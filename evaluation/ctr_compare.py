@@ -1,0 +1,128 @@
+"""`towerline rec compare`: CTR models scored on the same test samples, compared with the retrieval
+side's significance tests and report (`evaluation.compare`, `evaluation.report`).
+
+The paired unit is the user, as in GAUC: per user with both labels, the AUC of the model's scores
+(`user_auc`) and the mean log loss of its probabilities (`logloss`), each challenger against the
+first model by paired t-test and randomisation test, Holm-corrected over the challengers. The table
+also shows the global AUC, LogLoss and sample-weighted GAUC of every model (`ctr_metrics`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import roc_auc_score
+
+from evaluation.compare import holm, paired_tests
+from personalization.crm_run import PREDICTIONS_FILE
+from personalization.ctr_metrics import PROBABILITY_EPS, ctr_metrics
+from towerline.config import TowerlineConfig
+from towerline.errors import DataError
+
+KEY_COLUMNS = ("user_index", "label")
+PAIRED_METRICS = ("user_auc", "logloss")
+# user_auc: higher is better; logloss: lower is better (its "delta" is reported as is, negative = better).
+LOWER_IS_BETTER = {"logloss"}
+
+
+def per_user_scores(frame: pd.DataFrame, model: str) -> pd.DataFrame:
+    """Index user_index; columns user_auc and logloss, for users having both labels."""
+    probabilities = np.clip(frame[model].to_numpy(np.float64), PROBABILITY_EPS, 1 - PROBABILITY_EPS)
+    labels = frame["label"].to_numpy()
+    losses = -(labels * np.log(probabilities) + (1 - labels) * np.log(1 - probabilities))
+    rows = {}
+    for user, group in frame.assign(_loss=losses).groupby("user_index"):
+        if group["label"].nunique() == 2:
+            rows[user] = {"user_auc": roc_auc_score(group["label"], group[model]), "logloss": group["_loss"].mean()}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def compare_ctr(frame: pd.DataFrame, models: list[str], *, alpha: float = 0.05, permutations: int = 10_000,
+                seed: int = 0) -> dict[str, Any]:
+    """The comparison in `evaluation.compare.compare_systems`'s layout, so that `write_report` draws it."""
+    missing = [column for column in (*KEY_COLUMNS, *models) if column not in frame.columns]
+    if missing:
+        raise DataError(f"predictions lack column(s) {', '.join(missing)}")
+    if len(models) < 2:
+        raise DataError("rec compare needs at least two models")
+    per_model = {model: per_user_scores(frame, model) for model in models}
+    users = per_model[models[0]].index
+    if not len(users):
+        raise DataError("no user has both a clicked and an unclicked test sample")
+    table = {}
+    for model in models:
+        overall = ctr_metrics(frame["label"], frame[model], frame["user_index"])
+        table[model] = {"user_auc": float(per_model[model]["user_auc"].mean()), **overall}
+    comparisons: dict[str, dict[str, Any]] = {model: {} for model in models[1:]}
+    for metric in PAIRED_METRICS:
+        base = per_model[models[0]].loc[users, metric].to_numpy()
+        tests = {}
+        for model in comparisons:
+            scores = per_model[model].loc[users, metric].to_numpy()
+            better = scores < base if metric in LOWER_IS_BETTER else scores > base
+            worse = scores > base if metric in LOWER_IS_BETTER else scores < base
+            tests[model] = {"delta": float(np.mean(scores - base)), "wins": int(better.sum()),
+                            "losses": int(worse.sum()), **paired_tests(scores, base, permutations, seed)}
+        for key in ("t_test_p", "permutation_p"):
+            for model, adjusted in zip(tests, holm([test[key] for test in tests.values()]), strict=True):
+                tests[model][f"{key}_holm"] = adjusted
+        for model, test in tests.items():
+            test["significant"] = max(test["t_test_p_holm"], test["permutation_p_holm"]) < alpha
+            comparisons[model][metric] = test
+    return {
+        "baseline": models[0], "queries": len(users), "unit": "user", "alpha": alpha, "permutations": permutations,
+        "correction": "holm", "metrics": [*PAIRED_METRICS, "auc", "gauc"], "table": table,
+        "comparisons": comparisons,
+        "per_query": {model: {str(user): {m: float(per_model[model].loc[user, m]) for m in PAIRED_METRICS}
+                              for user in users} for model in models},
+        "recall_curves": {}, "latency_ms": {},
+    }
+
+
+def read_predictions(crm_dir: Path) -> pd.DataFrame:
+    path = Path(crm_dir) / PREDICTIONS_FILE
+    if not path.is_file():
+        raise DataError(f"{crm_dir}: no {PREDICTIONS_FILE} (made by `towerline rec train-crm`)")
+    return pd.read_parquet(path)
+
+
+def crm_predictions(crm_dirs: list[Path], models: list[str] | None) -> tuple[pd.DataFrame, list[str]]:
+    """One CRM artifact: its models' columns (default: popularity, logreg, din). Several: their DIN
+    columns side by side, named by directory, after checking they scored the same test samples."""
+    from personalization.crm_run import CRM_KIND
+    from towerline.artifacts import read_manifest
+
+    frames = [read_predictions(path) for path in crm_dirs]
+    if len(crm_dirs) == 1:
+        return frames[0], models or ["popularity", "logreg", "din"]
+    sources = {read_manifest(path, CRM_KIND).inputs.get("interactions") for path in crm_dirs}
+    first = frames[0]
+    if len(sources) != 1 or any(len(frame) != len(first) or not frame["user_index"].equals(first["user_index"])
+                                or not frame["label"].equals(first["label"]) for frame in frames[1:]):
+        raise DataError("rec compare: the CRM artifacts were trained on different interactions artifacts")
+    names = [Path(path).name for path in crm_dirs]
+    if len(set(names)) != len(names):
+        raise DataError(f"rec compare: two CRM directories share a name ({', '.join(names)})")
+    column = (models or ["din"])[0]
+    combined = first[list(KEY_COLUMNS)].copy()
+    for name, frame in zip(names, frames, strict=True):
+        combined[name] = frame[column]
+    return combined, names
+
+
+def compare_crms_to_report(config: TowerlineConfig, crm_dirs: list[Path], output: Path, models: list[str] | None,
+                           *, alpha: float = 0.05, permutations: int = 10_000) -> dict[str, Any]:
+    """Compare and write an eval-comparison artifact (the same report as `eval compare`) atomically."""
+    from evaluation.compare import COMPARISON_KIND
+    from evaluation.report import write_report
+    from towerline.artifacts import ArtifactWriter
+
+    frame, names = crm_predictions(crm_dirs, models)
+    comparison = compare_ctr(frame, names, alpha=alpha, permutations=permutations)
+    with ArtifactWriter(output, COMPARISON_KIND, producer="rec compare", config=config) as staged:
+        write_report(comparison, staged.path, title="CTR models: " + " vs ".join(names), dataset="the test split")
+        staged.metadata.update(baseline=comparison["baseline"], table=comparison["table"], unit="user")
+    return comparison
