@@ -10,6 +10,7 @@ step-down method, which controls the family-wise error rate without assuming ind
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ from towerline.errors import ArtifactError, DataError
 COMPARISON_KIND = "eval-comparison"
 COMPARED_METRICS = ("ndcg@10", "recall@100", "mrr@10")
 RECALL_CUTOFFS = (1, 3, 5, 10, 20, 50, 100)
+# (qrels, run) -> query id -> metric -> score.
+PerQueryScorer = Callable[[Qrels, Run], dict[str, dict[str, float]]]
 
 
 @dataclass
@@ -107,9 +110,12 @@ def paired_tests(challenger: np.ndarray, baseline: np.ndarray, permutations: int
 
 def compare_systems(qrels: Qrels, systems: list[SystemRun], positive_min: int = 1, *,
                     metrics: tuple[str, ...] = COMPARED_METRICS, alpha: float = 0.05,
-                    permutations: int = 10_000, seed: int = 0) -> dict[str, Any]:
-    """Per-system means, per-query scores, Recall@k curves and every challenger against the first system."""
-    per_system = {system.name: per_query_scores(qrels, system.run, positive_min) for system in systems}
+                    permutations: int = 10_000, seed: int = 0, scorer: PerQueryScorer | None = None,
+                    recall_cutoffs: tuple[int, ...] = RECALL_CUTOFFS) -> dict[str, Any]:
+    """Per-system means, per-query scores, Recall@k curves and every challenger against the first system.
+    `scorer` (default: `per_query_scores`) gives each query's `metrics` from (qrels, run)."""
+    score = scorer or (lambda judged, run: per_query_scores(judged, run, positive_min))
+    per_system = {system.name: score(qrels, system.run) for system in systems}
     query_ids = sorted(next(iter(per_system.values())))
     table = {name: {metric: float(np.mean([scores[q][metric] for q in query_ids])) for metric in metrics}
              for name, scores in per_system.items()}
@@ -141,7 +147,7 @@ def compare_systems(qrels: Qrels, systems: list[SystemRun], positive_min: int = 
         "comparisons": comparisons,
         "per_query": {name: {q: {m: scores[q][m] for m in metrics} for q in query_ids}
                       for name, scores in per_system.items()},
-        "recall_curves": {system.name: recall_curve(qrels, system.run, positive_min, RECALL_CUTOFFS)
+        "recall_curves": {system.name: recall_curve(qrels, system.run, positive_min, recall_cutoffs)
                           for system in systems},
         "latency_ms": {system.name: _percentiles(system.latency_ms) for system in systems if system.latency_ms},
     }

@@ -69,10 +69,19 @@ def recall_curve(qrels: Qrels, run: Run, positive_min: int, cutoffs: tuple[int, 
     return {k: sum(scores[f"recall_{k}"] for scores in per_query.values()) / count for k in cutoffs}
 
 
-def candidate_metrics(relevant: Qrels, run: Run) -> dict[str, float]:
-    """Candidate generation for recommendation: mean NDCG@10 and Recall@50 over users with a relevant item."""
+CANDIDATE_METRICS = ("ndcg@10", "recall@50")
+
+
+def per_user_candidate_scores(relevant: Qrels, run: Run) -> dict[str, dict[str, float]]:
+    """Candidate generation for recommendation: NDCG@10 and Recall@50 of every user with a relevant item."""
     complete_run = {user: run.get(user) or {"__none__": 0.0} for user in relevant}
     per_user = pytrec_eval.RelevanceEvaluator(relevant, {"ndcg_cut.10", "recall.50"}).evaluate(complete_run)
+    return {user: {"ndcg@10": scores["ndcg_cut_10"], "recall@50": scores["recall_50"]}
+            for user, scores in per_user.items()}
+
+
+def candidate_metrics(relevant: Qrels, run: Run) -> dict[str, float]:
+    """Mean NDCG@10 and Recall@50 over users with a relevant item (see `per_user_candidate_scores`)."""
+    per_user = per_user_candidate_scores(relevant, run)
     count = max(len(per_user), 1)
-    return {"ndcg@10": sum(scores["ndcg_cut_10"] for scores in per_user.values()) / count,
-            "recall@50": sum(scores["recall_50"] for scores in per_user.values()) / count}
+    return {metric: sum(scores[metric] for scores in per_user.values()) / count for metric in CANDIDATE_METRICS}

@@ -20,7 +20,8 @@ import pandas as pd
 
 from evaluation.latency import percentile
 from evaluation.metrics import candidate_metrics
-from evaluation.run import write_trec_run
+from evaluation.run import LATENCY_FILE, write_trec_run
+from evaluation.trec import write_trec_qrels
 from personalization.interactions import HistoryBeforeTest, load_ctr_data
 from personalization.recommender import STATE_SUFFIX, Recommender, RecommenderPaths
 from serving.results import Recommendation
@@ -30,6 +31,7 @@ from towerline.errors import ConfigError, DataError
 from towerline.progress import progress_bar
 
 REC_EVAL_KIND = "rec-eval-report"
+QRELS_FILE = "qrels.trec"
 # Items asked per user: Recall@50, as for the candidate model.
 EVAL_DEPTH = 50
 # (user id, top_k) -> the Recommend answer for that user with no extra recent items.
@@ -66,6 +68,9 @@ def evaluate_recommend(config: TowerlineConfig, interactions: Path, recommend: R
                         config=config) as staged:
         (staged.path / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         write_trec_run(staged.path / "run.trec", run)
+        # What the run was scored against, and each call's time: `towerline rec compare` reads both.
+        write_trec_qrels(staged.path / QRELS_FILE, qrels)
+        (staged.path / LATENCY_FILE).write_text(json.dumps({"batch_size": 1, "calls_ms": latencies_ms}))
         staged.metadata.update({"dataset": source.metadata.get("dataset"), "top_k": top_k, "target": target,
                                 "strategies": strategies, **metrics})
     assert staged.manifest is not None

@@ -74,3 +74,10 @@ def read_trec_topics(path: Path) -> dict[str, str]:
     if not topics:
         raise DataError(f"{path}: no topics")
     return topics
+
+
+def write_trec_qrels(path: Path, qrels: Qrels) -> None:
+    with path.open("w") as handle:
+        for query_id, judged in qrels.items():
+            for doc_id, grade in judged.items():
+                handle.write(f"{query_id} 0 {doc_id} {grade}\n")

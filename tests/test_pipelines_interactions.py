@@ -317,6 +317,24 @@ def test_rec_eval_scores_the_pipeline_from_the_test_start_and_refuses_the_latest
     assert 0 < known < len(qrels)
     assert report.metadata["strategies"] == {PERSONALISED: known, COLD_START: len(qrels) - known}
 
+    # `rec compare` on rec eval reports: paired over the test users, against the truth each report kept.
+    from typer.testing import CliRunner
+
+    from evaluation.trec import read_trec_qrels
+    from towerline.cli import app
+
+    assert read_trec_qrels(tmp_path / "live" / "qrels.trec") == qrels
+    evaluate_recommend_artifacts(config, rec_root, tmp_path / "top-5", top_k=5)
+    result = CliRunner().invoke(app, ["rec", "compare", str(tmp_path / "in-process"), str(tmp_path / "live"),
+                                      str(tmp_path / "top-5"), "--permutations", "300", "--out", str(tmp_path / "cmp")])
+    assert result.exit_code == 0, result.output
+    comparison = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    same, shorter = comparison["comparisons"]["live"], comparison["comparisons"]["top-5"]
+    assert same["recall@50"]["delta"] == 0 and same["recall@50"]["t_test_p"] == 1.0  # identical answers
+    assert shorter["recall@50"]["delta"] < 0 and shorter["recall@50"]["wins"] == 0  # 5 items never find more
+    assert comparison["table"]["in-process"]["recall@50"] == pytest.approx(in_process["recall@50"])
+    assert comparison["latency_ms"]["live"]["calls"] == len(qrels)
+
 
 def test_bench_rec_writes_one_table_over_seeds(synthetic_dir: Path, tiny_backbone: Path, tmp_path: Path) -> None:
     from benchmarks.rec import run_rec_bench

@@ -258,7 +258,8 @@ def rec_train_crm(
 @command(rec_app, "compare")
 def rec_compare(
     crm: Annotated[list[Path], typer.Argument(help="crm artifact(s): one compares its models; several compare "
-                                                   "their DIN models (same interactions artifact)")],
+                                                   "their DIN models (same interactions artifact). Or `rec eval` "
+                                                   "reports: their Recommend answers (same test users)")],
     model: Annotated[list[str] | None, typer.Option(help="with one artifact: models to compare, in order, the "
                                                          "first as baseline (default: popularity, logreg, "
                                                          "din)")] = None,
@@ -267,26 +268,16 @@ def rec_compare(
     config_file: ConfigOption = None,
     out: OutOption = None,
 ) -> None:
-    """Compare CTR models on the test split, paired over users: per-user AUC and log loss by paired
-    t-test and randomisation test (Holm-corrected), beside global AUC, LogLoss and GAUC; writes the
-    same report as `eval compare` (comparison.json, report.md, report.html)."""
-    from evaluation.ctr_compare import compare_crms_to_report
+    """Compare recommendation models paired over users, by paired t-test and randomisation test
+    (Holm-corrected), and write the same report as `eval compare` (comparison.json, report.md,
+    report.html). CTR models (crm artifacts): per-user AUC and log loss, beside global AUC, LogLoss
+    and GAUC. Recommend pipelines (`rec eval` reports): per-user NDCG@10 and Recall@50."""
+    from evaluation.rec_compare import compare_crms_to_report
 
     config = _config(config_file, [])
     output = _out(out, config, "rec-compare")
     comparison = compare_crms_to_report(config, crm, output, model, alpha=alpha, permutations=permutations)
-    table = Table(title=f"test split, {comparison['queries']} users with both labels; p: t-test / randomisation, "
-                        "Holm-corrected, paired over users")
-    for column in ("model", "AUC", "LogLoss", "GAUC", "user AUC (Δ, p)", "user LogLoss (Δ, p)"):
-        table.add_column(column, justify="left" if column == "model" else "right")
-    for name, row in comparison["table"].items():
-        paired = []
-        for metric in ("user_auc", "logloss"):
-            test = comparison["comparisons"].get(name, {}).get(metric)
-            paired.append("—" if test is None else f"{test['delta']:+.4f} ({test['t_test_p_holm']:.3g} / "
-                          f"{test['permutation_p_holm']:.3g}){'*' if test['significant'] else ''}")
-        table.add_row(name, f"{row['auc']:.4f}", f"{row['logloss']:.4f}", f"{row['gauc']:.4f}", *paired)
-    console.print(table)
+    _print_comparison(comparison, f"{comparison['queries']} users")
     console.print(f"report: {output / 'report.html'}; * = significant at alpha {alpha}")
 
 
@@ -787,6 +778,25 @@ def evaluate(
     console.print(table)
 
 
+def _print_comparison(comparison: dict[str, Any], title: str) -> None:
+    """Systems × metrics; a challenger's cells add its difference to the baseline and the two p-values."""
+    table = Table(title=f"{title}; (Δ; p t-test / randomisation, Holm-corrected), * significant")
+    table.add_column("system")
+    for metric in comparison["metrics"]:
+        table.add_column(metric, justify="right")
+    for system, means in comparison["table"].items():
+        cells = []
+        for metric in comparison["metrics"]:
+            test = comparison["comparisons"].get(system, {}).get(metric)
+            cell = f"{means[metric]:.4f}"
+            if test is not None:
+                p_values = f"{test['t_test_p_holm']:.3g} / {test['permutation_p_holm']:.3g}"
+                cell += f" ({test['delta']:+.4f}; p {p_values}){'[bold green]*[/]' if test['significant'] else ''}"
+            cells.append(cell)
+        table.add_row(system, *cells)
+    console.print(table)
+
+
 @command(eval_app, "suite")
 def suite_command(
     data: Annotated[list[Path], typer.Option(help="BEIR-format dataset dir; repeat for each dataset of the suite")],
@@ -868,23 +878,8 @@ def compare_command(
         comparison = compare_to_report(config, runs, output, names=name, alpha=alpha, permutations=permutations,
                                        force=force, title=title, judged=judged)
         tracker.artifact_dir(output, "compare")
-    table = Table(title=f"{comparison['dataset']['name']} {comparison['dataset']['split']}, "
-                        f"{comparison['queries']} queries; p: t-test / randomisation, Holm-corrected")
-    table.add_column("system")
-    for metric in comparison["metrics"]:
-        table.add_column(metric, justify="right")
-    for system, means in comparison["table"].items():
-        cells = []
-        for metric in comparison["metrics"]:
-            test = comparison["comparisons"].get(system, {}).get(metric)
-            cell = f"{means[metric]:.4f}"
-            if test is not None:
-                mark = "[bold green]*[/]" if test["significant"] else ""
-                p_values = f"{test['t_test_p_holm']:.3g} / {test['permutation_p_holm']:.3g}"
-                cell += f" ({test['delta']:+.4f}; p {p_values}){mark}"
-            cells.append(cell)
-        table.add_row(system, *cells)
-    console.print(table)
+    _print_comparison(comparison, f"{comparison['dataset']['name']} {comparison['dataset']['split']}, "
+                                  f"{comparison['queries']} queries")
     console.print(f"report: {output / 'report.html'} (and report.md); * = significant at alpha {alpha}")
 
 

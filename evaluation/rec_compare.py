@@ -1,5 +1,9 @@
-"""`towerline rec compare`: CTR models scored on the same test samples, compared with the retrieval
-side's significance tests and report (`evaluation.compare`, `evaluation.report`).
+"""`towerline rec compare`: recommendation models compared with the retrieval side's significance tests
+and report (`evaluation.compare`, `evaluation.report`): CTR models on the same test samples, or
+Recommend pipelines (`rec eval` reports) on the same test users.
+
+Recommend pipelines: per user, NDCG@10 and Recall@50 of the recommended items against the items the
+user liked in the test period (the `qrels.trec` each report keeps), paired over users.
 
 The paired unit is the user, as in GAUC: per user with both labels, the AUC of the model's scores
 (`user_auc`) and the mean log loss of its probabilities (`logloss`), each challenger against the
@@ -9,6 +13,7 @@ also shows the global AUC, LogLoss and sample-weighted GAUC of every model (`ctr
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +22,7 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 from evaluation.compare import holm, paired_tests
-from personalization.crm_run import PREDICTIONS_FILE
+from personalization.crm_run import CRM_KIND, PREDICTIONS_FILE
 from personalization.ctr_metrics import PROBABILITY_EPS, ctr_metrics
 from towerline.config import TowerlineConfig
 from towerline.errors import DataError
@@ -92,7 +97,6 @@ def read_predictions(crm_dir: Path) -> pd.DataFrame:
 def crm_predictions(crm_dirs: list[Path], models: list[str] | None) -> tuple[pd.DataFrame, list[str]]:
     """One CRM artifact: its models' columns (default: popularity, logreg, din). Several: their DIN
     columns side by side, named by directory, after checking they scored the same test samples."""
-    from personalization.crm_run import CRM_KIND
     from towerline.artifacts import read_manifest
 
     frames = [read_predictions(path) for path in crm_dirs]
@@ -115,14 +119,52 @@ def crm_predictions(crm_dirs: list[Path], models: list[str] | None) -> tuple[pd.
 
 def compare_crms_to_report(config: TowerlineConfig, crm_dirs: list[Path], output: Path, models: list[str] | None,
                            *, alpha: float = 0.05, permutations: int = 10_000) -> dict[str, Any]:
-    """Compare and write an eval-comparison artifact (the same report as `eval compare`) atomically."""
+    """Compare CRM artifacts' CTR models, or `rec eval` reports, and write an eval-comparison artifact
+    (the same report as `eval compare`) atomically."""
     from evaluation.compare import COMPARISON_KIND
+    from evaluation.recommend import REC_EVAL_KIND
     from evaluation.report import write_report
-    from towerline.artifacts import ArtifactWriter
+    from towerline.artifacts import ArtifactWriter, read_manifest
 
-    frame, names = crm_predictions(crm_dirs, models)
-    comparison = compare_ctr(frame, names, alpha=alpha, permutations=permutations)
+    if read_manifest(crm_dirs[0], (CRM_KIND, REC_EVAL_KIND)).kind == REC_EVAL_KIND:
+        names = [Path(path).name for path in crm_dirs]
+        comparison = compare_rec_evals(crm_dirs, alpha=alpha, permutations=permutations)
+        title = "Recommend: " + " vs ".join(names)
+    else:
+        frame, names = crm_predictions(crm_dirs, models)
+        comparison = compare_ctr(frame, names, alpha=alpha, permutations=permutations)
+        title = "CTR models: " + " vs ".join(names)
     with ArtifactWriter(output, COMPARISON_KIND, producer="rec compare", config=config) as staged:
-        write_report(comparison, staged.path, title="CTR models: " + " vs ".join(names), dataset="the test split")
+        write_report(comparison, staged.path, title=title, dataset="the test period")
         staged.metadata.update(baseline=comparison["baseline"], table=comparison["table"], unit="user")
     return comparison
+
+
+def compare_rec_evals(rec_evals: list[Path], *, alpha: float = 0.05, permutations: int = 10_000,
+                      seed: int = 0) -> dict[str, Any]:
+    """`rec eval` reports of the same test users, paired over users on NDCG@10 and Recall@50."""
+    from evaluation.compare import SystemRun, compare_systems
+    from evaluation.metrics import CANDIDATE_METRICS, per_user_candidate_scores
+    from evaluation.recommend import QRELS_FILE, REC_EVAL_KIND
+    from evaluation.run import LATENCY_FILE
+    from evaluation.trec import read_trec_qrels, read_trec_run
+    from towerline.artifacts import read_manifest
+
+    names = [Path(path).name for path in rec_evals]
+    if len(set(names)) != len(names):
+        raise DataError(f"rec compare: two reports share a name ({', '.join(names)})")
+    truths, systems = [], []
+    for name, path in zip(names, rec_evals, strict=True):
+        read_manifest(path, REC_EVAL_KIND)
+        if not (path / QRELS_FILE).is_file():
+            raise DataError(f"{path}: no {QRELS_FILE} (made by `towerline rec eval` since it keeps its truth)")
+        truths.append(read_trec_qrels(path / QRELS_FILE))
+        latency = path / LATENCY_FILE
+        systems.append(SystemRun(name, read_trec_run(path / "run.trec"),
+                                 latency_ms=json.loads(latency.read_text())["calls_ms"] if latency.is_file() else []))
+    if any(truth != truths[0] for truth in truths[1:]):
+        raise DataError("rec compare: the reports were scored against different test-period items")
+    comparison = compare_systems(truths[0], systems, metrics=CANDIDATE_METRICS, alpha=alpha,
+                                 permutations=permutations, seed=seed, scorer=per_user_candidate_scores,
+                                 recall_cutoffs=(1, 5, 10, 20, 50))
+    return {**comparison, "unit": "user"}
