@@ -20,7 +20,7 @@ from scipy import stats
 
 from evaluation.judged import JudgedQueries, dataset_judged
 from evaluation.metrics import Qrels, Run, per_query_scores, recall_curve
-from evaluation.run import EVAL_KIND, LATENCY_FILE
+from evaluation.run import EVAL_KIND, LATENCY_FILE, call_percentiles
 from evaluation.trec import read_trec_run
 from towerline.artifacts import ArtifactWriter, read_manifest
 from towerline.config import TowerlineConfig
@@ -149,14 +149,8 @@ def compare_systems(qrels: Qrels, systems: list[SystemRun], positive_min: int = 
                       for name, scores in per_system.items()},
         "recall_curves": {system.name: recall_curve(qrels, system.run, positive_min, recall_cutoffs)
                           for system in systems},
-        "latency_ms": {system.name: _percentiles(system.latency_ms) for system in systems if system.latency_ms},
+        "latency_ms": {system.name: call_percentiles(system.latency_ms) for system in systems if system.latency_ms},
     }
-
-
-def _percentiles(values: list[float]) -> dict[str, float]:
-    array = np.asarray(values, dtype=np.float64)
-    return {"calls": len(array), "p50": float(np.percentile(array, 50)), "p95": float(np.percentile(array, 95)),
-            "p99": float(np.percentile(array, 99))}
 
 
 def compare_to_report(config: TowerlineConfig, paths: list[Path], output: Path, *, names: list[str] | None = None,

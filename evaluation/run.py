@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from evaluation.judged import JudgedQueries, dataset_judged
 from evaluation.metrics import Run, per_query_scores, score_run
 from towerline.artifacts import ArtifactWriter, Manifest
@@ -76,9 +78,19 @@ def evaluate(
                                                             "calls_ms": latencies_ms}))
         write_trec_run(staged.path / "run.trec", run)
         staged.metadata.update(metrics=metrics, target=target, split=judged.split, positive_min=positive_min,
-                               dataset=identity, dropped_judgments=judged.dropped, forced=force)
+                               dataset=identity, dropped_judgments=judged.dropped, forced=force,
+                               latency_ms=call_percentiles(latencies_ms))
     assert staged.manifest is not None
     return metrics, staged.manifest
+
+
+def call_percentiles(values: list[float]) -> dict[str, float]:
+    """Count and p50/p95/p99 of per-call times in ms (numpy's linear interpolation)."""
+    array = np.asarray(values, dtype=np.float64)
+    if not len(array):
+        return {"calls": 0}
+    return {"calls": len(array), "p50": float(np.percentile(array, 50)), "p95": float(np.percentile(array, 95)),
+            "p99": float(np.percentile(array, 99))}
 
 
 def write_trec_run(path: Path, run: Run) -> None:

@@ -87,6 +87,8 @@ def test_an_index_is_not_scored_against_other_data_unless_forced(tiny_config: To
     assert json.loads((tmp_path / "forced" / "manifest.json").read_text())["metadata"]["forced"] is True
     latency = json.loads((tmp_path / "forced" / "latency.json").read_text())
     assert len(latency["calls_ms"]) >= 1 and all(ms > 0 for ms in latency["calls_ms"])
+    summary = json.loads((tmp_path / "forced" / "manifest.json").read_text())["metadata"]["latency_ms"]
+    assert summary["calls"] == len(latency["calls_ms"]) and 0 < summary["p50"] <= summary["p99"]
 
 
 def test_trec_topics_and_qrels_score_like_the_dataset_split(tiny_config: TowerlineConfig, tmp_path: Path) -> None:
