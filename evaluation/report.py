@@ -120,7 +120,7 @@ def _plots(comparison: dict[str, Any], latencies: dict[str, list[float]], direct
         made.append((plot_title, path))
 
     baseline, per_query = comparison["baseline"], comparison["per_query"]
-    unit = "users" if comparison.get("unit") == "user" else "queries"
+    unit, one = ("users", "user") if comparison.get("unit") == "user" else ("queries", "query")
     metric = comparison["metrics"][0]
     challengers = list(comparison["comparisons"])
     figure, axes = plt.subplots(len(challengers), 1, figsize=(10, 2.6 * len(challengers)), squeeze=False)
@@ -129,7 +129,7 @@ def _plots(comparison: dict[str, Any], latencies: dict[str, list[float]], direct
         axis.bar(np.arange(len(deltas)), deltas, width=1.0, color=np.where(deltas >= 0, "#2a7d4f", "#b03a2e"))
         axis.axhline(0, color="black", linewidth=0.6)
         axis.set(title=f"{name} − {baseline}", ylabel=f"Δ {metric}", xlabel=f"{unit}, sorted by Δ")
-    save(figure, "per_query_delta", f"Per-{unit[:-1]} Δ {metric} against {baseline}")
+    save(figure, "per_query_delta", f"Per-{one} Δ {metric} against {baseline}")
 
     if comparison["recall_curves"]:
         figure, axis = plt.subplots(figsize=(7, 4.2))
@@ -145,9 +145,9 @@ def _plots(comparison: dict[str, Any], latencies: dict[str, list[float]], direct
     bins = np.linspace(0, 1, 21)
     for name, scores in per_query.items():
         axis.hist([score[metric] for score in scores.values()], bins=bins, histtype="step", linewidth=1.6, label=name)
-    axis.set(xlabel=f"per-{unit[:-1]} {metric}", ylabel=unit, title=f"Distribution of per-{unit[:-1]} {metric}")
+    axis.set(xlabel=f"per-{one} {metric}", ylabel=unit, title=f"Distribution of per-{one} {metric}")
     axis.legend()
-    save(figure, "score_distribution", f"Per-{unit[:-1]} {metric} distributions")
+    save(figure, "score_distribution", f"Per-{one} {metric} distributions")
 
     timed = {name: values for name, values in latencies.items() if values}
     if timed:

@@ -36,6 +36,11 @@ def test_demo_runs_the_whole_slice(tiny_config: TowerlineConfig, tiny_overrides:
     demo_root = tiny_config.run_dir / "demo"
     report = json.loads((demo_root / "eval-fine_tuned" / "manifest.json").read_text())
     assert report["kind"] == "eval-report"
+    # The demo's comparison report: every row against zero-shot, with the demo's own figures.
+    comparison = json.loads((demo_root / "compare" / "comparison.json").read_text())
+    assert comparison["baseline"] == "zero_shot" and "fine_tuned" in comparison["comparisons"]
+    assert comparison["table"]["fine_tuned"]["ndcg@10"] == pytest.approx(summary["fine_tuned"]["ndcg@10"])
+    assert (demo_root / "compare" / "report.html").is_file()
     db_path = str(tiny_config.tracking.uri).removeprefix("sqlite:///")
     with sqlite3.connect(db_path) as db:
         run_names = {row[0] for row in db.execute("select name from runs")}
