@@ -47,8 +47,10 @@ def test_demo_runs_the_whole_slice(tiny_config: TowerlineConfig, tiny_overrides:
         versions = db.execute("select name, version from model_versions").fetchall()
         space_tags = {row[0] for row in db.execute("select value from model_version_tags where key='embedding_space'")}
     assert {"demo", "pairs", "train", "eval.fine_tuned"} <= run_names
-    # Every export is a registered model version; the distilled student shares the fine-tuned teacher's space.
-    assert sorted(versions) == [("towerline-query-encoder", version) for version in (1, 2, 3)]
+    # Every export is a registered model version; the distilled student shares the fine-tuned teacher's space,
+    # and each index is registered in its own.
+    assert sorted(versions) == [*(("towerline-index", version) for version in (1, 2)),
+                                *(("towerline-query-encoder", version) for version in (1, 2, 3))]
     assert len(space_tags) == 2
     # Stage 2: the student served against the fine-tuned index, with its speed measured beside it.
     assert summary["distilled"]["queries"] == summary["fine_tuned"]["queries"]

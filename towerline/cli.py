@@ -471,8 +471,7 @@ def index_build(
 ) -> None:
     """Embed the corpus with the doc tower and build a FAISS index artifact."""
     from indexing.build import build_index
-    from towerline.artifacts import read_manifest
-    from towerline.tower_spec import DUAL_ENCODER_KIND
+    from towerline.tracking import register_index
 
     config = _config(config_file, overrides)
     output = _out(out, config, "index")
@@ -480,13 +479,7 @@ def index_build(
 
     def build_and_register(tracker: Tracker) -> Manifest:
         manifest = build_index(config, encoder_path, output)
-        if config.tracking.index_model:
-            # By reference: the registry records where the index is and what it was built from.
-            encoder_inputs = read_manifest(encoder_path, DUAL_ENCODER_KIND).inputs
-            version = tracker.register_model(output, config.tracking.index_model, manifest, by_reference=True,
-                                             lineage={f"encoder.{k}": v for k, v in encoder_inputs.items()})
-            if version:
-                console.print(f"registered as MLflow model {config.tracking.index_model} version {version}")
+        register_index(tracker, config, output, manifest, encoder_path)
         return manifest
 
     _produce(config, "index", output, "FAISS index", build_and_register)

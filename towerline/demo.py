@@ -24,7 +24,7 @@ from towerline.errors import DataError
 from towerline.progress import console
 from towerline.results import result_header, write_results
 from towerline.splits import split_eval_queries, split_summary
-from towerline.tracking import Tracker, track
+from towerline.tracking import Tracker, register_index, track
 
 T = TypeVar("T")
 # Single-query gRPC Search calls timed per demo row (the first N eval queries).
@@ -110,7 +110,10 @@ def run_demo(
                     config, root / "encoder", i, e, t, pseudo_queries=root / "pseudo-queries"))
             clock.run(f"export.{label}", lambda t, e=encoder_dir, o=onnx_dir: run_export(config, e, o, t))
             if index_label == label:
-                clock.run(f"index.{label}", lambda t, e=encoder_dir, i=index_dir: build_index(config, e, i))
+                # Registered like `towerline index build` does, so `promote` and `serve --onnx models:/...`
+                # work on the demo's artifacts.
+                clock.run(f"index.{label}", lambda t, e=encoder_dir, i=index_dir: register_index(
+                    t, config, i, build_index(config, e, i), e))
             if label == "fine_tuned" and config.index.sparse:
                 # Hybrid fusion chosen on the train queries the fine-tune held out (never on test).
                 fusion = clock.run("tune_fusion", lambda t, i=index_dir, o=onnx_dir: tune_fusion(config, i, o))

@@ -103,6 +103,24 @@ class Tracker:
             self._mlflow.set_tags(values)
 
 
+def register_index(tracker: Tracker, config: TowerlineConfig, index_dir: Path, manifest: Manifest,
+                   encoder_path: Path) -> str | None:
+    """Register a freshly built index (by reference) as a version of `tracking.index_model`, its lineage
+    the dual encoder that built it and that encoder's own inputs (the training pairs)."""
+    if not config.tracking.index_model:
+        return None
+    from towerline.artifacts import read_manifest
+    from towerline.progress import console
+    from towerline.tower_spec import DUAL_ENCODER_KIND
+
+    encoder_inputs = read_manifest(encoder_path, DUAL_ENCODER_KIND).inputs
+    version = tracker.register_model(index_dir, config.tracking.index_model, manifest, by_reference=True,
+                                     lineage={f"encoder.{name}": value for name, value in encoder_inputs.items()})
+    if version:
+        console.print(f"registered as MLflow model {config.tracking.index_model} version {version}")
+    return version
+
+
 @functools.cache
 def git_commit() -> str | None:
     """The commit of the working tree the process runs from, or None outside a git checkout."""
