@@ -108,6 +108,24 @@ def paired_tests(challenger: np.ndarray, baseline: np.ndarray, permutations: int
     return {"t_test_p": t_p if np.isfinite(t_p) else 1.0, "permutation_p": float(permutation.pvalue)}
 
 
+def challenger_tests(base: np.ndarray, challengers: dict[str, np.ndarray], *, alpha: float, permutations: int,
+                     seed: int, lower_is_better: bool = False) -> dict[str, dict[str, Any]]:
+    """Each challenger's paired scores against the baseline's (same units, same order): mean difference,
+    wins and losses, raw and Holm-corrected p-values of both tests, and whether both are below `alpha`."""
+    tests = {}
+    for name, scores in challengers.items():
+        better, worse = (scores < base, scores > base) if lower_is_better else (scores > base, scores < base)
+        tests[name] = {"delta": float(np.mean(scores - base)), "wins": int(better.sum()), "losses": int(worse.sum()),
+                       **paired_tests(scores, base, permutations, seed)}
+    for key in ("t_test_p", "permutation_p"):
+        for name, adjusted in zip(tests, holm([test[key] for test in tests.values()]), strict=True):
+            tests[name][f"{key}_holm"] = adjusted
+    for test in tests.values():
+        # Significant only when both tests agree after the correction.
+        test["significant"] = max(test["t_test_p_holm"], test["permutation_p_holm"]) < alpha
+    return tests
+
+
 def compare_systems(qrels: Qrels, systems: list[SystemRun], positive_min: int = 1, *,
                     metrics: tuple[str, ...] = COMPARED_METRICS, alpha: float = 0.05,
                     permutations: int = 10_000, seed: int = 0, scorer: PerQueryScorer | None = None,
@@ -123,17 +141,9 @@ def compare_systems(qrels: Qrels, systems: list[SystemRun], positive_min: int = 
     comparisons: dict[str, dict[str, Any]] = {system.name: {} for system in systems[1:]}
     for metric in metrics:
         base = np.array([per_system[baseline][q][metric] for q in query_ids])
-        tests = {}
-        for name in comparisons:
-            scores = np.array([per_system[name][q][metric] for q in query_ids])
-            tests[name] = {"delta": float(np.mean(scores - base)), "wins": int(np.sum(scores > base)),
-                           "losses": int(np.sum(scores < base)), **paired_tests(scores, base, permutations, seed)}
-        for key in ("t_test_p", "permutation_p"):
-            for name, adjusted in zip(tests, holm([test[key] for test in tests.values()]), strict=True):
-                tests[name][f"{key}_holm"] = adjusted
-        for name, test in tests.items():
-            # Significant only when both tests agree after the correction.
-            test["significant"] = max(test["t_test_p_holm"], test["permutation_p_holm"]) < alpha
+        challengers = {name: np.array([per_system[name][q][metric] for q in query_ids]) for name in comparisons}
+        for name, test in challenger_tests(base, challengers, alpha=alpha, permutations=permutations,
+                                           seed=seed).items():
             comparisons[name][metric] = test
     return {
         "baseline": baseline,

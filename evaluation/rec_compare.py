@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from evaluation.compare import holm, paired_tests
+from evaluation.compare import challenger_tests
 from personalization.crm_run import CRM_KIND, PREDICTIONS_FILE
 from personalization.ctr_metrics import PROBABILITY_EPS, ctr_metrics
 from towerline.config import TowerlineConfig
@@ -64,18 +64,9 @@ def compare_ctr(frame: pd.DataFrame, models: list[str], *, alpha: float = 0.05, 
     comparisons: dict[str, dict[str, Any]] = {model: {} for model in models[1:]}
     for metric in PAIRED_METRICS:
         base = per_model[models[0]].loc[users, metric].to_numpy()
-        tests = {}
-        for model in comparisons:
-            scores = per_model[model].loc[users, metric].to_numpy()
-            better = scores < base if metric in LOWER_IS_BETTER else scores > base
-            worse = scores > base if metric in LOWER_IS_BETTER else scores < base
-            tests[model] = {"delta": float(np.mean(scores - base)), "wins": int(better.sum()),
-                            "losses": int(worse.sum()), **paired_tests(scores, base, permutations, seed)}
-        for key in ("t_test_p", "permutation_p"):
-            for model, adjusted in zip(tests, holm([test[key] for test in tests.values()]), strict=True):
-                tests[model][f"{key}_holm"] = adjusted
-        for model, test in tests.items():
-            test["significant"] = max(test["t_test_p_holm"], test["permutation_p_holm"]) < alpha
+        challengers = {model: per_model[model].loc[users, metric].to_numpy() for model in comparisons}
+        for model, test in challenger_tests(base, challengers, alpha=alpha, permutations=permutations, seed=seed,
+                                            lower_is_better=metric in LOWER_IS_BETTER).items():
             comparisons[model][metric] = test
     return {
         "baseline": models[0], "queries": len(users), "unit": "user", "alpha": alpha, "permutations": permutations,
