@@ -178,8 +178,8 @@ def test_din_trains_on_the_spark_output_and_beats_popularity(synthetic_artifact:
         assert comparison["table"]["popularity"][name] == pytest.approx(meta["baselines"]["popularity"][name])
     frame = pd.read_parquet(tmp_path / "crm" / "test_predictions.parquet")
     both = frame.groupby("user_index")["label"].transform("nunique") == 2
-    per_user = {model: frame[both].groupby("user_index").apply(lambda g, m=model: roc_auc_score(g["label"], g[m]))
-                for model in ("popularity", "din")}
+    per_user = {model: frame[both].groupby("user_index")[["label", model]].apply(
+                    lambda g, m=model: roc_auc_score(g["label"], g[m])) for model in ("popularity", "din")}
     assert comparison["queries"] == len(per_user["din"])
     expected = (per_user["din"] - per_user["popularity"]).mean()
     assert comparison["comparisons"]["din"]["user_auc"]["delta"] == pytest.approx(expected)
