@@ -9,7 +9,6 @@ step-down method, which controls the family-wise error rate without assuming ind
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +18,9 @@ import numpy as np
 from scipy import stats
 
 from evaluation.judged import JudgedQueries, dataset_judged
+from evaluation.latency import call_percentiles, read_call_latencies
 from evaluation.metrics import Qrels, Run, per_query_scores, recall_curve
-from evaluation.run import EVAL_KIND, LATENCY_FILE, call_percentiles
+from evaluation.run import EVAL_KIND
 from evaluation.trec import read_trec_run
 from towerline.artifacts import ArtifactWriter, read_manifest
 from towerline.config import TowerlineConfig
@@ -53,10 +53,8 @@ def load_system(path: Path, name: str | None = None) -> SystemRun:
     if not path.is_dir():
         raise ArtifactError(f"{path}: neither an eval-report directory nor a TREC run file")
     manifest = read_manifest(path, EVAL_KIND)
-    latency_file = path / LATENCY_FILE
-    latency = json.loads(latency_file.read_text())["calls_ms"] if latency_file.is_file() else []
     return SystemRun(name or path.name, read_trec_run(path / "run.trec"), manifest.metadata.get("dataset"),
-                     manifest.metadata.get("split"), manifest.metadata.get("positive_min"), latency)
+                     manifest.metadata.get("split"), manifest.metadata.get("positive_min"), read_call_latencies(path))
 
 
 def check_comparable(systems: list[SystemRun], dataset: dict[str, str], split: str, positive_min: int,

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+# Wall time of every search / Recommend call an evaluation made: `eval compare` draws its histograms.
+LATENCY_FILE = "latency.json"
 
 
 def encoder_throughput(encoder: Any, texts: list[str], batch_size: int) -> float:
@@ -13,6 +20,25 @@ def encoder_throughput(encoder: Any, texts: list[str], batch_size: int) -> float
     for start in range(0, len(texts), batch_size):
         encoder.encode(texts[start : start + batch_size])
     return len(texts) / (time.perf_counter() - started)
+
+
+def write_call_latencies(directory: Path, calls_ms: list[float], batch_size: int) -> None:
+    (directory / LATENCY_FILE).write_text(json.dumps({"batch_size": batch_size, "calls_ms": calls_ms}))
+
+
+def read_call_latencies(directory: Path) -> list[float]:
+    """The calls' times an evaluation report kept; none for a report made before they were kept."""
+    path = directory / LATENCY_FILE
+    return json.loads(path.read_text())["calls_ms"] if path.is_file() else []
+
+
+def call_percentiles(values: list[float]) -> dict[str, float]:
+    """Count and p50/p95/p99 of per-call times in ms (numpy's linear interpolation)."""
+    array = np.asarray(values, dtype=np.float64)
+    if not len(array):
+        return {"calls": 0}
+    return {"calls": len(array), "p50": float(np.percentile(array, 50)), "p95": float(np.percentile(array, 95)),
+            "p99": float(np.percentile(array, 99))}
 
 
 def percentile(sorted_values: list[float], fraction: float) -> float:

@@ -17,6 +17,12 @@ def truncate(run: Run, depth: int) -> Run:
     }
 
 
+def _complete(run: Run, judged: Qrels) -> Run:
+    """Every judged query's hits, a placeholder hit for a query with none: pytrec_eval skips a query
+    absent from the run, where it must count as a zero."""
+    return {qid: run.get(qid) or {"__none__": 0.0} for qid in judged}
+
+
 def _judged(qrels: Qrels, positive_min: int) -> Qrels:
     """Queries with a positive (score >= positive_min); graded scores as gains, negative grades as 0."""
     return {
@@ -34,7 +40,7 @@ def per_query_scores(qrels: Qrels, run: Run, positive_min: int = 1) -> dict[str,
     document as relevant from `positive_min` up.
     """
     judged = _judged(qrels, positive_min)
-    complete_run = {qid: run.get(qid) or {"__none__": 0.0} for qid in judged}
+    complete_run = _complete(run, judged)
     deep = max((len(hits) for hits in complete_run.values()), default=0) >= 1000
     measures = {"ndcg_cut.10", "recall.100,1000" if deep else "recall.100", "map"}
     per_query = pytrec_eval.RelevanceEvaluator(judged, measures, relevance_level=positive_min).evaluate(complete_run)
@@ -52,7 +58,11 @@ def per_query_scores(qrels: Qrels, run: Run, positive_min: int = 1) -> dict[str,
 
 def score_run(qrels: Qrels, run: Run, positive_min: int = 1) -> dict[str, float]:
     """Mean metrics over every query with a positive (see `per_query_scores`)."""
-    per_query = per_query_scores(qrels, run, positive_min)
+    return mean_scores(per_query_scores(qrels, run, positive_min))
+
+
+def mean_scores(per_query: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Each metric of `per_query_scores` averaged over the queries, and their count."""
     count = max(len(per_query), 1)
     names = next(iter(per_query.values()), dict.fromkeys(HEADLINE_METRICS))
     means = {metric: sum(scores[metric] for scores in per_query.values()) / count for metric in names}
@@ -62,7 +72,7 @@ def score_run(qrels: Qrels, run: Run, positive_min: int = 1) -> dict[str, float]
 def recall_curve(qrels: Qrels, run: Run, positive_min: int, cutoffs: tuple[int, ...]) -> dict[int, float]:
     """Mean Recall@k over the queries with a positive, for every k of `cutoffs`."""
     judged = _judged(qrels, positive_min)
-    complete_run = {qid: run.get(qid) or {"__none__": 0.0} for qid in judged}
+    complete_run = _complete(run, judged)
     measures = {f"recall.{','.join(str(k) for k in cutoffs)}"}
     per_query = pytrec_eval.RelevanceEvaluator(judged, measures, relevance_level=positive_min).evaluate(complete_run)
     count = max(len(per_query), 1)
@@ -74,7 +84,7 @@ CANDIDATE_METRICS = ("ndcg@10", "recall@50")
 
 def per_user_candidate_scores(relevant: Qrels, run: Run) -> dict[str, dict[str, float]]:
     """Candidate generation for recommendation: NDCG@10 and Recall@50 of every user with a relevant item."""
-    complete_run = {user: run.get(user) or {"__none__": 0.0} for user in relevant}
+    complete_run = _complete(run, relevant)
     per_user = pytrec_eval.RelevanceEvaluator(relevant, {"ndcg_cut.10", "recall.50"}).evaluate(complete_run)
     return {user: {"ndcg@10": scores["ndcg_cut_10"], "recall@50": scores["recall_50"]}
             for user, scores in per_user.items()}

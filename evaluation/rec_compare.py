@@ -13,7 +13,6 @@ also shows the global AUC, LogLoss and sample-weighted GAUC of every model (`ctr
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -135,9 +134,9 @@ def compare_rec_evals(rec_evals: list[Path], *, alpha: float = 0.05, permutation
                       seed: int = 0) -> dict[str, Any]:
     """`rec eval` reports of the same test users, paired over users on NDCG@10 and Recall@50."""
     from evaluation.compare import SystemRun, compare_systems
+    from evaluation.latency import read_call_latencies
     from evaluation.metrics import CANDIDATE_METRICS, per_user_candidate_scores
     from evaluation.recommend import QRELS_FILE, REC_EVAL_KIND
-    from evaluation.run import LATENCY_FILE
     from evaluation.trec import read_trec_qrels, read_trec_run
     from towerline.artifacts import read_manifest
 
@@ -150,9 +149,7 @@ def compare_rec_evals(rec_evals: list[Path], *, alpha: float = 0.05, permutation
         if not (path / QRELS_FILE).is_file():
             raise DataError(f"{path}: no {QRELS_FILE} (made by `towerline rec eval` since it keeps its truth)")
         truths.append(read_trec_qrels(path / QRELS_FILE))
-        latency = path / LATENCY_FILE
-        systems.append(SystemRun(name, read_trec_run(path / "run.trec"),
-                                 latency_ms=json.loads(latency.read_text())["calls_ms"] if latency.is_file() else []))
+        systems.append(SystemRun(name, read_trec_run(path / "run.trec"), latency_ms=read_call_latencies(path)))
     if any(truth != truths[0] for truth in truths[1:]):
         raise DataError("rec compare: the reports were scored against different test-period items")
     comparison = compare_systems(truths[0], systems, metrics=CANDIDATE_METRICS, alpha=alpha,

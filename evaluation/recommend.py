@@ -18,10 +18,9 @@ from typing import Any
 
 import pandas as pd
 
-from evaluation.latency import percentile
+from evaluation.latency import percentile, write_call_latencies
 from evaluation.metrics import candidate_metrics
-from evaluation.run import LATENCY_FILE, write_trec_run
-from evaluation.trec import write_trec_qrels
+from evaluation.trec import write_trec_qrels, write_trec_run
 from personalization.interactions import HistoryBeforeTest, load_ctr_data
 from personalization.recommender import STATE_SUFFIX, Recommender, RecommenderPaths
 from serving.results import Recommendation
@@ -70,7 +69,7 @@ def evaluate_recommend(config: TowerlineConfig, interactions: Path, recommend: R
         write_trec_run(staged.path / "run.trec", run)
         # What the run was scored against, and each call's time: `towerline rec compare` reads both.
         write_trec_qrels(staged.path / QRELS_FILE, qrels)
-        (staged.path / LATENCY_FILE).write_text(json.dumps({"batch_size": 1, "calls_ms": latencies_ms}))
+        write_call_latencies(staged.path, latencies_ms, batch_size=1)
         staged.metadata.update({"dataset": source.metadata.get("dataset"), "top_k": top_k, "target": target,
                                 "strategies": strategies, **metrics})
     assert staged.manifest is not None

@@ -8,17 +8,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from evaluation.judged import JudgedQueries, dataset_judged
-from evaluation.metrics import Run, per_query_scores, score_run
+from evaluation.latency import call_percentiles, write_call_latencies
+from evaluation.metrics import Run, mean_scores, per_query_scores
+from evaluation.trec import write_trec_run
 from towerline.artifacts import ArtifactWriter, Manifest
 from towerline.config import TowerlineConfig
 from towerline.errors import DataError
 from towerline.progress import progress_bar
 
 EVAL_KIND = "eval-report"
-LATENCY_FILE = "latency.json"
 PER_QUERY_FILE = "per_query.json"
 # (query texts, top_k) -> per query, hits as (doc id, score), best first.
 BatchSearch = Callable[[list[str], int], list[list[tuple[str, float]]]]
@@ -69,35 +68,15 @@ def evaluate(
     positive_min = config.data.positive_min
     latencies_ms: list[float] = []
     run = collect_run(search, judged.queries, config.eval.top_k, config.eval.batch_size, latencies_ms)
-    metrics = score_run(judged.qrels, run, positive_min)
+    per_query = per_query_scores(judged.qrels, run, positive_min)
+    metrics = mean_scores(per_query)
     with ArtifactWriter(output, EVAL_KIND, producer="eval", config=config) as staged:
         (staged.path / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        (staged.path / PER_QUERY_FILE).write_text(json.dumps(per_query_scores(judged.qrels, run, positive_min)))
-        # Wall time of each search call (eval.batch_size queries per call), for `eval compare`'s histograms.
-        (staged.path / LATENCY_FILE).write_text(json.dumps({"batch_size": config.eval.batch_size,
-                                                            "calls_ms": latencies_ms}))
+        (staged.path / PER_QUERY_FILE).write_text(json.dumps(per_query))
+        write_call_latencies(staged.path, latencies_ms, config.eval.batch_size)  # eval.batch_size queries a call
         write_trec_run(staged.path / "run.trec", run)
         staged.metadata.update(metrics=metrics, target=target, split=judged.split, positive_min=positive_min,
                                dataset=identity, dropped_judgments=judged.dropped, forced=force,
                                latency_ms=call_percentiles(latencies_ms))
     assert staged.manifest is not None
     return metrics, staged.manifest
-
-
-def call_percentiles(values: list[float]) -> dict[str, float]:
-    """Count and p50/p95/p99 of per-call times in ms (numpy's linear interpolation)."""
-    array = np.asarray(values, dtype=np.float64)
-    if not len(array):
-        return {"calls": 0}
-    return {"calls": len(array), "p50": float(np.percentile(array, 50)), "p95": float(np.percentile(array, 95)),
-            "p99": float(np.percentile(array, 99))}
-
-
-def write_trec_run(path: Path, run: Run) -> None:
-    with path.open("w") as handle:
-        for query_id, hits in run.items():
-            ranked = sorted(hits.items(), key=lambda item: -item[1])
-            for rank, (doc_id, score) in enumerate(ranked, start=1):
-                # repr: the shortest text that reads back as the same float, so a run scored from its file
-                # scores exactly as the run did (rounded scores would add ties, ordered by doc id).
-                handle.write(f"{query_id} Q0 {doc_id} {rank} {float(score)!r} towerline\n")

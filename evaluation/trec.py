@@ -76,6 +76,16 @@ def read_trec_topics(path: Path) -> dict[str, str]:
     return topics
 
 
+def write_trec_run(path: Path, run: Run) -> None:
+    with path.open("w") as handle:
+        for query_id, hits in run.items():
+            ranked = sorted(hits.items(), key=lambda item: -item[1])
+            for rank, (doc_id, score) in enumerate(ranked, start=1):
+                # repr: the shortest text that reads back as the same float, so a run scored from its file
+                # scores exactly as the run did (rounded scores would add ties, ordered by doc id).
+                handle.write(f"{query_id} Q0 {doc_id} {rank} {float(score)!r} towerline\n")
+
+
 def write_trec_qrels(path: Path, qrels: Qrels) -> None:
     with path.open("w") as handle:
         for query_id, judged in qrels.items():

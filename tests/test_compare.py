@@ -14,8 +14,7 @@ from typer.testing import CliRunner
 
 from evaluation.compare import SystemRun, compare_systems, holm, paired_tests
 from evaluation.metrics import per_query_scores, score_run
-from evaluation.run import write_trec_run
-from evaluation.trec import read_trec_run
+from evaluation.trec import read_trec_run, write_trec_run
 from towerline.artifacts import ArtifactWriter
 from towerline.beir import load_dataset
 from towerline.cli import app
