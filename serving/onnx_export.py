@@ -135,11 +135,9 @@ def run_export(
             f"{name} (max diff {v['max_abs_diff']:.1e}, min cos {v['min_cosine']:.4f}"
             + (f", nDCG@10 {v['ndcg@10']:.4f})" if "ndcg@10" in v else ")") for name, v in variants.items()))
     if tracker is not None and config.tracking.query_encoder_model:
-        version = tracker.register_model(output, config.tracking.query_encoder_model, staged.manifest,
-                                         lineage={f"encoder.{name}": fingerprint
-                                                  for name, fingerprint in encoder_manifest.inputs.items()})
-        if version:
-            console.print(f"registered as MLflow model {config.tracking.query_encoder_model} version {version}")
+        tracker.register_model(output, config.tracking.query_encoder_model, staged.manifest,
+                               lineage={f"encoder.{name}": fingerprint
+                                        for name, fingerprint in encoder_manifest.inputs.items()})
     return staged.manifest
 
 

@@ -214,9 +214,7 @@ def train(
             manifest = run_train(config, pairs_path or config.run_dir / "pairs", output, tracker, resume=resume)
         if manifest is not None and config.tracking.towers_model:
             # By reference, like indexes: the towers that embed the corpus, with the pairs they came from.
-            version = tracker.register_model(output, config.tracking.towers_model, manifest, by_reference=True)
-            if version:
-                console.print(f"registered as MLflow model {config.tracking.towers_model} version {version}")
+            tracker.register_model(output, config.tracking.towers_model, manifest, by_reference=True)
         return manifest
 
     _produce(config, "train", output, "dual encoder", produce)

@@ -17,6 +17,7 @@ from typing import Any
 
 from towerline.artifacts import Manifest
 from towerline.config import TowerlineConfig
+from towerline.progress import console
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 DEFAULT_ARTIFACT_ROOT = "mlartifacts"
@@ -96,6 +97,7 @@ class Tracker:
             tags["git_commit"] = commit
         version = client.create_model_version(model_name, source=source, run_id=self.run_id, tags=tags)
         client.set_registered_model_alias(model_name, CHALLENGER_ALIAS, version.version)
+        console.print(f"registered as MLflow model {model_name} version {version.version}")
         return str(version.version)
 
     def tags(self, values: dict[str, str]) -> None:
@@ -110,15 +112,11 @@ def register_index(tracker: Tracker, config: TowerlineConfig, index_dir: Path, m
     if not config.tracking.index_model:
         return None
     from towerline.artifacts import read_manifest
-    from towerline.progress import console
     from towerline.tower_spec import DUAL_ENCODER_KIND
 
     encoder_inputs = read_manifest(encoder_path, DUAL_ENCODER_KIND).inputs
-    version = tracker.register_model(index_dir, config.tracking.index_model, manifest, by_reference=True,
-                                     lineage={f"encoder.{name}": value for name, value in encoder_inputs.items()})
-    if version:
-        console.print(f"registered as MLflow model {config.tracking.index_model} version {version}")
-    return version
+    return tracker.register_model(index_dir, config.tracking.index_model, manifest, by_reference=True,
+                                  lineage={f"encoder.{name}": value for name, value in encoder_inputs.items()})
 
 
 @functools.cache
