@@ -25,6 +25,7 @@ from towerline.errors import ConfigError, TowerlineError
 from towerline.progress import console
 
 if TYPE_CHECKING:
+    from evaluation.judged import JudgedQueries
     from towerline.tracking import Tracker
 
 app = typer.Typer(
@@ -719,17 +720,14 @@ def evaluate(
     Reports nDCG@10, Recall@100 and MRR@10 per retrieval mode and writes an eval-report artifact per
     mode (OUT/<mode> with --mode all, else OUT).
     """
-    from evaluation.judged import trec_judged
     from evaluation.service import evaluate_artifacts, evaluate_service, modes_served
     from serving.results import RETRIEVAL_MODES
     from towerline.tracking import track
 
     if mode not in (*RETRIEVAL_MODES, "all"):
         raise ConfigError(f"--mode {mode!r}: expected dense, sparse, hybrid or all")
-    if (topics is None) != (qrels is None):
-        raise ConfigError("--topics and --qrels go together")
     config = _config(config_file, overrides)
-    judged = trec_judged(topics, qrels, config.data.positive_min) if topics and qrels else None
+    judged = _trec_judged(topics, qrels, config)
     if encoder is not None and str(encoder).startswith("models:/"):
         from evaluation.registry import registered_serving_artifacts
 
@@ -767,6 +765,17 @@ def evaluate(
     for each, metrics in rows.items():
         table.add_row(each, *(f"{metrics[m]:.4f}" for m in ("ndcg@10", "recall@100", "mrr@10")))
     console.print(table)
+
+
+def _trec_judged(topics: Path | None, qrels: Path | None, config: TowerlineConfig) -> JudgedQueries | None:
+    """The judged queries of --topics + --qrels (both or neither); None: the dataset's split."""
+    if (topics is None) != (qrels is None):
+        raise ConfigError("--topics and --qrels go together")
+    if topics is None or qrels is None:
+        return None
+    from evaluation.judged import trec_judged
+
+    return trec_judged(topics, qrels, config.data.positive_min)
 
 
 def _print_comparison(comparison: dict[str, Any], title: str) -> None:
@@ -857,13 +866,10 @@ def compare_command(
     fingerprint), split or positive_min are refused unless --force.
     """
     from evaluation.compare import compare_to_report
-    from evaluation.judged import trec_judged
     from towerline.tracking import track
 
-    if (topics is None) != (qrels is None):
-        raise ConfigError("--topics and --qrels go together")
     config = _config(config_file, [f"eval.split={split}"] if split else [], data, positive_min)
-    judged = trec_judged(topics, qrels, config.data.positive_min) if topics and qrels else None
+    judged = _trec_judged(topics, qrels, config)
     output = _out(out, config, "compare")
     with track(config, "eval-compare") as tracker:
         comparison = compare_to_report(config, runs, output, names=name, alpha=alpha, permutations=permutations,
