@@ -4,8 +4,9 @@ The dev queries are judged queries of the *train* split that the index's encoder
 training (`train.dev_queries`, recorded in its manifest); only when it held none out, a seeded
 sample of train queries, with a warning (the dense side has then seen them). The eval split is never
 read. Each side is searched once per dev query; every candidate of a small grid (reciprocal-rank
-fusion over k, convex combination over the dense weight) is scored on the same lists, and the best
-by nDCG@10 is written into the index version (`fusion.json`, a new seal of the artifact).
+fusion over k, convex combination over the dense weight) is scored on the same lists, and the choice
+is written into the index version (`fusion.json`, a new seal of the artifact): by default the
+configured fusion stays unless a candidate beats it on dev beyond chance (`fusion.selection`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ import random
 from pathlib import Path
 from typing import Any
 
-from evaluation.metrics import score_run
+import numpy as np
+
+from evaluation.compare import challenger_tests
+from evaluation.metrics import per_query_scores
 from indexing.layout import FUSION_FILE, INDEX_KIND
 from indexing.load import LoadedIndex, load_index
 from serving.app import load_query_encoder
@@ -28,6 +32,8 @@ from towerline.tower_spec import DUAL_ENCODER_KIND
 
 RRF_KS = (5, 10, 20, 40, 60, 100)
 DENSE_WEIGHTS = tuple(round(0.1 * step, 1) for step in range(1, 10))
+# Resamples of the paired randomisation test of each candidate against the default.
+TUNE_PERMUTATIONS = 10_000
 
 
 def fusion_grid(base: FusionConfig) -> list[FusionConfig]:
@@ -56,25 +62,34 @@ def tune_fusion(config: TowerlineConfig, index_path: Path, encoder_path: Path, o
     sparse = index.sparse.search(texts, depth)
     positive_min = config.data.positive_min
 
-    def score(hits_per_query: list[list[tuple[str, float]]]) -> float:
+    def per_query(hits_per_query: list[list[tuple[str, float]]]) -> np.ndarray:
         run = {qid: dict(hits) for qid, hits in zip(queries, hits_per_query, strict=True)}
-        return score_run(dev_qrels, run, positive_min)["ndcg@10"]
+        scores = per_query_scores(dev_qrels, run, positive_min)
+        return np.array([scores[qid]["ndcg@10"] for qid in queries if qid in scores])
 
+    default = config.fusion
+    grid = fusion_grid(default)
+    if describe(default) not in {describe(settings) for settings in grid}:
+        grid.insert(0, default)
     candidates = []
-    for settings in fusion_grid(config.fusion):
+    for settings in grid:
         fused = [[(hit.doc_id, hit.score) for hit in fuse(d, s, settings, depth)] for d, s in zip(dense, sparse,
                                                                                                  strict=True)]
-        candidates.append({"fusion": describe(settings), "ndcg@10": score(fused), "settings": settings})
-    best = max(candidates, key=lambda candidate: candidate["ndcg@10"])  # first of equals: grid order
+        scores = per_query(fused)
+        candidates.append({"fusion": describe(settings), "ndcg@10": float(scores.mean()), "settings": settings,
+                           "scores": scores})
+    best, tests = choose_fusion(candidates, describe(default), config.fusion)
     report = {
         "dev_queries": len(queries),
         "dev_source": dev_source,
         "split": split,
-        "dense_ndcg@10": score(dense),
-        "sparse_ndcg@10": score(sparse),
+        "dense_ndcg@10": float(per_query(dense).mean()),
+        "sparse_ndcg@10": float(per_query(sparse).mean()),
+        "selection": config.fusion.selection,
+        "default": describe(default),
         "chosen": best["fusion"],
         "chosen_ndcg@10": best["ndcg@10"],
-        "grid": [{key: value for key, value in c.items() if key != "settings"} for c in candidates],
+        "grid": [{"fusion": c["fusion"], "ndcg@10": c["ndcg@10"], **tests.get(c["fusion"], {})} for c in candidates],
     }
     chosen: FusionConfig = best["settings"]
     reseal_artifact(index.path, output or index.path, INDEX_KIND, producer="eval tune-fusion",
@@ -82,8 +97,30 @@ def tune_fusion(config: TowerlineConfig, index_path: Path, encoder_path: Path, o
                     metadata={"fusion": {key: value for key, value in report.items() if key != "grid"}})
     console.print(f"dev nDCG@10 on {len(queries)} held-out {split} queries ({dev_source}): dense "
                   f"{report['dense_ndcg@10']:.4f}, BM25 {report['sparse_ndcg@10']:.4f}, hybrid "
-                  f"{best['ndcg@10']:.4f} with [bold]{best['fusion']}[/]")
+                  f"{best['ndcg@10']:.4f} with [bold]{best['fusion']}[/]"
+                  + (" (the default: no candidate beat it beyond chance)"
+                     if best["fusion"] == report["default"] and config.fusion.selection == "significant" else ""))
     return report
+
+
+def choose_fusion(candidates: list[dict[str, Any]], default: str,
+                  settings: FusionConfig) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The candidate to seal, and each other candidate's paired tests against the default.
+
+    `candidates` hold "fusion" (a `describe` string), "ndcg@10" and "scores" (per dev query, same
+    order for all); the one named `default` is among them. Ties go to the first in grid order."""
+    by_name = {candidate["fusion"]: candidate for candidate in candidates}
+    baseline = by_name[default]["scores"]
+    challengers = {c["fusion"]: c["scores"] for c in candidates if c["fusion"] != default}
+    tests = challenger_tests(baseline, challengers, alpha=settings.tune_alpha, permutations=TUNE_PERMUTATIONS,
+                             seed=settings.seed) if challengers else {}
+    if settings.selection == "best":
+        eligible = candidates
+    else:
+        eligible = [by_name[default]] + [by_name[name] for name, test in tests.items()
+                                         if test["significant"] and test["delta"] > 0]
+    best = max(eligible, key=lambda candidate: candidate["ndcg@10"])
+    return best, tests
 
 
 def _dev_query_ids(config: TowerlineConfig, index: LoadedIndex, qrels: dict[str, dict[str, int]],
