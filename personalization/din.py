@@ -91,7 +91,8 @@ class DinModel(nn.Module):
 
     def __init__(self, sizes: VocabSizes, settings: CrmConfig, item_genres: np.ndarray | torch.Tensor | None = None,
                  user_fields: np.ndarray | torch.Tensor | None = None,
-                 item_stats: np.ndarray | torch.Tensor | None = None) -> None:
+                 item_stats: np.ndarray | torch.Tensor | None = None,
+                 item_train_counts: np.ndarray | None = None) -> None:
         super().__init__()
         self.sizes = sizes
         self.settings = settings
@@ -117,6 +118,11 @@ class DinModel(nn.Module):
                     embedding.weight[embedding.padding_idx].zero_()
         self.register_buffer("item_genres", _table(item_genres, (sizes.items, sizes.max_genres)))
         self.register_buffer("user_fields", _table(user_fields, (sizes.users, len(USER_FIELDS))))
+        # Per item, 1 + its number of train samples: the mini-batch aware L2's n_j (training only, so not
+        # saved; a loaded model carries none and trains without the term).
+        self.register_buffer("item_counts", None if item_train_counts is None or settings.embedding_l2 == 0 else
+                             torch.as_tensor(np.asarray(item_train_counts) + 1.0, dtype=torch.float32),
+                             persistent=False)
         # None (and so not in the state dict) when unused, so that models saved without it still load.
         self.register_buffer("item_stats", _table(item_stats, (sizes.items, ITEM_STATS), torch.float32)
                              if settings.item_statistics else None)
@@ -131,7 +137,8 @@ class DinModel(nn.Module):
     @classmethod
     def from_data(cls, data: CtrData, settings: CrmConfig) -> DinModel:
         stats = item_statistics(data.train, data.sizes.items) if settings.item_statistics else None
-        return cls(data.sizes, settings, data.item_genres, data.user_fields, stats)
+        counts = np.bincount(data.train.item_index, minlength=data.sizes.items)
+        return cls(data.sizes, settings, data.item_genres, data.user_fields, stats, item_train_counts=counts)
 
     def item_representation(self, items: torch.Tensor) -> torch.Tensor:
         """items [...] → [..., 2E]: id embedding and the mean of the item's genre embeddings (0 without genres)."""
@@ -169,7 +176,18 @@ class DinModel(nn.Module):
         outputs = {"logits": logits}
         if labels is not None:
             outputs["loss"] = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+            if self.training and self.item_counts is not None:
+                outputs["loss"] = outputs["loss"] + self.settings.embedding_l2 * self._batch_embedding_l2(
+                    torch.cat([item_index, history[mask]]))
         return outputs
+
+    def _batch_embedding_l2(self, items: torch.Tensor) -> torch.Tensor:
+        """DIN's mini-batch aware regulariser: sum over the distinct items of the batch (targets and
+        histories) of ||w_j||² / n_j. Only the rows a batch uses are penalised, and rare items more than
+        frequent ones: their few samples are what their embeddings overfit to."""
+        present = torch.unique(items)
+        rows = self.item_embedding.weight[present]
+        return ((rows * rows).sum(-1) / self.item_counts[present]).sum()
 
     def user_representation(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """[B, representation_dim] from a batch's user_index, history and history_mask (other keys

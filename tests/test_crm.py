@@ -305,3 +305,33 @@ def test_item_statistics_come_from_train_alone_and_travel_with_the_model(data: C
         train, data.sizes.items)))
     np.testing.assert_allclose(predict_din(loaded, data.test), predict_din(result.model.cpu(), data.test), atol=1e-7)
     assert load_din(tmp_path).mlp[0].in_features == DinModel.from_data(data, SETTINGS).mlp[0].in_features + 2
+
+
+def test_mini_batch_aware_l2_penalises_the_batch_items_by_inverse_frequency(data: CtrData) -> None:
+    torch.manual_seed(0)
+    settings = SETTINGS.model_copy(update={"embedding_l2": 0.5})
+    model = DinModel.from_data(data, settings).train()
+    plain = DinModel(data.sizes, SETTINGS.model_copy(update={"embedding_l2": 0.0}), data.item_genres,
+                     data.user_fields).train()
+    plain.load_state_dict(model.state_dict())
+    batch = split_batch(data.train, slice(0, 64))
+    counts = np.bincount(data.train.item_index, minlength=data.sizes.items) + 1.0
+    history = batch["history"][batch["history_mask"].bool()]
+    used = np.unique(np.concatenate([batch["item_index"].numpy(), history.numpy()]))
+    weights = model.item_embedding.weight.detach().numpy()
+    expected = 0.5 * sum(float((weights[item] ** 2).sum()) / counts[item] for item in used)
+    assert expected > 0
+    with torch.no_grad():
+        penalty = model(**batch)["loss"] - plain(**batch)["loss"]
+        assert float(penalty) == pytest.approx(expected, rel=1e-4)
+        # Training only: evaluation (early stopping's valid loss) is the plain log loss.
+        assert torch.equal(model.eval()(**batch)["loss"], plain.eval()(**batch)["loss"])
+    # A rarely seen item's embedding is pulled towards 0 harder than a frequent one's of the same norm.
+    model.train()
+    rare, frequent = int(np.argmin(counts[1:])) + 1, int(np.argmax(counts))
+    with torch.no_grad():
+        model.item_embedding.weight[rare] = model.item_embedding.weight[frequent]
+    model.zero_grad()
+    model._batch_embedding_l2(torch.tensor([rare, frequent])).backward()
+    grad = model.item_embedding.weight.grad
+    assert grad[rare].norm() > grad[frequent].norm() > 0
