@@ -22,7 +22,7 @@ from typer.core import TyperGroup
 from towerline.artifacts import Manifest
 from towerline.config import TowerlineConfig, load_config
 from towerline.errors import ConfigError, TowerlineError
-from towerline.progress import console
+from towerline.progress import console, status
 
 if TYPE_CHECKING:
     from evaluation.judged import JudgedQueries
@@ -168,12 +168,30 @@ def _produce(
 
 
 @command(app)
-def pairs(config_file: ConfigOption = None, out: OutOption = None, overrides: Overrides = None) -> None:
-    """Spark job: validate the dataset, quarantine bad rows, mine BM25 hard negatives → training pairs."""
-    from pipelines.pairs import run_pairs
+def pairs(
+    logs: Annotated[
+        Path | None,
+        typer.Option(help="impression/click logs (JSON lines or Parquet; a file or a directory) instead of the "
+                          "dataset's qrels; the dataset supplies the corpus. Schema in the README; settings: clicks.*"),
+    ] = None,
+    config_file: ConfigOption = None,
+    out: OutOption = None,
+    overrides: Overrides = None,
+) -> None:
+    """Spark job: validate the input, quarantine bad rows, mine hard negatives → training pairs.
 
+    From the dataset's qrels (pairs.split) with BM25 negatives, or with --logs from click logs:
+    satisfied clicks as positives; skipped-above-click, BM25 and random negatives; train/dev by query hash.
+    """
     config = _config(config_file, overrides)
     output = _out(out, config, "pairs")
+    if logs is not None:
+        from pipelines.click_pairs import run_click_pairs
+
+        _produce(config, "pairs", output, "training pairs", lambda tracker: run_click_pairs(config, logs, output))
+        return
+    from pipelines.pairs import run_pairs
+
     _produce(config, "pairs", output, "training pairs", lambda tracker: run_pairs(config, output))
 
 
@@ -986,6 +1004,36 @@ def data_split(
              lambda tracker: split_eval_queries(config, fraction, seed, output))
 
 
+@command(data_app, "synth-clicks")
+def data_synth_clicks(
+    rows: Annotated[int, typer.Option(min=10, help="impressions to write (whole pages of 10)")] = 1_000_000,
+    output_format: Annotated[str, typer.Option("--format", help="parquet or json (JSON lines)")] = "parquet",
+    seed: Annotated[int, typer.Option(help="generator seed")] = 0,
+    queries: Annotated[int | None, typer.Option(min=1, help="distinct queries (default: rows / 20, ≤ 50,000)")] = None,
+    data: DatasetArgument = None,
+    config_file: ConfigOption = None,
+    out: OutOption = None,
+    overrides: Overrides = None,
+) -> None:
+    """Synthetic click logs over the dataset's corpus: latent topics, Zipf query popularity, position
+    bias, dwell times (towerline/synthetic_clicks.py). Feed them to `towerline pairs --logs OUT`."""
+    from towerline.beir import load_dataset
+    from towerline.synthetic_clicks import ClickLogSpec, write_click_logs
+
+    if output_format not in ("parquet", "json"):
+        raise typer.BadParameter("parquet or json", param_hint="--format")
+    config = _config(config_file, overrides, data)
+    output = _out(out, config, "click-logs")
+    if output.exists():
+        raise TowerlineError(f"{output} exists; pick another --out")
+    documents = list(load_dataset(config.data).corpus.values())
+    with status(f"writing {rows:,} synthetic impressions"):
+        written = write_click_logs(documents, output, ClickLogSpec(rows=rows, seed=seed, queries=queries),
+                                   output_format)
+    console.print(f"[green]✓[/] {written['rows']:,} impressions ({written['queries']:,} queries over "
+                  f"{written['documents']:,} documents) written to [bold]{escape(str(output))}[/]")
+
+
 @command(bench_app, "serve")
 def bench_serve(
     index: Annotated[Path, typer.Option(help="faiss-index artifact")] = Path("runs/demo/index-fine_tuned"),
@@ -1115,6 +1163,23 @@ def bench_reclora(
     if unknown:
         raise ConfigError(f"--row {unknown[0]!r}: expected one of {', '.join(LLM_ROWS)}")
     run_reclora_bench(config, dataset, din_seed or [0, 1, 2], row or list(LLM_ROWS), work_dir, results)
+
+
+@command(bench_app, "pairs")
+def bench_pairs(
+    rows: Annotated[list[int] | None, typer.Option(min=10, help="log sizes in rows (repeat)")] = None,
+    seed: Annotated[int, typer.Option(help="click-log generator seed")] = 0,
+    work_dir: Annotated[Path, typer.Option(help="logs (kept for reruns) and pairs")] = Path("runs/bench-pairs"),
+    results: Annotated[Path, typer.Option(help="output JSON")] = Path("benchmarks/results/pairs.json"),
+    config_file: ConfigOption = None,
+    overrides: Overrides = None,
+) -> None:
+    """The click-log pairs job (`pairs --logs`) on synthetic logs of each size (default 1M and 10M rows)
+    on spark.master: wall time, rows/s, and how time grows with size."""
+    from benchmarks.pairs import run_pairs_bench
+
+    config = _config(config_file, overrides)
+    run_pairs_bench(config, rows or [1_000_000, 10_000_000], work_dir, results, seed)
 
 
 @command(bench_app, "rec")

@@ -56,6 +56,31 @@ class PairsConfig(Section):
     stemmer: Literal["english", "none"] = "english"
 
 
+class ClicksConfig(Section):
+    """`towerline pairs --logs`: impression/click logs → training pairs (pipelines/click_pairs.py).
+
+    A positive is a click whose dwell reaches `min_dwell_ms` (a satisfied click: a click followed by
+    a quick return says the result did not answer). Negatives come from three sources, each with its
+    own number per query, in this order and without repeats: documents shown above a satisfied click
+    and skipped (the user read past them: the strongest implicit negative, Joachims 2002), BM25 hard
+    negatives (top `pairs.bm25_top_k` minus the query's positives), and random corpus documents."""
+
+    min_dwell_ms: int = Field(30_000, ge=0)
+    skipped_negatives: int = Field(2, ge=0)
+    bm25_negatives: int = Field(2, ge=0)
+    random_negatives: int = Field(1, ge=0)
+    # Per-query cap: the query's positives with the most satisfied clicks (ties: doc id) are kept.
+    max_positives_per_query: int = Field(10, ge=1)
+    # A query longer than this (after normalisation) is quarantined, not truncated.
+    max_query_chars: int = Field(512, ge=1)
+    # The run fails, writing nothing, when more than this fraction of the log rows is quarantined.
+    max_bad_fraction: float = Field(0.05, ge=0, le=1)
+    # Queries whose normalised-text hash falls in this fraction go to dev_pairs.parquet, not pairs.parquet.
+    dev_fraction: float = Field(0.1, ge=0, lt=1)
+    # Seeds the random negatives (with each query's id: the same picks on every run and partitioning).
+    seed: int = 13
+
+
 class EncoderConfig(Section):
     # A registered name ("minilm") or a Hugging Face model directory.
     backbone: str = "minilm"
@@ -434,6 +459,7 @@ class TowerlineConfig(Section):
     data: DataConfig = DataConfig()
     spark: SparkConfig = SparkConfig()
     pairs: PairsConfig = PairsConfig()
+    clicks: ClicksConfig = ClicksConfig()
     encoder: EncoderConfig = EncoderConfig()
     train: TrainConfig = TrainConfig()
     distill: DistillConfig = DistillConfig()

@@ -1,0 +1,235 @@
+"""`towerline pairs --logs`: impression/click logs + a BEIR corpus → training pairs, as a Spark job.
+
+A positive is a satisfied click (dwell ≥ `clicks.min_dwell_ms`); its weight is how many satisfied
+clicks the (query, document) got across requests, and each query keeps its `max_positives_per_query`
+heaviest. A query's negatives come from three sources, in this order, without repeats and never one
+of its positives (`ClicksConfig`): skipped above a satisfied click, BM25-mined, random. The log rows
+are validated in the JVM (`click_logs.py`); only distinct queries reach Python (negative mining).
+Queries split into train and dev by a hash of their normalised text, so a query lands on the same
+side on every run. Writes a `training-pairs` artifact that `towerline train` reads as it reads
+BEIR pairs:
+
+    pairs.parquet/       train queries: query_id, query_text, positive_id, positive_text, negative_ids,
+                         negative_texts, negative_sources, weight
+    dev_pairs.parquet/   the same columns for the dev queries
+    quarantine.parquet/  source, line, reason, raw (log rows and corpus lines)
+    stats.json           rows per input, quarantine counts per reason, pairs, negatives per source
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pyspark import Broadcast, StorageLevel
+from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+
+from pipelines.click_logs import log_format, read_click_logs
+from pipelines.negatives import mine_negatives
+from pipelines.pairs import KIND, PAIR_COLUMNS, QUARANTINE_COLUMNS, QUARANTINE_FILE, STATS_FILE, index_corpus
+from pipelines.parquet_output import write_parquet
+from pipelines.records import quarantined_rows, read_documents, valid_rows
+from pipelines.spark import spark_session
+from towerline.artifacts import ArtifactWriter, Manifest
+from towerline.beir import locate_dataset, source_name
+from towerline.bm25 import Bm25Index
+from towerline.config import ClicksConfig, TowerlineConfig
+from towerline.errors import DataError
+from towerline.progress import status
+
+PAIRS_FILE = "pairs.parquet"
+DEV_PAIRS_FILE = "dev_pairs.parquet"
+CLICK_PAIR_COLUMNS = (*PAIR_COLUMNS, "negative_sources", "weight")
+SOURCES = ("skipped", "bm25", "random")
+NEGATIVES_SCHEMA = "query_id string, negative_ids array<string>, negative_sources array<string>"
+METADATA_KEYS = ("logs", "pairs", "dev_pairs", "queries", "negatives_by_source", "quarantined", "dataset")
+
+
+def run_click_pairs(config: TowerlineConfig, logs: Path, output: Path) -> Manifest:
+    """Build the training-pairs artifact at `output` from click logs; DataError on unusable input
+    (too many bad rows, nothing usable), and then nothing is written."""
+    files = locate_dataset(config.data)
+    log_format(logs)  # refuse a mixed or empty directory before Spark starts
+    with status(f"pairs: click logs {logs.name} → pairs over {files.name} with Spark"):
+        spark = spark_session(config.spark, "towerline-click-pairs")
+        documents = read_documents(spark, str(files.corpus), source_name(files.corpus)).cache()
+        rows = read_click_logs(spark, logs, valid_rows(documents), config.clicks).persist(StorageLevel.MEMORY_AND_DISK)
+        try:
+            counts = _count(documents, rows)
+            _check_counts(counts, config, files.corpus, logs)
+            return _publish(spark, documents, rows, counts, config, output, logs.name, files.identity())
+        finally:
+            rows.unpersist()
+            documents.unpersist()
+
+
+def _count(documents: DataFrame, rows: DataFrame) -> dict[str, Any]:
+    """Rows and quarantine counts per reason, for the corpus and the logs (small aggregates)."""
+    counts: dict[str, Any] = {}
+    for name, table in (("corpus", documents), ("logs", rows)):
+        reasons = {row["reason"]: row["count"] for row in table.groupBy("reason").count().collect()}
+        valid = reasons.pop(None, 0)
+        counts[name] = {"rows": valid + sum(reasons.values()), "valid": valid,
+                        "quarantined": sum(reasons.values()), "reasons": dict(sorted(reasons.items()))}
+    return counts
+
+
+def _check_counts(counts: dict[str, Any], config: TowerlineConfig, corpus: Path, logs: Path) -> None:
+    corpus_counts, log_counts = counts["corpus"], counts["logs"]
+    if corpus_counts["quarantined"] and config.data.on_malformed == "fail":
+        raise DataError(f"{corpus}: {corpus_counts['quarantined']} malformed corpus lines "
+                        f"({corpus_counts['reasons']}); fix them or set data.on_malformed=quarantine")
+    if not log_counts["rows"]:
+        raise DataError(f"{logs}: no click-log rows")
+    bad_fraction = log_counts["quarantined"] / log_counts["rows"]
+    if bad_fraction > config.clicks.max_bad_fraction:
+        raise DataError(f"{logs}: {log_counts['quarantined']} of {log_counts['rows']} rows ({bad_fraction:.1%}) are "
+                        f"bad, above clicks.max_bad_fraction={config.clicks.max_bad_fraction}: "
+                        f"{log_counts['reasons']}; nothing written")
+
+
+def _publish(spark: SparkSession, documents: DataFrame, rows: DataFrame, counts: dict[str, Any],
+             config: TowerlineConfig, output: Path, logs_name: str, dataset: dict[str, str]) -> Manifest:
+    settings = config.clicks
+    docs = valid_rows(documents).select("doc_id", "doc_text")
+    index = spark.sparkContext.broadcast(index_corpus(documents, config.pairs.stemmer))
+    doc_ids = spark.sparkContext.broadcast(np.array(sorted(r["doc_id"] for r in docs.select("doc_id").collect())))
+    try:
+        with ArtifactWriter(output, KIND, producer="pairs --logs", config=config) as staged:
+            pairs = build_click_pairs(valid_rows(rows), docs, index, doc_ids, config)
+            is_dev = _is_dev(settings.dev_fraction)
+            write_parquet(pairs.filter(~is_dev), staged.path / PAIRS_FILE, CLICK_PAIR_COLUMNS,
+                          ["query_id", "positive_id"])
+            write_parquet(pairs.filter(is_dev), staged.path / DEV_PAIRS_FILE, CLICK_PAIR_COLUMNS,
+                          ["query_id", "positive_id"])
+            quarantine = quarantined_rows(rows).unionByName(quarantined_rows(documents))
+            write_parquet(quarantine, staged.path / QUARANTINE_FILE, QUARANTINE_COLUMNS, ["source", "line"])
+            stats = _stats(spark, staged.path, counts, config, logs_name, dataset)
+            (staged.path / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
+            staged.metadata.update({key: stats[key] for key in METADATA_KEYS})
+            staged.metadata["doc_template"] = config.encoder.doc_template
+    finally:
+        index.destroy()
+        doc_ids.destroy()
+    assert staged.manifest is not None  # set by ArtifactWriter on a clean exit
+    return staged.manifest
+
+
+def build_click_pairs(clicks: DataFrame, docs: DataFrame, index: Broadcast[Bm25Index],
+                      doc_ids: Broadcast[np.ndarray], config: TowerlineConfig) -> DataFrame:
+    """CLICK_PAIR_COLUMNS, one row per (query, kept positive), from the valid log rows."""
+    settings = config.clicks
+    satisfied = clicks.filter(F.col("clicked") & (F.col("dwell_ms") >= settings.min_dwell_ms))
+    weighted = satisfied.groupBy("query_id", "doc_id").agg(
+        F.count("*").alias("weight"), F.min("query_text").alias("query_text"))
+    heaviest = Window.partitionBy("query_id").orderBy(F.desc("weight"), "doc_id")
+    positives = (weighted.withColumn("_rank", F.row_number().over(heaviest))
+                 .filter(F.col("_rank") <= settings.max_positives_per_query).drop("_rank"))
+    queries = positives.groupBy("query_id").agg(F.min("query_text").alias("query_text"),
+                                                F.collect_set("doc_id").alias("positive_ids"))
+    queries = queries.join(_skipped_above_clicks(clicks, satisfied), on="query_id", how="left")
+    negatives = _with_texts(queries.mapInPandas(partial(_negatives_for_batches, index, doc_ids, config),
+                                                NEGATIVES_SCHEMA), docs)
+    positive_docs = docs.select(F.col("doc_id").alias("positive_id"), F.col("doc_text").alias("positive_text"))
+    return (positives.withColumnRenamed("doc_id", "positive_id")
+            .join(positive_docs, on="positive_id")
+            .join(negatives, on="query_id", how="left")
+            .select(*CLICK_PAIR_COLUMNS[:4],
+                    *[F.coalesce(F.col(name), F.array().cast("array<string>")).alias(name)
+                      for name in ("negative_ids", "negative_texts", "negative_sources")],
+                    F.col("weight").cast("int").alias("weight")))
+
+
+def _skipped_above_clicks(clicks: DataFrame, satisfied: DataFrame) -> DataFrame:
+    """(query_id, skipped_ids): documents shown above a satisfied click of the same request and not
+    clicked, most often skipped first (ties: doc id)."""
+    deepest = satisfied.groupBy("request_id", "query_id").agg(F.max("position").alias("_deepest"))
+    skipped = (clicks.filter(~F.col("clicked")).join(deepest, on=["request_id", "query_id"])
+               .filter(F.col("position") < F.col("_deepest"))
+               .groupBy("query_id", "doc_id").count())
+    ordered = F.sort_array(F.collect_list(F.struct(F.negative("count").alias("order"), "doc_id")))
+    return skipped.groupBy("query_id").agg(F.transform(ordered, lambda item: item["doc_id"]).alias("skipped_ids"))
+
+
+def _with_texts(negatives: DataFrame, docs: DataFrame) -> DataFrame:
+    """negative_texts aligned with negative_ids (and their sources), order kept."""
+    exploded = negatives.select("query_id", F.posexplode(F.arrays_zip("negative_ids", "negative_sources"))
+                                .alias("rank", "negative"))
+    with_text = exploded.select("query_id", "rank", F.col("negative.negative_ids").alias("doc_id"),
+                                F.col("negative.negative_sources").alias("source")).join(docs, on="doc_id")
+    hits = F.sort_array(F.collect_list(F.struct("rank", "doc_id", "doc_text", "source")))
+    grouped = with_text.groupBy("query_id").agg(hits.alias("hits"))
+    # hits.field of an array of structs is the array of that field, order kept.
+    return grouped.select("query_id", *[F.col("hits")[key].alias(name) for key, name in
+                                        (("doc_id", "negative_ids"), ("doc_text", "negative_texts"),
+                                         ("source", "negative_sources"))])
+
+
+def _negatives_for_batches(index: Broadcast[Bm25Index], doc_ids: Broadcast[np.ndarray], config: TowerlineConfig,
+                           batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    settings = config.clicks
+    # BM25 is asked for enough candidates that its share survives removing the skipped picks.
+    bm25 = config.pairs.model_copy(update={"negatives_per_query": settings.skipped_negatives
+                                           + settings.bm25_negatives})
+    for batch in batches:
+        positives = [set(ids) for ids in batch["positive_ids"]]
+        skipped = [[doc_id for doc_id in (ids if ids is not None else []) if doc_id not in judged]
+                   [: settings.skipped_negatives] for ids, judged in zip(batch["skipped_ids"], positives, strict=True)]
+        mined = (mine_negatives(index.value, batch["query_text"].tolist(), positives, [[] for _ in positives], bm25)
+                 if settings.bm25_negatives else [[] for _ in positives])
+        ids, sources = [], []
+        for query, judged, known, candidates in zip(batch["query_id"], positives, skipped, mined, strict=True):
+            hard = [doc_id for doc_id in candidates if doc_id not in known][: settings.bm25_negatives]
+            randoms = random_negatives(doc_ids.value, judged | set(known) | set(hard), settings, query)
+            ids.append(known + hard + randoms)
+            sources.append(["skipped"] * len(known) + ["bm25"] * len(hard) + ["random"] * len(randoms))
+        yield pd.DataFrame({"query_id": batch["query_id"], "negative_ids": ids, "negative_sources": sources})
+
+
+def random_negatives(doc_ids: np.ndarray, excluded: set[str], settings: ClicksConfig, query: str) -> list[str]:
+    """`settings.random_negatives` distinct corpus documents outside `excluded`, drawn by a generator
+    seeded with the seed and the query id: the same picks wherever and whenever the query is mined."""
+    wanted = min(settings.random_negatives, len(doc_ids) - len(excluded))
+    rng = np.random.default_rng([settings.seed, int(query[:15], 16)])
+    picks: list[str] = []
+    while len(picks) < wanted:
+        candidate = str(doc_ids[rng.integers(len(doc_ids))])
+        if candidate not in excluded and candidate not in picks:
+            picks.append(candidate)
+    return picks
+
+
+def _is_dev(fraction: float):
+    # The query id is hex of a hash: its first 8 digits are uniform on [0, 16^8).
+    return F.conv(F.substring("query_id", 1, 8), 16, 10).cast("double") < fraction * 16**8
+
+
+def _stats(spark: SparkSession, staged: Path, counts: dict[str, Any], config: TowerlineConfig, logs_name: str,
+           dataset: dict[str, str]) -> dict[str, Any]:
+    """Counts read back from the written files, so they describe exactly what was published."""
+    written = {name: spark.read.parquet(str(staged / name)) for name in (PAIRS_FILE, DEV_PAIRS_FILE)}
+    both = written[PAIRS_FILE].unionByName(written[DEV_PAIRS_FILE])
+    by_source = {row["source"]: row["count"] for row in
+                 both.select("query_id", "negative_sources").distinct()
+                 .select(F.explode("negative_sources").alias("source")).groupBy("source").count().collect()}
+    settings = config.clicks
+    return {
+        "dataset": dataset,
+        "logs": logs_name,
+        "pairs": written[PAIRS_FILE].count(),
+        "dev_pairs": written[DEV_PAIRS_FILE].count(),
+        "queries": both.select("query_id").distinct().count(),
+        "negatives_by_source": {source: by_source.get(source, 0) for source in SOURCES},
+        "quarantined": counts["logs"]["quarantined"] + counts["corpus"]["quarantined"],
+        "inputs": counts,
+        "settings": {"min_dwell_ms": settings.min_dwell_ms, "skipped_negatives": settings.skipped_negatives,
+                     "bm25_negatives": settings.bm25_negatives, "random_negatives": settings.random_negatives,
+                     "max_positives_per_query": settings.max_positives_per_query,
+                     "dev_fraction": settings.dev_fraction, "bm25_top_k": config.pairs.bm25_top_k},
+    }

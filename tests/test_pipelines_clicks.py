@@ -1,0 +1,234 @@
+"""The click-log pairs job on real Spark (local): validation and quarantine of every bad-row kind,
+positives from satisfied clicks, the three negative sources, the dev split, determinism across
+partitionings and input formats, and the refusal of a log with too many bad rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import SPARK_TEST_OVERRIDES
+from pyspark.sql import SparkSession
+from typer.testing import CliRunner
+
+from pipelines.click_pairs import CLICK_PAIR_COLUMNS, DEV_PAIRS_FILE, PAIRS_FILE, run_click_pairs
+from towerline.artifacts import read_manifest
+from towerline.beir import load_dataset
+from towerline.cli import app
+from towerline.config import DataConfig, TowerlineConfig, load_config
+from towerline.errors import DataError
+from towerline.synthetic_clicks import ClickLogSpec, write_click_logs
+
+TS = 1_767_225_600_000
+runner = CliRunner()
+
+
+def clicks_config(dataset: Path, *overrides: str) -> TowerlineConfig:
+    return load_config(None, [f"data.dir={dataset}", *SPARK_TEST_OVERRIDES, "clicks.max_bad_fraction=1",
+                              "clicks.dev_fraction=0", *overrides])
+
+
+def impression(request: str, query: str, doc: str, position: int, clicked: bool = False, dwell: int = 0) -> dict:
+    return {"request_id": request, "ts": TS + position, "query": query, "doc_id": doc, "position": position,
+            "clicked": clicked, "dwell_ms": dwell}
+
+
+@pytest.fixture(scope="module")
+def doc_ids(tiny_dataset: Path) -> list[str]:
+    return sorted(load_dataset(DataConfig(dir=tiny_dataset)).corpus)
+
+
+@pytest.fixture(scope="module")
+def queries(tiny_dataset: Path, doc_ids: list[str]) -> tuple[str, str]:
+    """Two queries written from documents 2 and 7 (their first three words: topic words, so BM25 has
+    candidates), the first in title case with a double space (it normalises to its lower case)."""
+    corpus = load_dataset(DataConfig(dir=tiny_dataset)).corpus
+    first, second = (corpus[doc_ids[index]].text.split()[:3] for index in (2, 7))
+    return "  ".join(word.title() for word in first), " ".join(second)
+
+
+@pytest.fixture(scope="module")
+def good_rows(doc_ids: list[str], queries: tuple[str, str]) -> list[dict]:
+    d, (alpha, gamma) = doc_ids, queries
+    retyped = " " + alpha.lower().replace("  ", " ")
+    return [
+        # r1: a satisfied click at 3; 1 and 2 were skipped above it; 4, below it, was not.
+        impression("r1", alpha, d[0], 1), impression("r1", alpha, d[1], 2),
+        impression("r1", alpha, d[2], 3, True, 40_000), impression("r1", alpha, d[3], 4),
+        # r2: the same query typed differently; d[1] skipped again, d[2] satisfied again (weight 2),
+        # d[5] a short click (neither a positive nor skipped).
+        impression("r2", retyped, d[1], 1), impression("r2", retyped, d[2], 2, True, 50_000),
+        impression("r2", retyped, d[5], 3, True, 1_000),
+        # r3: another query, one satisfied click under one skipped document.
+        impression("r3", gamma, d[8], 1), impression("r3", gamma, d[7], 2, True, 31_000),
+        # r4: a query with clicks, none satisfied: no pair.
+        impression("r4", "delta", d[9], 1, True, 2_000),
+    ]
+
+
+def bad_lines(doc_ids: list[str]) -> list[tuple[str, str]]:
+    """(line, the reason it must be quarantined with), one or two per kind of bad row."""
+    ok = impression("r9", "fine query", doc_ids[0], 1)
+
+    def variant(**changes: object) -> str:
+        row = {**ok, **changes}
+        return json.dumps({key: value for key, value in row.items() if value is not ...})
+
+    return [
+        ('{"request_id": "r9", "query": ', "malformed JSON"),
+        ("[1, 2, 3]", "malformed JSON"),
+        (variant(request_id=...), "missing request_id"),
+        (variant(request_id=" "), "missing request_id"),
+        (variant(query=...), "missing query"),
+        (variant(query="   "), "empty query"),
+        (variant(query="word " * 200), "query too long"),
+        (variant(ts="yesterday"), "bad ts"),
+        (variant(ts=100), "bad ts"),
+        (variant(ts="2026-02-03T04:05:06Z", position=2, doc_id=doc_ids[4]), None),  # ISO-8601 is good
+        (variant(position="two"), "bad position"),
+        (variant(position=0), "bad position"),
+        (variant(clicked="maybe"), "bad clicked"),
+        (variant(dwell_ms=-5, position=3), "bad dwell_ms"),
+        (variant(doc_id="no-such-doc"), "unknown doc id"),
+        (variant(doc_id=doc_ids[1]), "duplicate impression"),  # position 1 of r9 is taken
+        (json.dumps(ok), "duplicate impression"),  # the same impression replayed
+    ]
+
+
+@pytest.fixture(scope="module")
+def json_log(tmp_path_factory: pytest.TempPathFactory, good_rows: list[dict], doc_ids: list[str]) -> Path:
+    lines = [json.dumps(row) for row in good_rows]
+    lines.insert(3, "")  # a blank line is skipped, and still counted as a line
+    lines.append(json.dumps(impression("r9", "fine query", doc_ids[0], 1)))
+    lines.extend(line for line, _ in bad_lines(doc_ids))
+    path = tmp_path_factory.mktemp("logs") / "clicks.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def json_run(spark: SparkSession, tiny_dataset: Path, json_log: Path,
+             tmp_path_factory: pytest.TempPathFactory) -> Path:
+    output = tmp_path_factory.mktemp("click-pairs") / "pairs"
+    run_click_pairs(clicks_config(tiny_dataset), json_log, output)
+    return output
+
+
+def test_every_bad_row_lands_in_quarantine_with_its_reason_and_line(json_run: Path, good_rows: list[dict],
+                                                                     doc_ids: list[str]) -> None:
+    quarantine = pd.read_parquet(json_run / "quarantine.parquet")
+    bad = bad_lines(doc_ids)
+    first_bad_line = len(good_rows) + 1 + 2  # the good rows, the blank line, the r9 original
+    expected = [(first_bad_line + offset, reason) for offset, (_, reason) in enumerate(bad) if reason]
+    assert sorted(zip(quarantine["line"], quarantine["reason"], strict=True)) == expected
+    assert set(quarantine["source"]) == {"clicks.jsonl"}
+    assert quarantine.loc[quarantine["reason"] == "bad clicked", "raw"].item() == bad[12][0]
+    stats = json.loads((json_run / "stats.json").read_text())
+    logs = stats["inputs"]["logs"]
+    assert logs["quarantined"] == len(expected)
+    assert logs["valid"] == len(good_rows) + 2  # the r9 original and the ISO-timestamped one
+    assert logs["rows"] == logs["valid"] + logs["quarantined"]
+    assert sum(logs["reasons"].values()) == len(expected)
+
+
+def test_satisfied_clicks_become_weighted_pairs_with_negatives_from_each_source(
+    json_run: Path, doc_ids: list[str], queries: tuple[str, str]
+) -> None:
+    pairs = pd.read_parquet(json_run / PAIRS_FILE)
+    assert tuple(pairs.columns) == CLICK_PAIR_COLUMNS
+    assert len(pd.read_parquet(json_run / DEV_PAIRS_FILE)) == 0  # clicks.dev_fraction=0
+    by_query = {row.query_text: row for row in pairs.itertuples()}
+    alpha_text, gamma_text = (" ".join(query.lower().split()) for query in queries)
+    assert set(by_query) == {alpha_text, gamma_text}  # normalised; "delta" had no satisfied click
+    alpha, gamma = by_query[alpha_text], by_query[gamma_text]
+    assert (alpha.positive_id, alpha.weight) == (doc_ids[2], 2)
+    assert (gamma.positive_id, gamma.weight) == (doc_ids[7], 1)
+    # Skipped above a satisfied click first, most often skipped first: d1 (twice), then d0.
+    assert list(alpha.negative_ids[:2]) == [doc_ids[1], doc_ids[0]]
+    assert list(alpha.negative_sources) == ["skipped", "skipped", "bm25", "bm25", "random"]
+    assert list(gamma.negative_ids[:1]) == [doc_ids[8]]
+    assert list(gamma.negative_sources) == ["skipped", "bm25", "bm25", "random"]
+    for row in pairs.itertuples():
+        assert row.positive_id not in row.negative_ids and len(set(row.negative_ids)) == len(row.negative_ids)
+        assert len(row.negative_texts) == len(row.negative_ids) == len(row.negative_sources)
+    stats = json.loads((json_run / "stats.json").read_text())
+    assert stats["negatives_by_source"] == {"skipped": 3, "bm25": 4, "random": 2}
+    manifest = read_manifest(json_run, "training-pairs")
+    assert manifest.metadata["pairs"] == 2 and manifest.metadata["dev_pairs"] == 0
+
+
+def test_parquet_logs_and_other_partitionings_give_the_same_pairs(
+    spark: SparkSession, tiny_dataset: Path, json_run: Path, good_rows: list[dict], tmp_path: Path
+) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    # Two files, split mid-request: impressions of one page can arrive in different files.
+    table = pa.Table.from_pylist(good_rows)
+    pq.write_table(table.slice(0, 5), logs / "part-0.parquet")
+    pq.write_table(table.slice(5), logs / "part-1.parquet")
+    output = tmp_path / "pairs"
+    run_click_pairs(clicks_config(tiny_dataset, "spark.shuffle_partitions=5"), logs, output)
+    expected = pd.read_parquet(json_run / PAIRS_FILE)
+    pd.testing.assert_frame_equal(pd.read_parquet(output / PAIRS_FILE), expected)
+    assert len(pd.read_parquet(output / "quarantine.parquet")) == 0
+
+
+def test_too_many_bad_rows_fail_and_write_nothing(spark: SparkSession, tiny_dataset: Path, json_log: Path,
+                                                   tmp_path: Path) -> None:
+    output = tmp_path / "pairs"
+    with pytest.raises(DataError, match=r"clicks.max_bad_fraction=0.05.*nothing written"):
+        run_click_pairs(clicks_config(tiny_dataset, "clicks.max_bad_fraction=0.05"), json_log, output)
+    assert not output.exists() and not any(tmp_path.iterdir())
+
+
+def test_unreadable_log_inputs_are_named(spark: SparkSession, tiny_dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no such click-log"):
+        run_click_pairs(clicks_config(tiny_dataset), tmp_path / "nope", tmp_path / "out")
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "a.jsonl").write_text("{}\n")
+    (mixed / "b.csv").write_text("x\n")
+    with pytest.raises(DataError, match=r"all JSON lines .* or all \.parquet"):
+        run_click_pairs(clicks_config(tiny_dataset), mixed, tmp_path / "out")
+    short = tmp_path / "short.parquet"
+    pq.write_table(pa.table({"request_id": ["r"], "query": ["q"]}), short)
+    with pytest.raises(DataError, match="columns missing: ts, doc_id, position, clicked"):
+        run_click_pairs(clicks_config(tiny_dataset), short, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_synthetic_logs_through_the_cli_train_unchanged(spark: SparkSession, tiny_dataset: Path,
+                                                         tiny_overrides: list[str], tmp_path: Path) -> None:
+    logs, pairs = tmp_path / "logs", tmp_path / "pairs"
+    outcome = runner.invoke(app, ["data", "synth-clicks", str(tiny_dataset), "--rows", "3000", "--format", "json",
+                                  "--out", str(logs), *tiny_overrides])
+    assert outcome.exit_code == 0, outcome.output
+    outcome = runner.invoke(app, ["pairs", "--logs", str(logs), "--out", str(pairs), *tiny_overrides,
+                                  "clicks.dev_fraction=0.2"])
+    assert outcome.exit_code == 0, outcome.output
+    train, dev = pd.read_parquet(pairs / PAIRS_FILE), pd.read_parquet(pairs / DEV_PAIRS_FILE)
+    assert len(train) > len(dev) > 0 and not set(train["query_id"]) & set(dev["query_id"])
+    # The same query lands on the same side in another run with other settings: the split is the hash's.
+    assert len(pd.read_parquet(pairs / "quarantine.parquet")) == 0
+    outcome = runner.invoke(app, ["train", "--pairs", str(pairs), "--out", str(tmp_path / "encoder"),
+                                  *tiny_overrides, "train.max_steps=2"])
+    assert outcome.exit_code == 0, outcome.output
+    assert read_manifest(tmp_path / "encoder", "dual-encoder").metadata["steps"] == 2
+
+
+def test_synthetic_click_logs_have_position_bias_and_dwell_separating_satisfied_clicks(tiny_dataset: Path,
+                                                                                       tmp_path: Path) -> None:
+    documents = list(load_dataset(DataConfig(dir=tiny_dataset)).corpus.values())
+    written = write_click_logs(documents, tmp_path / "a", ClickLogSpec(rows=20_000, seed=3))
+    assert written["rows"] == 20_000
+    log = pd.read_parquet(tmp_path / "a")
+    assert not log.duplicated(["request_id", "doc_id"]).any() and not log.duplicated(["request_id", "position"]).any()
+    by_position = log.groupby("position")["clicked"].mean()
+    assert by_position[1] > by_position[5] > by_position[10]
+    assert log.loc[~log["clicked"], "dwell_ms"].eq(0).all() and log.loc[log["clicked"], "dwell_ms"].gt(0).all()
+    write_click_logs(documents, tmp_path / "b", ClickLogSpec(rows=20_000, seed=3))
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "b"), log)
