@@ -75,7 +75,9 @@ def log_format(path: Path) -> str:
 
 def read_click_logs(spark: SparkSession, path: Path, doc_ids: DataFrame, settings: ClicksConfig,
                     now_ms: int | None = None) -> DataFrame:
-    """CLICK_COLUMNS plus `raw` (the row as read, for the quarantine) for every row of the logs."""
+    """CLICK_COLUMNS plus `raw` for every row of the logs. `raw` is the row as read (the line, or the
+    Parquet row as JSON) on quarantined rows and null on valid ones: at tens of millions of rows a
+    copy of every row would double what the job keeps on disk between its passes."""
     fields = _read_fields(spark, path) if log_format(path) == "parquet" else _parse_json_lines(spark, path)
     checked = _validate(fields, settings, EARLIEST_TS_MS, (now_ms or int(time.time() * 1000)) + DAY_MS)
     checked = _flag(checked, _unknown(checked, doc_ids), UNKNOWN_DOC)
@@ -86,7 +88,10 @@ def read_click_logs(spark: SparkSession, path: Path, doc_ids: DataFrame, setting
     first_slot = F.row_number().over(Window.partitionBy("request_id", "position", valid).orderBy("source", "line"))
     checked = checked.withColumn("reason", F.when(valid & ((first_doc > 1) | (first_slot > 1)),
                                                   F.lit(DUPLICATE_IMPRESSION)).otherwise(F.col("reason")))
-    return checked.select(*CLICK_COLUMNS, "raw")
+    # Rows flagged after typing (unknown doc, duplicate) were well-formed: their typed fields say it all.
+    typed = F.to_json(F.struct(*[F.col(name) for name in CLICK_COLUMNS[2:-1]]))
+    raw = F.when(F.col("reason").isNotNull(), F.coalesce(F.col("raw"), typed))
+    return checked.select(*CLICK_COLUMNS, raw.alias("raw"))
 
 
 def normalise_query(text: Column) -> Column:
@@ -122,7 +127,7 @@ def _read_fields(spark: SparkSession, path: Path) -> DataFrame:
         table = table.withColumn("dwell_ms", F.lit(None).cast("long"))
     numbered = with_line_numbers(table)
     return numbered.select(
-        "source", "line", F.to_json(F.struct(*LOG_FIELDS)).alias("raw"), F.lit(None).cast("string").alias("reason"),
+        "source", "line", F.lit(None).cast("string").alias("raw"), F.lit(None).cast("string").alias("reason"),
         *[F.col(name).cast("string").alias(name) for name in LOG_FIELDS])
 
 
@@ -174,7 +179,11 @@ def _validate(rows: DataFrame, settings: ClicksConfig, earliest_ms: int, latest_
     ]
     # A row flagged already (malformed) keeps its reason; otherwise the first failed check's.
     first = F.coalesce(F.col("reason"), _first_failed(checks))
-    return typed.withColumn("reason", first).drop(*[f"_{name}" for name in LOG_FIELDS])
+    # A bad row keeps what was read (a Parquet row: its fields as text); a good one keeps nothing.
+    as_read = F.coalesce(F.col("raw"), F.to_json(F.struct(*[F.col(f"_{name}").alias(name) for name in LOG_FIELDS])))
+    return (typed.withColumn("reason", first)
+            .withColumn("raw", F.when(F.col("reason").isNotNull(), as_read))
+            .drop(*[f"_{name}" for name in LOG_FIELDS]))
 
 
 def _first_failed(checks: list[tuple[Column, str]]) -> Column:

@@ -59,7 +59,9 @@ def run_click_pairs(config: TowerlineConfig, logs: Path, output: Path) -> Manife
     with status(f"pairs: click logs {logs.name} → pairs over {files.name} with Spark"):
         spark = spark_session(config.spark, "towerline-click-pairs")
         documents = read_documents(spark, str(files.corpus), source_name(files.corpus)).cache()
-        rows = read_click_logs(spark, logs, valid_rows(documents), config.clicks).persist(StorageLevel.MEMORY_AND_DISK)
+        # On disk only: read back as a stream, where a memory-and-disk block is read back whole (a
+        # 10M-row log's blocks outgrow a 2 GB driver heap).
+        rows = read_click_logs(spark, logs, valid_rows(documents), config.clicks).persist(StorageLevel.DISK_ONLY)
         try:
             counts = _count(documents, rows)
             _check_counts(counts, config, files.corpus, logs)
