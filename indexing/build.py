@@ -18,14 +18,16 @@ from indexing.sparse import write_sparse_side
 from towerline.artifacts import ArtifactWriter, Manifest
 from towerline.beir import load_dataset
 from towerline.config import IndexConfig, TowerlineConfig
+from towerline.doc_embeddings import read_embeddings
 from towerline.encoder import Tower
 from towerline.errors import ConfigError, DataError
 from towerline.progress import progress_bar
 from towerline.towers import load_towers
 
 
-def build_index(config: TowerlineConfig, encoder_path: Path, output: Path) -> Manifest:
-    """Embed `config.data`'s corpus with the doc tower of `encoder_path` and write an index artifact."""
+def build_index(config: TowerlineConfig, encoder_path: Path, output: Path, embeddings: Path | None = None) -> Manifest:
+    """Embed `config.data`'s corpus with the doc tower of `encoder_path` and write an index artifact;
+    with `embeddings` (a doc-embeddings artifact of the Spark job `towerline embed`), index its vectors."""
     dataset = load_dataset(config.data)  # checked before the towers load or anything is embedded
     corpus = dataset.corpus
     _, doc_tower, encoder_manifest = load_towers(encoder_path)
@@ -34,7 +36,11 @@ def build_index(config: TowerlineConfig, encoder_path: Path, output: Path) -> Ma
     template = doc_tower.spec.document_template
     rendered = [corpus[doc_id].render(template) for doc_id in doc_ids]
     shard_dir = shard_dir_for(output)
-    doc_embeddings = embed_texts(doc_tower, rendered, config.index, resume=(shard_dir, encoder_manifest.fingerprint))
+    if embeddings is not None:
+        doc_embeddings = _precomputed(embeddings, doc_ids, encoder_manifest)
+    else:
+        doc_embeddings = embed_texts(doc_tower, rendered, config.index,
+                                     resume=(shard_dir, encoder_manifest.fingerprint))
     sparse_texts = [corpus[doc_id].full_text for doc_id in doc_ids] if config.index.sparse else None
     documents = ([corpus[doc_id].title for doc_id in doc_ids], [corpus[doc_id].text for doc_id in doc_ids])
     manifest = build_index_from_embeddings(
@@ -125,6 +131,22 @@ def build_index_from_embeddings(
         )
     assert staged.manifest is not None
     return staged.manifest
+
+
+def _precomputed(path: Path, doc_ids: list[str], encoder: Manifest) -> np.ndarray:
+    """The doc-embeddings artifact's vectors in corpus order; refused when another doc tower made
+    them or when they do not cover exactly the corpus's documents."""
+    ids, vectors, manifest = read_embeddings(path)
+    if manifest.metadata.get("embedding_space") != encoder.metadata["embedding_space"]:
+        raise DataError(f"{path}: embeddings of another doc tower (embedding space "
+                        f"{str(manifest.metadata.get('embedding_space'))[:12]}…, the encoder's is "
+                        f"{encoder.metadata['embedding_space'][:12]}…)")
+    row_of = {doc_id: row for row, doc_id in enumerate(ids)}
+    missing = [doc_id for doc_id in doc_ids if doc_id not in row_of]
+    if missing or len(ids) != len(doc_ids):
+        raise DataError(f"{path}: {len(ids)} embedded documents against {len(doc_ids)} in the corpus "
+                        f"({len(missing)} corpus documents missing, e.g. {missing[:3]}); embed this corpus again")
+    return vectors[[row_of[doc_id] for doc_id in doc_ids]]
 
 
 def _checked_embeddings(doc_embeddings: np.ndarray, doc_ids: list[str]) -> np.ndarray:

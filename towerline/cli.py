@@ -482,11 +482,15 @@ def index_build(
     encoder: Annotated[
         Path | None, typer.Option(help="dual-encoder artifact; its doc tower embeds (default: RUN_DIR/encoder)")
     ] = None,
+    embeddings: Annotated[
+        Path | None, typer.Option(help="doc-embeddings artifact from `towerline embed` (Spark) to index instead of "
+                                       "embedding here; must come from the same doc tower and corpus")
+    ] = None,
     config_file: ConfigOption = None,
     out: OutOption = None,
     overrides: Overrides = None,
 ) -> None:
-    """Embed the corpus with the doc tower and build a FAISS index artifact."""
+    """Embed the corpus with the doc tower (or take --embeddings) and build a FAISS index artifact."""
     from indexing.build import build_index
     from towerline.tracking import register_index
 
@@ -495,11 +499,34 @@ def index_build(
     encoder_path = encoder or config.run_dir / "encoder"
 
     def build_and_register(tracker: Tracker) -> Manifest:
-        manifest = build_index(config, encoder_path, output)
+        manifest = build_index(config, encoder_path, output, embeddings)
         register_index(tracker, config, output, manifest, encoder_path)
         return manifest
 
     _produce(config, "index", output, "FAISS index", build_and_register)
+
+
+@command(app)
+def embed(
+    encoder: Annotated[
+        Path | None, typer.Option(help="dual-encoder artifact; its doc tower embeds (default: RUN_DIR/encoder)")
+    ] = None,
+    partitions: Annotated[
+        int | None, typer.Option(min=1, help="corpus partitions (default: Spark's parallelism)")
+    ] = None,
+    config_file: ConfigOption = None,
+    out: OutOption = None,
+    overrides: Overrides = None,
+) -> None:
+    """Spark job: the doc tower embeds the corpus on the executors (one model per Python worker) into
+    embedding shards; `towerline index build --embeddings OUT` indexes them."""
+    from pipelines.embed_corpus import run_embed_corpus
+
+    config = _config(config_file, overrides)
+    output = _out(out, config, "embeddings")
+    encoder_path = encoder or config.run_dir / "encoder"
+    _produce(config, "embed", output, "doc embeddings",
+             lambda tracker: run_embed_corpus(config, encoder_path, output, partitions))
 
 
 @command(index_app, "update")
