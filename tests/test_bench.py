@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pyspark.sql import SparkSession
 
 from benchmarks.serve import run_serve_bench
 from indexing.build import build_index
@@ -181,3 +182,23 @@ def test_index_bench_sweeps_every_type_and_marks_the_pareto_front(tiny_config: T
     assert pareto_front(rows) == [0, 1, 3]
     vectors = clustered_vectors(500, 16, 5, seed=1)
     assert vectors.shape == (500, 16) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+
+
+def test_pairs_bench_times_each_log_size_and_the_embedding_job(spark: SparkSession, tiny_config: TowerlineConfig,
+                                                               tmp_path: Path) -> None:
+    from benchmarks.pairs import run_pairs_bench
+
+    results = tmp_path / "pairs.json"
+    summary = run_pairs_bench(tiny_config, [2_000, 200], tmp_path / "work", results)
+    assert json.loads(results.read_text()) == summary
+    assert [run["rows"] for run in summary["runs"]] == [200, 2_000]  # smallest first
+    for run in summary["runs"]:
+        assert run["pairs"] > 0 and run["quarantined"] == 0 and run["rows_per_s"] > 0
+    assert summary["scaling"]["size_ratio"] == 10 and summary["scaling"]["target_time_ratio_at_most"] == 11
+    embedding = summary["embedding"]
+    assert embedding["documents"] == 80 and embedding["max_abs_difference"] < 1e-5
+    # A rerun reuses the generated logs (not timed, not regenerated).
+    spec = tmp_path / "work" / "logs-200" / "spec.json"
+    written = spec.stat().st_mtime_ns
+    run_pairs_bench(tiny_config, [200, 400], tmp_path / "work", results)
+    assert spec.stat().st_mtime_ns == written

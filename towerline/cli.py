@@ -1198,15 +1198,18 @@ def bench_pairs(
     seed: Annotated[int, typer.Option(help="click-log generator seed")] = 0,
     work_dir: Annotated[Path, typer.Option(help="logs (kept for reruns) and pairs")] = Path("runs/bench-pairs"),
     results: Annotated[Path, typer.Option(help="output JSON")] = Path("benchmarks/results/pairs.json"),
+    encoder: Annotated[Path | None, typer.Option(help="dual-encoder artifact for the embedding row (default: the "
+                                                      "configured backbone's untrained towers)")] = None,
     config_file: ConfigOption = None,
     overrides: Overrides = None,
 ) -> None:
     """The click-log pairs job (`pairs --logs`) on synthetic logs of each size (default 1M and 10M rows)
-    on spark.master: wall time, rows/s, and how time grows with size."""
+    on spark.master: wall time, rows/s, and how time grows with size; then the batch-embedding job
+    (`towerline embed`) against the local embedding path on the same corpus."""
     from benchmarks.pairs import run_pairs_bench
 
     config = _config(config_file, overrides)
-    run_pairs_bench(config, rows or [1_000_000, 10_000_000], work_dir, results, seed)
+    run_pairs_bench(config, rows or [1_000_000, 10_000_000], work_dir, results, seed, encoder)
 
 
 @command(bench_app, "rec")
