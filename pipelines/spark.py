@@ -32,8 +32,10 @@ logger.nativecode.level = error
 
 def spark_session(spark: SparkConfig, app_name: str) -> SparkSession:
     """Get or start the session: config master, driver memory and shuffle partitions, no UI."""
-    _point_workers_at_this_python()
     if spark.master.startswith("local"):
+        # local and local-cluster workers run on this machine: give them this interpreter. On a
+        # cluster the executors bring their own (a packed environment or an image, infra/spark/).
+        _point_workers_at_this_python()
         # Otherwise Spark warns that the hostname resolves to loopback on every start.
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     session = (

@@ -5,6 +5,8 @@ partitionings and input formats, and the refusal of a log with too many bad rows
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -232,3 +234,22 @@ def test_synthetic_click_logs_have_position_bias_and_dwell_separating_satisfied_
     assert log.loc[~log["clicked"], "dwell_ms"].eq(0).all() and log.loc[log["clicked"], "dwell_ms"].gt(0).all()
     write_click_logs(documents, tmp_path / "b", ClickLogSpec(rows=20_000, seed=3))
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "b"), log)
+
+
+@pytest.mark.slow  # two executor JVMs and a driver in a child process: ~1 min on 2 cores
+def test_local_cluster_executors_give_the_same_pairs(json_run: Path, json_log: Path, tiny_dataset: Path,
+                                                     tmp_path: Path) -> None:
+    """Executors in their own JVMs with their own Python workers (Spark's local-cluster mode, run in
+    a child process: this one holds the tests' local session) write the same artifact as local mode."""
+    output = tmp_path / "pairs"
+    command = [sys.executable, "-m", "towerline", "pairs", "--logs", str(json_log), "--out", str(output),
+               f"data.dir={tiny_dataset}", "spark.master=local-cluster[2,1,1024]", "spark.shuffle_partitions=3",
+               "clicks.max_bad_fraction=1", "clicks.dev_fraction=0", "tracking.enabled=false"]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    for name in (PAIRS_FILE, "quarantine.parquet"):
+        columns = ["source", "line"] if name == "quarantine.parquet" else ["query_id", "positive_id"]
+        pd.testing.assert_frame_equal(pd.read_parquet(output / name).sort_values(columns, ignore_index=True),
+                                      pd.read_parquet(json_run / name).sort_values(columns, ignore_index=True))
+    assert json.loads((output / "stats.json").read_text())["inputs"] == json.loads(
+        (json_run / "stats.json").read_text())["inputs"]
