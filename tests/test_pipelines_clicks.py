@@ -5,6 +5,7 @@ partitionings and input formats, and the refusal of a log with too many bad rows
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ from towerline.errors import DataError
 from towerline.synthetic_clicks import ClickLogSpec, write_click_logs
 
 TS = 1_767_225_600_000
+REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 
@@ -237,15 +239,18 @@ def test_synthetic_click_logs_have_position_bias_and_dwell_separating_satisfied_
 
 
 @pytest.mark.slow  # two executor JVMs and a driver in a child process: ~1 min on 2 cores
-def test_local_cluster_executors_give_the_same_pairs(json_run: Path, json_log: Path, tiny_dataset: Path,
-                                                     tmp_path: Path) -> None:
-    """Executors in their own JVMs with their own Python workers (Spark's local-cluster mode, run in
-    a child process: this one holds the tests' local session) write the same artifact as local mode."""
+def test_spark_submit_on_local_cluster_gives_the_same_pairs(json_run: Path, json_log: Path, tiny_dataset: Path,
+                                                            tmp_path: Path) -> None:
+    """infra/spark/submit.sh through spark-submit, executors in their own JVMs with their own Python
+    workers (Spark's local-cluster mode, in a child process: this one holds the tests' local session),
+    writes the same artifact as local mode."""
     output = tmp_path / "pairs"
-    command = [sys.executable, "-m", "towerline", "pairs", "--logs", str(json_log), "--out", str(output),
-               f"data.dir={tiny_dataset}", "spark.master=local-cluster[2,1,1024]", "spark.shuffle_partitions=3",
-               "clicks.max_bad_fraction=1", "clicks.dev_fraction=0", "tracking.enabled=false"]
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    command = [str(REPO / "infra" / "spark" / "submit.sh"), "local", "pairs", "--logs", str(json_log), "--out",
+               str(output), f"data.dir={tiny_dataset}", "spark.shuffle_partitions=3", "clicks.max_bad_fraction=1",
+               "clicks.dev_fraction=0", "tracking.enabled=false"]
+    environment = {**os.environ, "PYSPARK_PYTHON": sys.executable,
+                   "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment)
     assert finished.returncode == 0, finished.stderr[-3000:]
     for name in (PAIRS_FILE, "quarantine.parquet"):
         columns = ["source", "line"] if name == "quarantine.parquet" else ["query_id", "positive_id"]
