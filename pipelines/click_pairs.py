@@ -3,7 +3,8 @@
 A positive is a satisfied click (dwell ≥ `clicks.min_dwell_ms`); its weight is how many satisfied
 clicks the (query, document) got across requests, and each query keeps its `max_positives_per_query`
 heaviest. A query's negatives come from three sources, in this order, without repeats and never one
-of its positives (`ClicksConfig`): skipped above a satisfied click, BM25-mined, random. The log rows
+of its positives (`ClicksConfig`): skipped above a satisfied click, BM25-mined, model-mined from an
+existing index (optional), random. The log rows
 are validated in the JVM (`click_logs.py`); only distinct queries reach Python (negative mining).
 Queries split into train and dev by a hash of their normalised text, so a query lands on the same
 side on every run. Writes a `training-pairs` artifact that `towerline train` reads as it reads
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -40,22 +42,29 @@ from towerline.artifacts import ArtifactWriter, Manifest
 from towerline.beir import locate_dataset, source_name
 from towerline.bm25 import Bm25Index
 from towerline.config import ClicksConfig, TowerlineConfig
-from towerline.errors import DataError
+from towerline.errors import ConfigError, DataError
 from towerline.progress import status
 
 PAIRS_FILE = "pairs.parquet"
 DEV_PAIRS_FILE = "dev_pairs.parquet"
 CLICK_PAIR_COLUMNS = (*PAIR_COLUMNS, "negative_sources", "weight")
-SOURCES = ("skipped", "bm25", "random")
+SOURCES = ("skipped", "bm25", "model", "random")
+_MINERS: dict[tuple[str, str], Any] = {}
 NEGATIVES_SCHEMA = "query_id string, negative_ids array<string>, negative_sources array<string>"
 METADATA_KEYS = ("logs", "pairs", "dev_pairs", "queries", "negatives_by_source", "quarantined", "dataset")
 
 
-def run_click_pairs(config: TowerlineConfig, logs: Path, output: Path) -> Manifest:
+def run_click_pairs(config: TowerlineConfig, logs: Path, output: Path,
+                    model: tuple[Path, Path] | None = None) -> Manifest:
     """Build the training-pairs artifact at `output` from click logs; DataError on unusable input
-    (too many bad rows, nothing usable), and then nothing is written."""
+    (too many bad rows, nothing usable), and then nothing is written. `model` (index, query encoder
+    of its space) mines the model negatives that `clicks.model_negatives` asks for."""
     files = locate_dataset(config.data)
     log_format(logs)  # refuse a mixed or empty directory before Spark starts
+    if config.clicks.model_negatives and model is None:
+        raise ConfigError(f"clicks.model_negatives={config.clicks.model_negatives} needs an index and its query "
+                          "encoder to mine with (pairs --logs ... --index DIR --encoder DIR)")
+    miner = check_miner(*model, config.clicks) if model is not None and config.clicks.model_negatives else None
     with status(f"pairs: click logs {logs.name} → pairs over {files.name} with Spark"):
         spark = spark_session(config.spark, "towerline-click-pairs")
         documents = read_documents(spark, str(files.corpus), source_name(files.corpus)).cache()
@@ -65,7 +74,7 @@ def run_click_pairs(config: TowerlineConfig, logs: Path, output: Path) -> Manife
         try:
             counts = _count(documents, rows)
             _check_counts(counts, config, files.corpus, logs)
-            return _publish(spark, documents, rows, counts, config, output, logs.name, files.identity())
+            return _publish(spark, documents, rows, counts, config, output, logs.name, files.identity(), miner)
         finally:
             rows.unpersist()
             documents.unpersist()
@@ -97,14 +106,15 @@ def _check_counts(counts: dict[str, Any], config: TowerlineConfig, corpus: Path,
 
 
 def _publish(spark: SparkSession, documents: DataFrame, rows: DataFrame, counts: dict[str, Any],
-             config: TowerlineConfig, output: Path, logs_name: str, dataset: dict[str, str]) -> Manifest:
+             config: TowerlineConfig, output: Path, logs_name: str, dataset: dict[str, str],
+             miner: ModelMiner | None) -> Manifest:
     settings = config.clicks
     docs = valid_rows(documents).select("doc_id", "doc_text")
     index = spark.sparkContext.broadcast(index_corpus(documents, config.pairs.stemmer))
     doc_ids = spark.sparkContext.broadcast(np.array(sorted(r["doc_id"] for r in docs.select("doc_id").collect())))
     try:
         with ArtifactWriter(output, KIND, producer="pairs --logs", config=config) as staged:
-            pairs = build_click_pairs(valid_rows(rows), docs, index, doc_ids, config)
+            pairs = build_click_pairs(valid_rows(rows), docs, index, doc_ids, config, miner)
             is_dev = _is_dev(settings.dev_fraction)
             write_parquet(pairs.filter(~is_dev), staged.path / PAIRS_FILE, CLICK_PAIR_COLUMNS,
                           ["query_id", "positive_id"])
@@ -124,7 +134,8 @@ def _publish(spark: SparkSession, documents: DataFrame, rows: DataFrame, counts:
 
 
 def build_click_pairs(clicks: DataFrame, docs: DataFrame, index: Broadcast[Bm25Index],
-                      doc_ids: Broadcast[np.ndarray], config: TowerlineConfig) -> DataFrame:
+                      doc_ids: Broadcast[np.ndarray], config: TowerlineConfig,
+                      miner: ModelMiner | None = None) -> DataFrame:
     """CLICK_PAIR_COLUMNS, one row per (query, kept positive), from the valid log rows."""
     settings = config.clicks
     satisfied = clicks.filter(F.col("clicked") & (F.col("dwell_ms") >= settings.min_dwell_ms))
@@ -136,7 +147,7 @@ def build_click_pairs(clicks: DataFrame, docs: DataFrame, index: Broadcast[Bm25I
     queries = positives.groupBy("query_id").agg(F.min("query_text").alias("query_text"),
                                                 F.collect_set("doc_id").alias("positive_ids"))
     queries = queries.join(_skipped_above_clicks(clicks, satisfied), on="query_id", how="left")
-    negatives = _with_texts(queries.mapInPandas(partial(_negatives_for_batches, index, doc_ids, config),
+    negatives = _with_texts(queries.mapInPandas(partial(_negatives_for_batches, index, doc_ids, config, miner),
                                                 NEGATIVES_SCHEMA), docs)
     positive_docs = docs.select(F.col("doc_id").alias("positive_id"), F.col("doc_text").alias("positive_text"))
     return (positives.withColumnRenamed("doc_id", "positive_id")
@@ -174,7 +185,7 @@ def _with_texts(negatives: DataFrame, docs: DataFrame) -> DataFrame:
 
 
 def _negatives_for_batches(index: Broadcast[Bm25Index], doc_ids: Broadcast[np.ndarray], config: TowerlineConfig,
-                           batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+                           miner: ModelMiner | None, batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
     settings = config.clicks
     # BM25 is asked for enough candidates that its share survives removing the skipped picks.
     bm25 = config.pairs.model_copy(update={"negatives_per_query": settings.skipped_negatives
@@ -185,13 +196,68 @@ def _negatives_for_batches(index: Broadcast[Bm25Index], doc_ids: Broadcast[np.nd
                    [: settings.skipped_negatives] for ids, judged in zip(batch["skipped_ids"], positives, strict=True)]
         mined = (mine_negatives(index.value, batch["query_text"].tolist(), positives, [[] for _ in positives], bm25)
                  if settings.bm25_negatives else [[] for _ in positives])
+        ranked = (miner.ranked(batch["query_text"].tolist()) if miner is not None and settings.model_negatives
+                  else [[] for _ in positives])
         ids, sources = [], []
-        for query, judged, known, candidates in zip(batch["query_id"], positives, skipped, mined, strict=True):
+        for query, judged, known, candidates, retrieved in zip(batch["query_id"], positives, skipped, mined, ranked,
+                                                               strict=True):
             hard = [doc_id for doc_id in candidates if doc_id not in known][: settings.bm25_negatives]
-            randoms = random_negatives(doc_ids.value, judged | set(known) | set(hard), settings, query)
-            ids.append(known + hard + randoms)
-            sources.append(["skipped"] * len(known) + ["bm25"] * len(hard) + ["random"] * len(randoms))
+            model = model_negatives(retrieved, judged | set(known) | set(hard), settings, query)
+            randoms = random_negatives(doc_ids.value, judged | set(known) | set(hard) | set(model), settings, query)
+            ids.append(known + hard + model + randoms)
+            sources.append(["skipped"] * len(known) + ["bm25"] * len(hard) + ["model"] * len(model)
+                           + ["random"] * len(randoms))
         yield pd.DataFrame({"query_id": batch["query_id"], "negative_ids": ids, "negative_sources": sources})
+
+
+def model_negatives(retrieved: list[str], excluded: set[str], settings: ClicksConfig, query: str) -> list[str]:
+    """`settings.model_negatives` documents drawn (seeded by the query id) from the retrieved ranks
+    inside `settings.model_rank_window`, none of them in `excluded`."""
+    start, end = settings.model_rank_window
+    window = [doc_id for doc_id in retrieved[start:end] if doc_id not in excluded]
+    if not window or not settings.model_negatives:
+        return []
+    rng = np.random.default_rng([settings.seed, int(query[:15], 16), 1])
+    picks = rng.choice(len(window), size=min(settings.model_negatives, len(window)), replace=False)
+    return [window[pick] for pick in sorted(picks)]
+
+
+@dataclass(frozen=True)
+class ModelMiner:
+    """An index and the query encoder of its embedding space, loaded once per Python worker."""
+
+    index_path: str
+    encoder_path: str
+    depth: int
+
+    def ranked(self, texts: list[str]) -> list[list[str]]:
+        index, encoder = _miner_parts(self.index_path, self.encoder_path)
+        return [[doc_id for doc_id, _ in hits] for hits in index.search(encoder.encode(texts), self.depth)]
+
+
+def _miner_parts(index_path: str, encoder_path: str) -> tuple[Any, Any]:
+    key = (index_path, encoder_path)
+    if key not in _MINERS:
+        from indexing.load import load_index
+        from serving.app import load_query_encoder
+        from towerline.config import ServeConfig
+
+        _MINERS[key] = (load_index(Path(index_path)), load_query_encoder(Path(encoder_path), ServeConfig()))
+    return _MINERS[key]
+
+
+def check_miner(index_path: Path, encoder_path: Path, settings: ClicksConfig) -> ModelMiner:
+    """Refuse, before Spark starts, an index and encoder of different embedding spaces."""
+    from indexing.layout import INDEX_KIND
+    from serving.onnx_format import ONNX_KIND
+    from towerline.artifacts import read_manifest, require_same_space
+    from towerline.tower_spec import QUERY_TOWER_KINDS
+
+    index = read_manifest(index_path, INDEX_KIND)
+    encoder = read_manifest(encoder_path, (ONNX_KIND, *QUERY_TOWER_KINDS))
+    require_same_space(encoder.metadata["embedding_space"], f"query encoder {encoder_path}",
+                       index.metadata["embedding_space"], f"index {index_path}")
+    return ModelMiner(str(index_path.resolve()), str(encoder_path.resolve()), settings.model_rank_window[1])
 
 
 def random_negatives(doc_ids: np.ndarray, excluded: set[str], settings: ClicksConfig, query: str) -> list[str]:
@@ -231,7 +297,9 @@ def _stats(spark: SparkSession, staged: Path, counts: dict[str, Any], config: To
         "quarantined": counts["logs"]["quarantined"] + counts["corpus"]["quarantined"],
         "inputs": counts,
         "settings": {"min_dwell_ms": settings.min_dwell_ms, "skipped_negatives": settings.skipped_negatives,
-                     "bm25_negatives": settings.bm25_negatives, "random_negatives": settings.random_negatives,
+                     "bm25_negatives": settings.bm25_negatives, "model_negatives": settings.model_negatives,
+                     "model_rank_window": list(settings.model_rank_window),
+                     "random_negatives": settings.random_negatives,
                      "max_positives_per_query": settings.max_positives_per_query,
                      "dev_fraction": settings.dev_fraction, "bm25_top_k": config.pairs.bm25_top_k},
     }

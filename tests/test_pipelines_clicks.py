@@ -14,6 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from conftest import SPARK_TEST_OVERRIDES
 from pyspark.sql import SparkSession
 from typer.testing import CliRunner
@@ -258,3 +259,41 @@ def test_spark_submit_on_local_cluster_gives_the_same_pairs(json_run: Path, json
                                       pd.read_parquet(json_run / name).sort_values(columns, ignore_index=True))
     assert json.loads((output / "stats.json").read_text())["inputs"] == json.loads(
         (json_run / "stats.json").read_text())["inputs"]
+
+
+def test_model_negatives_come_from_the_rank_window_of_the_index(
+    spark: SparkSession, tiny_dataset: Path, tiny_backbone: Path, json_log: Path, tmp_path: Path
+) -> None:
+    from indexing.build import build_index
+    from indexing.load import load_index
+    from serving.app import load_query_encoder
+    from towerline.config import ServeConfig
+    from towerline.errors import ArtifactError, ConfigError
+    from towerline.towers import save_dual_encoder, towers_from_backbone
+
+    config = clicks_config(tiny_dataset, f"encoder.backbone={tiny_backbone}", "encoder.max_doc_length=48",
+                           "clicks.model_negatives=2", "clicks.model_rank_window=[5,40]", "clicks.random_negatives=0")
+    encoder = tmp_path / "encoder"
+    save_dual_encoder(*towers_from_backbone(config.encoder), encoder, producer="test", config=config)
+    build_index(config, encoder, tmp_path / "index")
+    with pytest.raises(ConfigError, match="needs an index"):
+        run_click_pairs(config, json_log, tmp_path / "no-index")
+    run_click_pairs(config, json_log, tmp_path / "pairs", (tmp_path / "index", encoder))
+    pairs = pd.read_parquet(tmp_path / "pairs" / PAIRS_FILE)
+    index, query_encoder = load_index(tmp_path / "index"), load_query_encoder(encoder, ServeConfig())
+    for row in pairs.itertuples():
+        sources = list(row.negative_sources)
+        mined = [doc_id for doc_id, source in zip(row.negative_ids, sources, strict=True) if source == "model"]
+        assert len(mined) == 2 and sources[-2:] == ["model", "model"]
+        window = [doc_id for doc_id, _ in index.search(query_encoder.encode([row.query_text]), 40)[0]][5:40]
+        assert set(mined) <= set(window) and row.positive_id not in mined
+    stats = json.loads((tmp_path / "pairs" / "stats.json").read_text())
+    assert stats["negatives_by_source"]["model"] == 2 * len(pairs) and stats["negatives_by_source"]["random"] == 0
+
+    other_query, other_doc = towers_from_backbone(config.encoder)
+    with torch.no_grad():
+        next(other_doc.parameters()).add_(0.01)
+    save_dual_encoder(other_query, other_doc, tmp_path / "other", producer="test", config=config)
+    with pytest.raises(ArtifactError, match="embedding space mismatch"):
+        run_click_pairs(config, json_log, tmp_path / "mismatch", (tmp_path / "index", tmp_path / "other"))
+    assert not (tmp_path / "mismatch").exists() and not (tmp_path / "no-index").exists()

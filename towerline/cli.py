@@ -174,6 +174,10 @@ def pairs(
         typer.Option(help="impression/click logs (JSON lines or Parquet; a file or a directory) instead of the "
                           "dataset's qrels; the dataset supplies the corpus. Schema in the README; settings: clicks.*"),
     ] = None,
+    index: Annotated[Path | None, typer.Option(help="with --logs: a faiss-index artifact to mine model negatives "
+                                                    "from (clicks.model_negatives)")] = None,
+    encoder: Annotated[Path | None, typer.Option(help="with --index: a query encoder of the index's embedding "
+                                                      "space (ONNX export, dual encoder or student)")] = None,
     config_file: ConfigOption = None,
     out: OutOption = None,
     overrides: Overrides = None,
@@ -181,14 +185,19 @@ def pairs(
     """Spark job: validate the input, quarantine bad rows, mine hard negatives → training pairs.
 
     From the dataset's qrels (pairs.split) with BM25 negatives, or with --logs from click logs:
-    satisfied clicks as positives; skipped-above-click, BM25 and random negatives; train/dev by query hash.
+    satisfied clicks as positives; skipped-above-click, BM25, model-mined (--index/--encoder) and random
+    negatives; train/dev by query hash.
     """
     config = _config(config_file, overrides)
     output = _out(out, config, "pairs")
+    if (index is None) != (encoder is None) or (index is not None and logs is None):
+        raise typer.BadParameter("--index and --encoder go together, with --logs", param_hint="--index")
     if logs is not None:
         from pipelines.click_pairs import run_click_pairs
 
-        _produce(config, "pairs", output, "training pairs", lambda tracker: run_click_pairs(config, logs, output))
+        model = (index, encoder) if index is not None and encoder is not None else None
+        _produce(config, "pairs", output, "training pairs",
+                 lambda tracker: run_click_pairs(config, logs, output, model))
         return
     from pipelines.pairs import run_pairs
 

@@ -60,15 +60,22 @@ class ClicksConfig(Section):
     """`towerline pairs --logs`: impression/click logs → training pairs (pipelines/click_pairs.py).
 
     A positive is a click whose dwell reaches `min_dwell_ms` (a satisfied click: a click followed by
-    a quick return says the result did not answer). Negatives come from three sources, each with its
+    a quick return says the result did not answer). Negatives come from four sources, each with its
     own number per query, in this order and without repeats: documents shown above a satisfied click
     and skipped (the user read past them: the strongest implicit negative, Joachims 2002), BM25 hard
-    negatives (top `pairs.bm25_top_k` minus the query's positives), and random corpus documents."""
+    negatives (top `pairs.bm25_top_k` minus the query's positives), model-mined ones (with an index),
+    and random corpus documents."""
 
     min_dwell_ms: int = Field(30_000, ge=0)
     skipped_negatives: int = Field(2, ge=0)
     bm25_negatives: int = Field(2, ge=0)
     random_negatives: int = Field(1, ge=0)
+    # Model-mined negatives (ANCE-style): the query encoder and index given to `pairs --logs --index
+    # --encoder` retrieve for each query, and this many are drawn (seeded) from ranks
+    # model_rank_window[0] + 1 … model_rank_window[1]: below the very top, where unjudged positives
+    # crowd, yet still hard. Placed after the BM25 ones.
+    model_negatives: int = Field(0, ge=0)
+    model_rank_window: tuple[int, int] = (30, 200)
     # Per-query cap: the query's positives with the most satisfied clicks (ties: doc id) are kept.
     max_positives_per_query: int = Field(10, ge=1)
     # A query longer than this (after normalisation) is quarantined, not truncated.
@@ -79,6 +86,13 @@ class ClicksConfig(Section):
     dev_fraction: float = Field(0.1, ge=0, lt=1)
     # Seeds the random negatives (with each query's id: the same picks on every run and partitioning).
     seed: int = 13
+
+    @field_validator("model_rank_window")
+    @classmethod
+    def _window(cls, window: tuple[int, int]) -> tuple[int, int]:
+        if not 0 <= window[0] < window[1]:
+            raise ValueError(f"expected 0 <= start < end, got {window}")
+        return window
 
 
 class EncoderConfig(Section):
