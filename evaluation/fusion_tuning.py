@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from evaluation.compare import challenger_tests
 from evaluation.metrics import per_query_scores
 from indexing.layout import FUSION_FILE, INDEX_KIND
 from indexing.load import LoadedIndex, load_index
@@ -109,6 +108,10 @@ def choose_fusion(candidates: list[dict[str, Any]], default: str,
 
     `candidates` hold "fusion" (a `describe` string), "ndcg@10" and "scores" (per dev query, same
     order for all); the one named `default` is among them. Ties go to the first in grid order."""
+    # Here, not at the top: scipy (under compare) is for tuning, and the serving path imports this
+    # module's neighbours without it.
+    from evaluation.compare import challenger_tests
+
     by_name = {candidate["fusion"]: candidate for candidate in candidates}
     baseline = by_name[default]["scores"]
     challengers = {c["fusion"]: c["scores"] for c in candidates if c["fusion"] != default}

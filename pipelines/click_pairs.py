@@ -34,7 +34,15 @@ from pyspark.sql import functions as F
 
 from pipelines.click_logs import log_format, read_click_logs
 from pipelines.negatives import mine_negatives
-from pipelines.pairs import KIND, PAIR_COLUMNS, QUARANTINE_COLUMNS, QUARANTINE_FILE, STATS_FILE, index_corpus
+from pipelines.pairs import (
+    KIND,
+    PAIR_COLUMNS,
+    QUARANTINE_COLUMNS,
+    QUARANTINE_FILE,
+    STATS_FILE,
+    index_corpus,
+    rendered_documents,
+)
 from pipelines.parquet_output import write_parquet
 from pipelines.records import quarantined_rows, read_documents, valid_rows
 from pipelines.spark import spark_session
@@ -109,12 +117,15 @@ def _publish(spark: SparkSession, documents: DataFrame, rows: DataFrame, counts:
              config: TowerlineConfig, output: Path, logs_name: str, dataset: dict[str, str],
              miner: ModelMiner | None) -> Manifest:
     settings = config.clicks
-    docs = valid_rows(documents).select("doc_id", "doc_text")
+    # Texts as the doc tower reads them (its template); BM25 indexes plain title and text.
+    docs = rendered_documents(valid_rows(documents), config.encoder.doc_template).select("doc_id", "doc_text")
     index = spark.sparkContext.broadcast(index_corpus(documents, config.pairs.stemmer))
     doc_ids = spark.sparkContext.broadcast(np.array(sorted(r["doc_id"] for r in docs.select("doc_id").collect())))
     try:
         with ArtifactWriter(output, KIND, producer="pairs --logs", config=config) as staged:
-            pairs = build_click_pairs(valid_rows(rows), docs, index, doc_ids, config, miner)
+            # Cached: the train and dev writes would otherwise each run the whole mining again. The
+            # pairs are per (query, positive), a small table next to the log.
+            pairs = build_click_pairs(valid_rows(rows), docs, index, doc_ids, config, miner).cache()
             is_dev = _is_dev(settings.dev_fraction)
             write_parquet(pairs.filter(~is_dev), staged.path / PAIRS_FILE, CLICK_PAIR_COLUMNS,
                           ["query_id", "positive_id"])
@@ -126,6 +137,7 @@ def _publish(spark: SparkSession, documents: DataFrame, rows: DataFrame, counts:
             (staged.path / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
             staged.metadata.update({key: stats[key] for key in METADATA_KEYS})
             staged.metadata["doc_template"] = config.encoder.doc_template
+            pairs.unpersist()
     finally:
         index.destroy()
         doc_ids.destroy()

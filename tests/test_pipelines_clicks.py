@@ -161,7 +161,7 @@ def test_satisfied_clicks_become_weighted_pairs_with_negatives_from_each_source(
         assert row.positive_id not in row.negative_ids and len(set(row.negative_ids)) == len(row.negative_ids)
         assert len(row.negative_texts) == len(row.negative_ids) == len(row.negative_sources)
     stats = json.loads((json_run / "stats.json").read_text())
-    assert stats["negatives_by_source"] == {"skipped": 3, "bm25": 4, "random": 2}
+    assert stats["negatives_by_source"] == {"skipped": 3, "bm25": 4, "model": 0, "random": 2}
     manifest = read_manifest(json_run, "training-pairs")
     assert manifest.metadata["pairs"] == 2 and manifest.metadata["dev_pairs"] == 0
 
@@ -272,7 +272,8 @@ def test_model_negatives_come_from_the_rank_window_of_the_index(
     from towerline.towers import save_dual_encoder, towers_from_backbone
 
     config = clicks_config(tiny_dataset, f"encoder.backbone={tiny_backbone}", "encoder.max_doc_length=48",
-                           "clicks.model_negatives=2", "clicks.model_rank_window=[5,40]", "clicks.random_negatives=0")
+                           "clicks.model_negatives=2", "clicks.model_rank_window=[5,40]", "clicks.random_negatives=0",
+                           "encoder.doc_template=T: {title} | {text}")
     encoder = tmp_path / "encoder"
     save_dual_encoder(*towers_from_backbone(config.encoder), encoder, producer="test", config=config)
     build_index(config, encoder, tmp_path / "index")
@@ -287,6 +288,9 @@ def test_model_negatives_come_from_the_rank_window_of_the_index(
         assert len(mined) == 2 and sources[-2:] == ["model", "model"]
         window = [doc_id for doc_id, _ in index.search(query_encoder.encode([row.query_text]), 40)[0]][5:40]
         assert set(mined) <= set(window) and row.positive_id not in mined
+    # Texts as the doc tower reads them: through its template (recorded for `train` to check).
+    assert all(text.startswith("T: ") for text in [*pairs["positive_text"], *pairs["negative_texts"].explode()])
+    assert read_manifest(tmp_path / "pairs", "training-pairs").metadata["doc_template"] == "T: {title} | {text}"
     stats = json.loads((tmp_path / "pairs" / "stats.json").read_text())
     assert stats["negatives_by_source"]["model"] == 2 * len(pairs) and stats["negatives_by_source"]["random"] == 0
 
