@@ -33,7 +33,7 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from pipelines.click_logs import log_format, read_click_logs
-from pipelines.negatives import mine_negatives
+from pipelines.negatives import attach_texts, mine_negatives
 from pipelines.pairs import (
     KIND,
     PAIR_COLUMNS,
@@ -159,8 +159,8 @@ def build_click_pairs(clicks: DataFrame, docs: DataFrame, index: Broadcast[Bm25I
     queries = positives.groupBy("query_id").agg(F.min("query_text").alias("query_text"),
                                                 F.collect_set("doc_id").alias("positive_ids"))
     queries = queries.join(_skipped_above_clicks(clicks, satisfied), on="query_id", how="left")
-    negatives = _with_texts(queries.mapInPandas(partial(_negatives_for_batches, index, doc_ids, config, miner),
-                                                NEGATIVES_SCHEMA), docs)
+    mined = queries.mapInPandas(partial(_negatives_for_batches, index, doc_ids, config, miner), NEGATIVES_SCHEMA)
+    negatives = attach_texts(mined, docs, aligned=("negative_sources",))
     positive_docs = docs.select(F.col("doc_id").alias("positive_id"), F.col("doc_text").alias("positive_text"))
     return (positives.withColumnRenamed("doc_id", "positive_id")
             .join(positive_docs, on="positive_id")
@@ -180,20 +180,6 @@ def _skipped_above_clicks(clicks: DataFrame, satisfied: DataFrame) -> DataFrame:
                .groupBy("query_id", "doc_id").count())
     ordered = F.sort_array(F.collect_list(F.struct(F.negative("count").alias("order"), "doc_id")))
     return skipped.groupBy("query_id").agg(F.transform(ordered, lambda item: item["doc_id"]).alias("skipped_ids"))
-
-
-def _with_texts(negatives: DataFrame, docs: DataFrame) -> DataFrame:
-    """negative_texts aligned with negative_ids (and their sources), order kept."""
-    exploded = negatives.select("query_id", F.posexplode(F.arrays_zip("negative_ids", "negative_sources"))
-                                .alias("rank", "negative"))
-    with_text = exploded.select("query_id", "rank", F.col("negative.negative_ids").alias("doc_id"),
-                                F.col("negative.negative_sources").alias("source")).join(docs, on="doc_id")
-    hits = F.sort_array(F.collect_list(F.struct("rank", "doc_id", "doc_text", "source")))
-    grouped = with_text.groupBy("query_id").agg(hits.alias("hits"))
-    # hits.field of an array of structs is the array of that field, order kept.
-    return grouped.select("query_id", *[F.col("hits")[key].alias(name) for key, name in
-                                        (("doc_id", "negative_ids"), ("doc_text", "negative_texts"),
-                                         ("source", "negative_sources"))])
 
 
 def _negatives_for_batches(index: Broadcast[Bm25Index], doc_ids: Broadcast[np.ndarray], config: TowerlineConfig,
@@ -229,7 +215,7 @@ def model_negatives(retrieved: list[str], excluded: set[str], settings: ClicksCo
     window = [doc_id for doc_id in retrieved[start:end] if doc_id not in excluded]
     if not window or not settings.model_negatives:
         return []
-    rng = np.random.default_rng([settings.seed, int(query[:15], 16), 1])
+    rng = query_rng(settings, query, stream=1)
     picks = rng.choice(len(window), size=min(settings.model_negatives, len(window)), replace=False)
     return [window[pick] for pick in sorted(picks)]
 
@@ -272,11 +258,18 @@ def check_miner(index_path: Path, encoder_path: Path, settings: ClicksConfig) ->
     return ModelMiner(str(index_path.resolve()), str(encoder_path.resolve()), settings.model_rank_window[1])
 
 
+def query_rng(settings: ClicksConfig, query: str, stream: int | None = None) -> np.random.Generator:
+    """The generator of one query's draws: the seed and the query id (hex; its first 15 digits), plus
+    a stream number per source, so each source draws independently and identically on every run."""
+    key = [settings.seed, int(query[:15], 16)]
+    return np.random.default_rng(key if stream is None else [*key, stream])
+
+
 def random_negatives(doc_ids: np.ndarray, excluded: set[str], settings: ClicksConfig, query: str) -> list[str]:
     """`settings.random_negatives` distinct corpus documents outside `excluded`, drawn by a generator
     seeded with the seed and the query id: the same picks wherever and whenever the query is mined."""
     wanted = min(settings.random_negatives, len(doc_ids) - len(excluded))
-    rng = np.random.default_rng([settings.seed, int(query[:15], 16)])
+    rng = query_rng(settings, query)
     picks: list[str] = []
     while len(picks) < wanted:
         candidate = str(doc_ids[rng.integers(len(doc_ids))])

@@ -57,12 +57,12 @@ def run_embed_corpus(config: TowerlineConfig, encoder_path: Path, output: Path,
                             config=config) as staged:
             rows.mapInPandas(embed, SCHEMA).write.parquet(str(staged.path / EMBEDDINGS_FILE))
             drop_hadoop_side_files(staged.path / EMBEDDINGS_FILE)
-            table = pq.read_table(staged.path / EMBEDDINGS_FILE, columns=["doc_id"])
+            table = pq.read_table(staged.path / EMBEDDINGS_FILE, columns=["vector"])
             if table.num_rows == 0:
                 raise DataError(f"{files.corpus}: no valid document to embed")
-            first = pq.read_table(staged.path / EMBEDDINGS_FILE).slice(0, 1).column("vector")[0]
             staged.metadata.update(embedding_space=encoder.metadata["embedding_space"], count=table.num_rows,
-                                   dim=len(first), dataset=files.identity(), quarantined_documents=bad,
+                                   dim=len(table.column("vector")[0]), dataset=files.identity(),
+                                   quarantined_documents=bad,
                                    encoder=str(encoder_path))
     assert staged.manifest is not None
     return staged.manifest

@@ -84,17 +84,20 @@ def negatives_in_spark(judged_queries: DataFrame, index: Broadcast[Bm25Index], s
     return batches.mapInPandas(partial(_negatives_for_batches, index, settings), NEGATIVES_SCHEMA)
 
 
-def attach_texts(negatives: DataFrame, documents: DataFrame) -> DataFrame:
-    """Add negative_texts, aligned with negative_ids; a query without negatives keeps empty arrays."""
-    exploded = negatives.select("query_id", F.posexplode_outer("negative_ids").alias("rank", "doc_id"))
+def attach_texts(negatives: DataFrame, documents: DataFrame, aligned: tuple[str, ...] = ()) -> DataFrame:
+    """Add negative_texts, aligned with negative_ids (and keep each `aligned` array column in the same
+    order); a query without negatives keeps empty arrays."""
+    zipped = F.arrays_zip("negative_ids", *aligned)
+    exploded = negatives.select("query_id", F.posexplode_outer(zipped).alias("rank", "negative")).select(
+        "query_id", "rank", F.col("negative.negative_ids").alias("doc_id"),
+        *[F.col(f"negative.{name}").alias(name) for name in aligned])
     with_text = exploded.join(documents.select("doc_id", "doc_text"), on="doc_id", how="left")
-    hit = F.when(F.col("rank").isNotNull(), F.struct("rank", "doc_id", "doc_text"))
+    hit = F.when(F.col("rank").isNotNull(), F.struct("rank", "doc_id", "doc_text", *aligned))
     ranked = with_text.groupBy("query_id").agg(F.sort_array(F.collect_list(hit)).alias("hits"))
-    return ranked.select(
-        "query_id",
-        F.transform("hits", lambda hit: hit["doc_id"]).alias("negative_ids"),
-        F.transform("hits", lambda hit: hit["doc_text"]).alias("negative_texts"),
-    )
+    # hits.field of an array of structs is the array of that field, order kept.
+    return ranked.select("query_id", F.col("hits")["doc_id"].alias("negative_ids"),
+                         F.col("hits")["doc_text"].alias("negative_texts"),
+                         *[F.col("hits")[name].alias(name) for name in aligned])
 
 
 def _negatives_for_batches(
