@@ -26,6 +26,8 @@ from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import StringType, StructField, StructType
 
+from pipelines.hadoop_fs import HadoopFs
+from towerline.artifacts import target_uri
 from towerline.beir import UNKNOWN_DOC
 from towerline.config import ClicksConfig
 from towerline.errors import DataError
@@ -57,28 +59,30 @@ def bad(field: str) -> str:
     return f"bad {field}"
 
 
-def log_format(path: Path) -> str:
-    """"parquet" or "json", from the file names (a directory: the files in it)."""
-    if not path.exists():
-        raise DataError(f"{path}: no such click-log file or directory")
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    names = [p.name for p in files if not p.name.startswith((".", "_"))]
+def log_format(spark: SparkSession, logs: str | Path) -> str:
+    """"parquet" or "json", from the file names that `logs` matches: a file, a directory's files or a
+    glob, on any file system Spark reads (a local path, hdfs://, s3a:// ...)."""
+    files = HadoopFs(spark, logs).matching_files()
+    if not files:
+        raise DataError(f"{logs}: no such click-log file or directory")
+    names = [path.getName() for path in files if not path.getName().startswith((".", "_"))]
     if not names:
-        raise DataError(f"{path}: no click-log files")
+        raise DataError(f"{logs}: no click-log files")
     if all(name.endswith(".parquet") for name in names):
         return "parquet"
     if all(name.endswith(JSON_SUFFIXES) for name in names):
         return "json"
-    raise DataError(f"{path}: click logs must be all JSON lines ({', '.join(JSON_SUFFIXES)}) or all .parquet; "
+    raise DataError(f"{logs}: click logs must be all JSON lines ({', '.join(JSON_SUFFIXES)}) or all .parquet; "
                     f"found {', '.join(sorted(set(names))[:5])}")
 
 
-def read_click_logs(spark: SparkSession, path: Path, doc_ids: DataFrame, settings: ClicksConfig,
+def read_click_logs(spark: SparkSession, logs: str | Path, doc_ids: DataFrame, settings: ClicksConfig,
                     now_ms: int | None = None) -> DataFrame:
     """CLICK_COLUMNS plus `raw` for every row of the logs. `raw` is the row as read (the line, or the
     Parquet row as JSON) on quarantined rows and null on valid ones: at tens of millions of rows a
     copy of every row would double what the job keeps on disk between its passes."""
-    fields = _read_fields(spark, path) if log_format(path) == "parquet" else _parse_json_lines(spark, path)
+    uri = target_uri(logs)
+    fields = _read_fields(spark, uri) if log_format(spark, uri) == "parquet" else _parse_json_lines(spark, uri)
     checked = _validate(fields, settings, EARLIEST_TS_MS, (now_ms or int(time.time() * 1000)) + DAY_MS)
     checked = _flag(checked, _unknown(checked, doc_ids), UNKNOWN_DOC)
     # A page shows a document once and one document per position; repeats after the first (by line)
@@ -104,8 +108,10 @@ def query_id(normalised: Column) -> Column:
     return F.substring(F.sha2(normalised, 256), 1, 16)
 
 
-def _parse_json_lines(spark: SparkSession, path: Path) -> DataFrame:
-    lines = with_line_numbers(spark.read.text(str(path)).withColumnRenamed("value", "raw"))
+def _parse_json_lines(spark: SparkSession, uri: str) -> DataFrame:
+    # Recursive, as log_format lists: a directory of dated sub-directories is one log.
+    text = spark.read.option("recursiveFileLookup", "true").text(uri)
+    lines = with_line_numbers(text.withColumnRenamed("value", "raw"))
     lines = lines.filter(F.trim("raw") != "")
     schema = StructType([StructField(name, StringType()) for name in (*LOG_FIELDS, CORRUPT)])
     # Every field as text: a number or a boolean reads as its JSON text and is checked below. A line
@@ -118,11 +124,11 @@ def _parse_json_lines(spark: SparkSession, path: Path) -> DataFrame:
                          *[F.col("_fields")[name].alias(name) for name in LOG_FIELDS])
 
 
-def _read_fields(spark: SparkSession, path: Path) -> DataFrame:
-    table = spark.read.parquet(str(path))
+def _read_fields(spark: SparkSession, uri: str) -> DataFrame:
+    table = spark.read.option("recursiveFileLookup", "true").parquet(uri)
     absent = [name for name in REQUIRED_FIELDS if name not in table.columns]
     if absent:
-        raise DataError(f"{path}: click-log columns missing: {', '.join(absent)} (schema: {', '.join(LOG_FIELDS)})")
+        raise DataError(f"{uri}: click-log columns missing: {', '.join(absent)} (schema: {', '.join(LOG_FIELDS)})")
     if "dwell_ms" not in table.columns:
         table = table.withColumn("dwell_ms", F.lit(None).cast("long"))
     numbered = with_line_numbers(table)
@@ -137,14 +143,16 @@ def with_line_numbers(rows: DataFrame) -> DataFrame:
     A file is read in splits, in order, one split per partition, and monotonically_increasing_id
     numbers a partition's rows in order; so each (file, partition) chunk is counted (a tiny
     aggregate) and a row's line is its id within the chunk plus the rows of the file's earlier
-    chunks. The reads are deterministic, so both passes see the same chunks."""
-    tagged = rows.select("*", F.element_at(F.split(F.input_file_name(), "/"), -1).alias("source"),
-                         F.spark_partition_id().alias("_part"), F.monotonically_increasing_id().alias("_id"))
-    chunks = tagged.groupBy("source", "_part").agg(F.min("_id").alias("_first"), F.count("*").alias("_rows"))
-    earlier = Window.partitionBy("source").orderBy("_part").rowsBetween(Window.unboundedPreceding, -1)
-    offsets = chunks.select("source", "_part", "_first",
+    chunks. The reads are deterministic, so both passes see the same chunks. Chunks are keyed by
+    the file's full URI: dated sub-directories often hold files of the same name."""
+    tagged = rows.select("*", F.input_file_name().alias("_file"), F.spark_partition_id().alias("_part"),
+                         F.monotonically_increasing_id().alias("_id"))
+    chunks = tagged.groupBy("_file", "_part").agg(F.min("_id").alias("_first"), F.count("*").alias("_rows"))
+    earlier = Window.partitionBy("_file").orderBy("_part").rowsBetween(Window.unboundedPreceding, -1)
+    offsets = chunks.select("_file", "_part", "_first",
                             F.coalesce(F.sum("_rows").over(earlier), F.lit(0)).alias("_before"))
-    numbered = tagged.join(F.broadcast(offsets), on=["source", "_part"])
+    numbered = tagged.join(F.broadcast(offsets), on=["_file", "_part"]).withColumn(
+        "source", F.element_at(F.split("_file", "/"), -1))
     line = (F.col("_id") - F.col("_first") + F.col("_before") + 1).alias("line")
     return numbered.select(*rows.columns, "source", line)
 

@@ -32,7 +32,7 @@ from pyspark import Broadcast, StorageLevel
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from pipelines.click_logs import log_format, read_click_logs
+from pipelines.click_logs import read_click_logs
 from pipelines.negatives import attach_texts, mine_negatives
 from pipelines.pairs import (
     KIND,
@@ -46,7 +46,8 @@ from pipelines.pairs import (
 from pipelines.parquet_output import write_parquet
 from pipelines.records import quarantined_rows, read_documents, valid_rows
 from pipelines.spark import spark_session
-from towerline.artifacts import ArtifactWriter, Manifest
+from pipelines.target import SparkArtifactWriter
+from towerline.artifacts import Manifest
 from towerline.beir import locate_dataset, source_name
 from towerline.bm25 import Bm25Index
 from towerline.config import ClicksConfig, TowerlineConfig
@@ -62,18 +63,18 @@ NEGATIVES_SCHEMA = "query_id string, negative_ids array<string>, negative_source
 METADATA_KEYS = ("logs", "pairs", "dev_pairs", "queries", "negatives_by_source", "quarantined", "dataset")
 
 
-def run_click_pairs(config: TowerlineConfig, logs: Path, output: Path,
+def run_click_pairs(config: TowerlineConfig, logs: str | Path, output: str | Path,
                     model: tuple[Path, Path] | None = None) -> Manifest:
     """Build the training-pairs artifact at `output` from click logs; DataError on unusable input
     (too many bad rows, nothing usable), and then nothing is written. `model` (index, query encoder
     of its space) mines the model negatives that `clicks.model_negatives` asks for."""
     files = locate_dataset(config.data)
-    log_format(logs)  # refuse a mixed or empty directory before Spark starts
     if config.clicks.model_negatives and model is None:
         raise ConfigError(f"clicks.model_negatives={config.clicks.model_negatives} needs an index and its query "
                           "encoder to mine with (pairs --logs ... --index DIR --encoder DIR)")
     miner = check_miner(*model, config.clicks) if model is not None and config.clicks.model_negatives else None
-    with status(f"pairs: click logs {logs.name} → pairs over {files.name} with Spark"):
+    logs_name = str(logs).rstrip("/").rsplit("/", 1)[-1]
+    with status(f"pairs: click logs {logs_name} → pairs over {files.name} with Spark"):
         spark = spark_session(config.spark, "towerline-click-pairs")
         documents = read_documents(spark, str(files.corpus), source_name(files.corpus)).cache()
         # On disk only: read back as a stream, where a memory-and-disk block is read back whole (a
@@ -82,7 +83,7 @@ def run_click_pairs(config: TowerlineConfig, logs: Path, output: Path,
         try:
             counts = _count(documents, rows)
             _check_counts(counts, config, files.corpus, logs)
-            return _publish(spark, documents, rows, counts, config, output, logs.name, files.identity(), miner)
+            return _publish(spark, documents, rows, counts, config, output, logs_name, files.identity(), miner)
         finally:
             rows.unpersist()
             documents.unpersist()
@@ -99,7 +100,7 @@ def _count(documents: DataFrame, rows: DataFrame) -> dict[str, Any]:
     return counts
 
 
-def _check_counts(counts: dict[str, Any], config: TowerlineConfig, corpus: Path, logs: Path) -> None:
+def _check_counts(counts: dict[str, Any], config: TowerlineConfig, corpus: Path, logs: str | Path) -> None:
     corpus_counts, log_counts = counts["corpus"], counts["logs"]
     if corpus_counts["quarantined"] and config.data.on_malformed == "fail":
         raise DataError(f"{corpus}: {corpus_counts['quarantined']} malformed corpus lines "
@@ -114,7 +115,7 @@ def _check_counts(counts: dict[str, Any], config: TowerlineConfig, corpus: Path,
 
 
 def _publish(spark: SparkSession, documents: DataFrame, rows: DataFrame, counts: dict[str, Any],
-             config: TowerlineConfig, output: Path, logs_name: str, dataset: dict[str, str],
+             config: TowerlineConfig, output: str | Path, logs_name: str, dataset: dict[str, str],
              miner: ModelMiner | None) -> Manifest:
     settings = config.clicks
     # Texts as the doc tower reads them (its template); BM25 indexes plain title and text.
@@ -122,26 +123,26 @@ def _publish(spark: SparkSession, documents: DataFrame, rows: DataFrame, counts:
     index = spark.sparkContext.broadcast(index_corpus(documents, config.pairs.stemmer))
     doc_ids = spark.sparkContext.broadcast(np.array(sorted(r["doc_id"] for r in docs.select("doc_id").collect())))
     try:
-        with ArtifactWriter(output, KIND, producer="pairs --logs", config=config) as staged:
+        with SparkArtifactWriter(spark, output, KIND, producer="pairs --logs", config=config) as staged:
             # Cached: the train and dev writes would otherwise each run the whole mining again. The
             # pairs are per (query, positive), a small table next to the log.
             pairs = build_click_pairs(valid_rows(rows), docs, index, doc_ids, config, miner).cache()
             is_dev = _is_dev(settings.dev_fraction)
-            write_parquet(pairs.filter(~is_dev), staged.path / PAIRS_FILE, CLICK_PAIR_COLUMNS,
+            write_parquet(pairs.filter(~is_dev), staged.uri(PAIRS_FILE), CLICK_PAIR_COLUMNS,
                           ["query_id", "positive_id"])
-            write_parquet(pairs.filter(is_dev), staged.path / DEV_PAIRS_FILE, CLICK_PAIR_COLUMNS,
+            write_parquet(pairs.filter(is_dev), staged.uri(DEV_PAIRS_FILE), CLICK_PAIR_COLUMNS,
                           ["query_id", "positive_id"])
             quarantine = quarantined_rows(rows).unionByName(quarantined_rows(documents))
-            write_parquet(quarantine, staged.path / QUARANTINE_FILE, QUARANTINE_COLUMNS, ["source", "line"])
-            stats = _stats(spark, staged.path, counts, config, logs_name, dataset)
-            (staged.path / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
+            write_parquet(quarantine, staged.uri(QUARANTINE_FILE), QUARANTINE_COLUMNS, ["source", "line"])
+            stats = _stats(spark, staged, counts, config, logs_name, dataset)
+            staged.write_text(STATS_FILE, json.dumps(stats, indent=2) + "\n")
             staged.metadata.update({key: stats[key] for key in METADATA_KEYS})
             staged.metadata["doc_template"] = config.encoder.doc_template
             pairs.unpersist()
     finally:
         index.destroy()
         doc_ids.destroy()
-    assert staged.manifest is not None  # set by ArtifactWriter on a clean exit
+    assert staged.manifest is not None  # set by SparkArtifactWriter on a clean exit
     return staged.manifest
 
 
@@ -283,10 +284,10 @@ def _is_dev(fraction: float):
     return F.conv(F.substring("query_id", 1, 8), 16, 10).cast("double") < fraction * 16**8
 
 
-def _stats(spark: SparkSession, staged: Path, counts: dict[str, Any], config: TowerlineConfig, logs_name: str,
-           dataset: dict[str, str]) -> dict[str, Any]:
+def _stats(spark: SparkSession, staged: SparkArtifactWriter, counts: dict[str, Any], config: TowerlineConfig,
+           logs_name: str, dataset: dict[str, str]) -> dict[str, Any]:
     """Counts read back from the written files, so they describe exactly what was published."""
-    written = {name: spark.read.parquet(str(staged / name)) for name in (PAIRS_FILE, DEV_PAIRS_FILE)}
+    written = {name: spark.read.parquet(staged.uri(name)) for name in (PAIRS_FILE, DEV_PAIRS_FILE)}
     both = written[PAIRS_FILE].unionByName(written[DEV_PAIRS_FILE])
     by_source = {row["source"]: row["count"] for row in
                  both.select("query_id", "negative_sources").distinct()

@@ -18,13 +18,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 from pyspark.sql import functions as F
 
-from pipelines.parquet_output import drop_hadoop_side_files
 from pipelines.records import read_documents, valid_rows
 from pipelines.spark import spark_session
-from towerline.artifacts import ArtifactWriter, Manifest
+from pipelines.target import SparkArtifactWriter
+from towerline.artifacts import Manifest
 from towerline.beir import locate_dataset, source_name
 from towerline.config import TowerlineConfig
 from towerline.doc_embeddings import EMBEDDINGS_FILE, EMBEDDINGS_KIND
@@ -37,7 +36,7 @@ SCHEMA = "doc_id string, vector array<float>"
 _TOWERS: dict[str, Any] = {}
 
 
-def run_embed_corpus(config: TowerlineConfig, encoder_path: Path, output: Path,
+def run_embed_corpus(config: TowerlineConfig, encoder_path: Path, output: str | Path,
                      partitions: int | None = None) -> Manifest:
     """Embed `config.data`'s corpus with the doc tower of `encoder_path` into a doc-embeddings artifact."""
     encoder = read_dual_encoder(encoder_path)
@@ -53,15 +52,16 @@ def run_embed_corpus(config: TowerlineConfig, encoder_path: Path, output: Path,
         rows = rows.repartition(partitions or spark.sparkContext.defaultParallelism, "doc_id")
         embed = partial(_embed_batches, str((encoder_path / DOC_DIR).resolve()), config.index.batch_size,
                         max(1, (os.cpu_count() or 1) // spark.sparkContext.defaultParallelism))
-        with ArtifactWriter(output, EMBEDDINGS_KIND, producer="embed", inputs={"encoder": encoder},
-                            config=config) as staged:
-            rows.mapInPandas(embed, SCHEMA).write.parquet(str(staged.path / EMBEDDINGS_FILE))
-            drop_hadoop_side_files(staged.path / EMBEDDINGS_FILE)
-            table = pq.read_table(staged.path / EMBEDDINGS_FILE, columns=["vector"])
-            if table.num_rows == 0:
+        with SparkArtifactWriter(spark, output, EMBEDDINGS_KIND, producer="embed", inputs={"encoder": encoder},
+                                 config=config) as staged:
+            rows.mapInPandas(embed, SCHEMA).write.parquet(staged.uri(EMBEDDINGS_FILE))
+            written = spark.read.parquet(staged.uri(EMBEDDINGS_FILE)).agg(
+                F.count("*").alias("count"), F.max(F.size("vector")).alias("dim")).first()
+            assert written is not None  # a global aggregate always yields one row
+            if written["count"] == 0:
                 raise DataError(f"{files.corpus}: no valid document to embed")
-            staged.metadata.update(embedding_space=encoder.metadata["embedding_space"], count=table.num_rows,
-                                   dim=len(table.column("vector")[0]), dataset=files.identity(),
+            staged.metadata.update(embedding_space=encoder.metadata["embedding_space"], count=written["count"],
+                                   dim=written["dim"], dataset=files.identity(),
                                    quarantined_documents=bad,
                                    encoder=str(encoder_path))
     assert staged.manifest is not None

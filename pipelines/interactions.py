@@ -41,7 +41,8 @@ from pipelines.interaction_formats import HEADER, InteractionFormat, detect_form
 from pipelines.parquet_output import write_parquet
 from pipelines.records import flag_duplicates, flag_unknown, numbered_lines, quarantined_rows, valid_rows
 from pipelines.spark import spark_session
-from towerline.artifacts import ArtifactWriter, Manifest, fingerprint_of, sha256_file
+from pipelines.target import SparkArtifactWriter
+from towerline.artifacts import Manifest, fingerprint_of, sha256_file
 from towerline.beir import DATA_DIR_ENV, RowRejected
 from towerline.config import RecDataConfig, TowerlineConfig
 from towerline.errors import DataError
@@ -115,7 +116,7 @@ def _with_clicks(root: Path, chosen: InteractionFormat) -> InteractionFormat:
     return dataclasses.replace(chosen, clicks=len(header) > 2 and header[2] == "click")
 
 
-def run_interactions(config: TowerlineConfig, output: Path) -> Manifest:
+def run_interactions(config: TowerlineConfig, output: str | Path) -> Manifest:
     settings = config.rec.data
     files = locate_interactions(settings, config.run_dir)
     with status(f"rec data: {files.name} ({files.format.name}) with Spark"):
@@ -123,7 +124,7 @@ def run_interactions(config: TowerlineConfig, output: Path) -> Manifest:
         tables = read_tables(spark, files)
         try:
             _enforce(tables, settings, files)
-            return publish(spark, tables, files, settings, config, Path(output))
+            return publish(spark, tables, files, settings, config, output)
         finally:
             for rows in tables.values():
                 rows.unpersist()
@@ -187,7 +188,7 @@ def _enforce(tables: dict[str, DataFrame], settings: RecDataConfig, files: Inter
 
 
 def publish(spark: SparkSession, tables: dict[str, DataFrame], files: InteractionFiles, settings: RecDataConfig,
-            config: TowerlineConfig, output: Path) -> Manifest:
+            config: TowerlineConfig, output: str | Path) -> Manifest:
     items = _numbered(valid_rows(tables["items"]), "item_id", "item_index")
     interactions = valid_rows(tables["interactions"])
     users = _indexed_users(tables.get("users"), interactions)
@@ -204,20 +205,20 @@ def publish(spark: SparkSession, tables: dict[str, DataFrame], files: Interactio
         samples = events.select("user_index", "item_index", "label", "rating", "timestamp", "split").groupBy(
             "user_index").applyInPandas(_samples_of_one_user(settings.long_history, settings.short_history,
                                                              titles), SAMPLE_SCHEMA)
-        with ArtifactWriter(output, KIND, producer="rec data", config=config) as staged:
-            write_parquet(items, staged.path / ITEMS_FILE, ("item_index", "item_id", "title", "genres"),
+        with SparkArtifactWriter(spark, output, KIND, producer="rec data", config=config) as staged:
+            write_parquet(items, staged.uri(ITEMS_FILE), ("item_index", "item_id", "title", "genres"),
                           ["item_index"])
-            write_parquet(users, staged.path / USERS_FILE,
+            write_parquet(users, staged.uri(USERS_FILE),
                           ("user_index", "user_id", "gender", "age", "occupation"), ["user_index"])
-            write_parquet(samples, staged.path / SAMPLES_FILE, SAMPLE_COLUMNS,
+            write_parquet(samples, staged.uri(SAMPLES_FILE), SAMPLE_COLUMNS,
                           ["timestamp", "user_index", "item_index"])
-            write_parquet(_sequences(events), staged.path / SEQUENCES_FILE,
+            write_parquet(_sequences(events), staged.uri(SEQUENCES_FILE),
                           ("user_index", "item_indexes", "timestamps", "ratings"), ["user_index"])
             quarantine = _quarantine(tables)
-            write_parquet(quarantine, staged.path / QUARANTINE_FILE, ("source", "line", "reason", "raw"),
+            write_parquet(quarantine, staged.uri(QUARANTINE_FILE), ("source", "line", "reason", "raw"),
                           ["source", "line"])
-            stats = _stats(staged.path, files, settings, cutoffs)
-            (staged.path / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
+            stats = _stats(spark, staged, files, settings, cutoffs)
+            staged.write_text(STATS_FILE, json.dumps(stats, indent=2) + "\n")
             staged.metadata.update(stats)
     finally:
         titles.destroy()
@@ -297,24 +298,28 @@ def _quarantine(tables: dict[str, DataFrame]) -> DataFrame:
     return reduce(DataFrame.unionByName, [quarantined_rows(rows) for rows in tables.values()])
 
 
-def _stats(staged: Path, files: InteractionFiles, settings: RecDataConfig, cutoffs: tuple[int, int]) -> dict[str, Any]:
+def _stats(spark: SparkSession, staged: SparkArtifactWriter, files: InteractionFiles, settings: RecDataConfig,
+           cutoffs: tuple[int, int]) -> dict[str, Any]:
     """Read back from the written files, so they describe exactly what was published."""
-    samples = pd.read_parquet(staged / SAMPLES_FILE, columns=["split", "label", "user_index"])
-    quarantine = pd.read_parquet(staged / QUARANTINE_FILE, columns=["reason"])
-    per_split = {split: {"samples": int((samples["split"] == split).sum()),
-                         "positive_rate": round(float(samples.loc[samples["split"] == split, "label"].mean()), 4)
-                         if (samples["split"] == split).any() else None,
-                         "users": int(samples.loc[samples["split"] == split, "user_index"].nunique())}
+    samples = spark.read.parquet(staged.uri(SAMPLES_FILE))
+    by_split = {row["split"]: row for row in samples.groupBy("split").agg(
+        F.count("*").alias("samples"), F.avg("label").alias("positive_rate"),
+        F.countDistinct("user_index").alias("users")).collect()}
+    per_split = {split: {"samples": by_split[split]["samples"] if split in by_split else 0,
+                         "positive_rate": round(float(by_split[split]["positive_rate"]), 4)
+                         if split in by_split else None,
+                         "users": by_split[split]["users"] if split in by_split else 0}
                  for split in SPLITS}
+    reasons = spark.read.parquet(staged.uri(QUARANTINE_FILE)).groupBy("reason").count()
     return {
         "dataset": files.identity(),
-        "users": len(pd.read_parquet(staged / USERS_FILE, columns=["user_index"])),
-        "items": len(pd.read_parquet(staged / ITEMS_FILE, columns=["item_index"])),
-        "samples": len(samples),
+        "users": spark.read.parquet(staged.uri(USERS_FILE)).count(),
+        "items": spark.read.parquet(staged.uri(ITEMS_FILE)).count(),
+        "samples": sum(split["samples"] for split in per_split.values()),
         "splits": per_split,
         "split_cutoffs": {"valid_from": cutoffs[0], "test_from": cutoffs[1]},
         "label": "click" if files.format.clicks else f"rating > {settings.label_threshold:g}",
         "long_history": settings.long_history,
         "short_history": settings.short_history,
-        "quarantined": quarantine["reason"].value_counts().to_dict(),
+        "quarantined": {row["reason"]: row["count"] for row in reasons.orderBy(F.desc("count"), "reason").collect()},
     }

@@ -35,7 +35,8 @@ from pipelines.records import (
     valid_rows,
 )
 from pipelines.spark import spark_session
-from towerline.artifacts import ArtifactWriter, Manifest
+from pipelines.target import SparkArtifactWriter
+from towerline.artifacts import Manifest
 from towerline.beir import BeirDataset, DatasetFiles, load_dataset, positives, source_name
 from towerline.bm25 import Bm25Index, build_index
 from towerline.config import PairsConfig, TowerlineConfig
@@ -69,7 +70,7 @@ class Inputs:
             rows.unpersist()
 
 
-def run_pairs(config: TowerlineConfig, output: Path) -> Manifest:
+def run_pairs(config: TowerlineConfig, output: str | Path) -> Manifest:
     """Build the training-pairs artifact at `output`; DataError on unusable input, nothing written then."""
     split = config.pairs.split
     # The dataset check runs before Spark starts: a malformed row fails in seconds, under the same
@@ -82,7 +83,7 @@ def run_pairs(config: TowerlineConfig, output: Path) -> Manifest:
         inputs = read_inputs(spark, files)
         try:
             counts = count_rows(inputs)
-            return publish_pairs(spark, inputs, counts, files, config, Path(output))
+            return publish_pairs(spark, inputs, counts, files, config, output)
         finally:
             inputs.unpersist()
 
@@ -122,22 +123,22 @@ def publish_pairs(
     counts: dict[str, dict[str, int]],
     files: PairsInputs,
     config: TowerlineConfig,
-    output: Path,
+    output: str | Path,
 ) -> Manifest:
     """Mine negatives and write pairs, quarantine and stats; the artifact appears only when complete."""
     index = spark.sparkContext.broadcast(index_corpus(inputs.documents, config.pairs.stemmer))
     try:
-        with ArtifactWriter(output, KIND, producer="pairs", config=config) as staged:
+        with SparkArtifactWriter(spark, output, KIND, producer="pairs", config=config) as staged:
             pairs = build_pairs(inputs, index, config.pairs, config.data.positive_min, config.encoder.doc_template)
-            write_parquet(pairs, staged.path / PAIRS_FILE, PAIR_COLUMNS, ["line"])
-            write_parquet(quarantine(inputs), staged.path / QUARANTINE_FILE, QUARANTINE_COLUMNS, ["source", "line"])
-            stats = collect_stats(spark, staged.path, counts, files, config)
-            (staged.path / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
+            write_parquet(pairs, staged.uri(PAIRS_FILE), PAIR_COLUMNS, ["line"])
+            write_parquet(quarantine(inputs), staged.uri(QUARANTINE_FILE), QUARANTINE_COLUMNS, ["source", "line"])
+            stats = collect_stats(spark, staged, counts, files, config)
+            staged.write_text(STATS_FILE, json.dumps(stats, indent=2) + "\n")
             staged.metadata.update({key: stats[key] for key in METADATA_KEYS})
             staged.metadata["doc_template"] = config.encoder.doc_template
     finally:
         index.destroy()
-    assert staged.manifest is not None  # set by ArtifactWriter on a clean exit
+    assert staged.manifest is not None  # set by SparkArtifactWriter on a clean exit
     return staged.manifest
 
 
@@ -212,14 +213,14 @@ def quarantine(inputs: Inputs) -> DataFrame:
 
 def collect_stats(
     spark: SparkSession,
-    staged: Path,
+    staged: SparkArtifactWriter,
     counts: dict[str, dict[str, int]],
     files: PairsInputs,
     config: TowerlineConfig,
 ) -> dict[str, Any]:
     """Counts read back from the written files, so they describe exactly what was published."""
     settings = config.pairs
-    pairs = spark.read.parquet(str(staged / PAIRS_FILE))
+    pairs = spark.read.parquet(staged.uri(PAIRS_FILE))
     negatives = F.size("negative_ids")
     totals = pairs.agg(
         F.count("*").alias("pairs"),
@@ -228,7 +229,7 @@ def collect_stats(
         F.count_if(negatives < settings.negatives_per_query).alias("short"),
     ).first()
     assert totals is not None  # a global aggregate always yields one row
-    reasons = spark.read.parquet(str(staged / QUARANTINE_FILE)).groupBy("source", "reason").count()
+    reasons = spark.read.parquet(staged.uri(QUARANTINE_FILE)).groupBy("source", "reason").count()
     return {
         "dataset": files.dataset.identity(),
         "split": files.split,

@@ -25,7 +25,8 @@ from pyspark.sql import functions as F
 from pipelines.parquet_output import write_parquet
 from pipelines.records import read_documents, valid_rows
 from pipelines.spark import spark_session
-from towerline.artifacts import ArtifactWriter, Manifest
+from pipelines.target import SparkArtifactWriter
+from towerline.artifacts import Manifest
 from towerline.beir import load_dataset, source_name
 from towerline.config import DistillConfig, TowerlineConfig
 from towerline.progress import status
@@ -52,7 +53,7 @@ def pseudo_queries_for(doc_id: str, title: str, body: str, settings: DistillConf
     return rows
 
 
-def run_pseudo_queries(config: TowerlineConfig, output: Path) -> Manifest:
+def run_pseudo_queries(config: TowerlineConfig, output: str | Path) -> Manifest:
     dataset = load_dataset(config.data)  # the shared check: a bad corpus fails before Spark starts
     corpus = dataset.files.corpus
     with status(f"pseudo-queries: titles and sentences from {dataset.files.name} with Spark"):
@@ -62,13 +63,13 @@ def run_pseudo_queries(config: TowerlineConfig, output: Path) -> Manifest:
             partial(_rows_for_document, config.distill)
         )
         queries = spark.createDataFrame(rows, QUERY_SCHEMA)
-        with ArtifactWriter(output, KIND, producer="pseudo-queries", config=config) as staged:
-            write_parquet(queries, staged.path / QUERIES_FILE, ("query_text", "doc_id", "kind"), ["doc_id", "kind"])
-            written = spark.read.parquet(str(staged.path / QUERIES_FILE))
+        with SparkArtifactWriter(spark, output, KIND, producer="pseudo-queries", config=config) as staged:
+            write_parquet(queries, staged.uri(QUERIES_FILE), ("query_text", "doc_id", "kind"), ["doc_id", "kind"])
+            written = spark.read.parquet(staged.uri(QUERIES_FILE))
             counts = {row["kind"]: row["count"] for row in written.groupBy("kind").count().collect()}
             stats = {"queries": sum(counts.values()), "by_kind": counts, "dataset": dataset.files.identity(),
                      "documents": written.select(F.countDistinct("doc_id")).first()[0]}
-            (staged.path / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+            staged.write_text("stats.json", json.dumps(stats, indent=2) + "\n")
             staged.metadata.update(stats)
     assert staged.manifest is not None
     return staged.manifest

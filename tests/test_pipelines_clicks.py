@@ -301,3 +301,23 @@ def test_model_negatives_come_from_the_rank_window_of_the_index(
     with pytest.raises(ArtifactError, match="embedding space mismatch"):
         run_click_pairs(config, json_log, tmp_path / "mismatch", (tmp_path / "index", tmp_path / "other"))
     assert not (tmp_path / "mismatch").exists() and not (tmp_path / "no-index").exists()
+
+
+def test_logs_from_a_uri_glob_over_dated_directories_to_a_uri_target(
+    spark: SparkSession, tiny_dataset: Path, json_run: Path, good_rows: list[dict], tmp_path: Path
+) -> None:
+    # Files of the same name in dated directories, read through a glob URI: each file keeps its own
+    # line numbers; the artifact is written through Hadoop's file system to a URI target.
+    for day, rows in (("2026-12-01", good_rows[:5]), ("2026-12-02", good_rows[5:])):
+        (tmp_path / "logs" / day).mkdir(parents=True)
+        lines = [json.dumps(row) for row in rows]
+        if day.endswith("02"):
+            lines.insert(1, "{not json")
+        (tmp_path / "logs" / day / "clicks.jsonl").write_text("\n".join(lines) + "\n")
+    output = tmp_path / "out" / "pairs"
+    run_click_pairs(clicks_config(tiny_dataset), f"file://{tmp_path}/logs/2026-12-*", f"file://{output}")
+    pd.testing.assert_frame_equal(pd.read_parquet(output / PAIRS_FILE), pd.read_parquet(json_run / PAIRS_FILE))
+    quarantine = pd.read_parquet(output / "quarantine.parquet")
+    assert quarantine[["source", "line", "reason"]].values.tolist() == [["clicks.jsonl", 2, "malformed JSON"]]
+    assert read_manifest(output, "training-pairs", verify=True).metadata["quarantined"] == 1
+    assert (output / "_SUCCESS").is_file() and sorted(os.listdir(tmp_path / "out")) == ["pairs"]

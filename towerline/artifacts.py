@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from urllib.parse import urlparse
 
 from pydantic import BaseModel, Field, ValidationError
 
@@ -26,6 +27,9 @@ from towerline.config import dump_config
 from towerline.errors import ArtifactError
 
 MANIFEST_NAME = "manifest.json"
+# Written after the manifest by jobs that publish through Hadoop file systems (pipelines/target.py):
+# on an object store, where a rename is a copy, readers wait for it.
+SUCCESS_MARKER = "_SUCCESS"
 CONFIG_NAME = "config.yaml"
 SCHEMA_VERSION = 1
 
@@ -63,6 +67,21 @@ def checksum_tree(root: Path, under: str = "") -> dict[str, str]:
 def fingerprint_of(checksums: dict[str, str]) -> str:
     lines = "\n".join(f"{name}:{digest}" for name, digest in sorted(checksums.items()))
     return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def target_uri(target: str | Path) -> str:
+    """A URI for `target`: kept when it has a scheme, else the absolute local path as `file://`."""
+    text = str(target)
+    if len(urlparse(text).scheme) > 1:  # one letter is a Windows drive, not a scheme
+        return text.rstrip("/")
+    # Not percent-encoded: Hadoop's Path takes a local path with spaces as it is.
+    return f"file://{Path(text).expanduser().resolve()}"
+
+
+def local_path(target: str | Path) -> Path | None:
+    """The local directory a target names, or None for a remote one (hdfs://, s3a:// ...)."""
+    parsed = urlparse(target_uri(target))
+    return Path(parsed.path) if parsed.scheme == "file" else None
 
 
 class ArtifactWriter:
@@ -190,7 +209,7 @@ def verify_checksums(path: Path, manifest: Manifest) -> None:
             raise ArtifactError(f"{path}: file {name} listed in the manifest is missing")
         if sha256_file(file_path) != expected:
             raise ArtifactError(f"{path}: checksum mismatch for {name}; the artifact is corrupt")
-    listed = {*manifest.files, MANIFEST_NAME}
+    listed = {*manifest.files, MANIFEST_NAME, SUCCESS_MARKER}
     extra = sorted(name for name in (file.relative_to(path).as_posix() for file in path.rglob("*") if file.is_file())
                    if name not in listed)
     if extra:

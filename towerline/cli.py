@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
-from towerline.artifacts import Manifest
+from towerline.artifacts import Manifest, local_path
 from towerline.config import TowerlineConfig, load_config
 from towerline.errors import ConfigError, TowerlineError
 from towerline.progress import console, status
@@ -77,6 +77,12 @@ TlsCertOption = Annotated[Path | None, typer.Option(help="mutual TLS: this clien
 TlsKeyOption = Annotated[Path | None, typer.Option(help="mutual TLS: this client's private key (PEM)")]
 OutOption = Annotated[
     Path | None, typer.Option("--out", "-o", help="Output artifact directory (default: RUN_DIR/<stage>; run_dir=runs).")
+]
+# Spark jobs write through Hadoop's file systems: a local path or a URI.
+SparkOutOption = Annotated[
+    str | None, typer.Option("--out", "-o", help="Output artifact: a directory or a URI (file://, hdfs://, s3a:// "
+                                                 "with its connector), written by the executors; default: "
+                                                 "RUN_DIR/<stage>. The _SUCCESS marker is written last.")
 ]
 
 
@@ -147,8 +153,12 @@ def _out(out: Path | None, config: TowerlineConfig, default_name: str) -> Path:
     return out if out is not None else config.run_dir / default_name
 
 
+def _spark_out(out: str | None, config: TowerlineConfig, default_name: str) -> str:
+    return out if out is not None else str(config.run_dir / default_name)
+
+
 def _produce(
-    config: TowerlineConfig, stage: str, output: Path, label: str, produce: Callable[[Tracker], Manifest | None]
+    config: TowerlineConfig, stage: str, output: str | Path, label: str, produce: Callable[[Tracker], Manifest | None]
 ) -> None:
     """Run one artifact-producing stage in its MLflow run: the manifest's numbers become metrics."""
     from towerline.tracking import track
@@ -163,15 +173,18 @@ def _produce(
             if isinstance(value, int | float) and not isinstance(value, bool)
         }
         tracker.metrics(numbers)
-        tracker.artifact_dir(output, stage)
+        local = local_path(output)
+        if local is not None:  # a remote artifact's manifest stays where it was written
+            tracker.artifact_dir(local, stage)
     console.print(f"[green]✓[/] {label} written to [bold]{escape(str(output))}[/]")
 
 
 @command(app)
 def pairs(
     logs: Annotated[
-        Path | None,
-        typer.Option(help="impression/click logs (JSON lines or Parquet; a file or a directory) instead of the "
+        str | None,
+        typer.Option(help="impression/click logs (JSON lines or Parquet; a file, a directory or a glob, local or a URI "
+                          "such as hdfs:///logs/2026-12-*) instead of the "
                           "dataset's qrels; the dataset supplies the corpus. Schema in the README; settings: clicks.*"),
     ] = None,
     index: Annotated[Path | None, typer.Option(help="with --logs: a faiss-index artifact to mine model negatives "
@@ -179,7 +192,7 @@ def pairs(
     encoder: Annotated[Path | None, typer.Option(help="with --index: a query encoder of the index's embedding "
                                                       "space (ONNX export, dual encoder or student)")] = None,
     config_file: ConfigOption = None,
-    out: OutOption = None,
+    out: SparkOutOption = None,
     overrides: Overrides = None,
 ) -> None:
     """Spark job: validate the input, quarantine bad rows, mine hard negatives → training pairs.
@@ -189,7 +202,7 @@ def pairs(
     negatives; train/dev by query hash.
     """
     config = _config(config_file, overrides)
-    output = _out(out, config, "pairs")
+    output = _spark_out(out, config, "pairs")
     if (index is None) != (encoder is None) or (index is not None and logs is None):
         raise typer.BadParameter("--index and --encoder go together, with --logs", param_hint="--index")
     if logs is not None:
@@ -249,7 +262,7 @@ def train(
 
 
 @command(rec_app, "data")
-def rec_data(config_file: ConfigOption = None, out: OutOption = None, overrides: Overrides = None) -> None:
+def rec_data(config_file: ConfigOption = None, out: SparkOutOption = None, overrides: Overrides = None) -> None:
     """Spark job: interactions (MovieLens or the generic schema; synthetic by default) → CTR samples with
     long and short histories, per-user sequences and a global 80/10/10 time split.
 
@@ -258,7 +271,7 @@ def rec_data(config_file: ConfigOption = None, out: OutOption = None, overrides:
     from pipelines.interactions import run_interactions
 
     config = _config(config_file, overrides)
-    output = _out(out, config, "interactions")
+    output = _spark_out(out, config, "interactions")
     _produce(config, "rec-data", output, "interactions", lambda tracker: run_interactions(config, output))
 
 
@@ -417,12 +430,12 @@ def rec_eval(
 
 
 @command(app, "pseudo-queries")
-def pseudo_queries(config_file: ConfigOption = None, out: OutOption = None, overrides: Overrides = None) -> None:
+def pseudo_queries(config_file: ConfigOption = None, out: SparkOutOption = None, overrides: Overrides = None) -> None:
     """Spark job: unlabeled query texts (titles, sentences) drawn from the corpus, for `distill`."""
     from pipelines.pseudo_queries import run_pseudo_queries
 
     config = _config(config_file, overrides)
-    output = _out(out, config, "pseudo-queries")
+    output = _spark_out(out, config, "pseudo-queries")
     _produce(config, "pseudo-queries", output, "pseudo-queries", lambda tracker: run_pseudo_queries(config, output))
 
 
@@ -524,7 +537,7 @@ def embed(
         int | None, typer.Option(min=1, help="corpus partitions (default: Spark's parallelism)")
     ] = None,
     config_file: ConfigOption = None,
-    out: OutOption = None,
+    out: SparkOutOption = None,
     overrides: Overrides = None,
 ) -> None:
     """Spark job: the doc tower embeds the corpus on the executors (one model per Python worker) into
@@ -532,7 +545,7 @@ def embed(
     from pipelines.embed_corpus import run_embed_corpus
 
     config = _config(config_file, overrides)
-    output = _out(out, config, "embeddings")
+    output = _spark_out(out, config, "embeddings")
     encoder_path = encoder or config.run_dir / "encoder"
     _produce(config, "embed", output, "doc embeddings",
              lambda tracker: run_embed_corpus(config, encoder_path, output, partitions))
