@@ -31,9 +31,15 @@ install-llm: install
 demo: install
 	$(BIN)/towerline demo
 
+# The Kubernetes version the manifests are validated against (strictly: unknown fields fail), offline.
+K8S_VERSION ?= 1.33.0
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/python scripts/gen_protos.py --check
+	$(BIN)/hadolint infra/docker/*.Dockerfile
+	$(BIN)/kubernetes-validate --strict --quiet --kubernetes-version $(K8S_VERSION) \
+		infra/k8s/*.yaml infra/spark/pod-template.yaml
 
 # pytest exits 5 when it collected no test: that is a failure here, never a silent pass.
 test: lint

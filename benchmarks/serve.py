@@ -13,21 +13,17 @@ In one run, on the same machine (ratios are what to read; absolute numbers move 
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from benchmarks.serve_process import ServeProcess
 from evaluation.latency import encoder_throughput
 from evaluation.load import grpc_caller, run_load
 from towerline.beir import load_dataset
-from towerline.config import ServeConfig, TowerlineConfig, dump_config
+from towerline.config import ServeConfig, TowerlineConfig
 from towerline.progress import console, status
 from towerline.results import result_header, write_results
 
@@ -54,28 +50,8 @@ def _grpc_load(address: str, texts: list[str], requests: int, concurrency: int, 
 @contextmanager
 def _served(config: TowerlineConfig, index_path: Path, onnx_path: Path, serve: ServeConfig) -> Iterator[str]:
     """`towerline serve` in a process of its own, as a deployment runs it; stopped with SIGTERM."""
-    from serving.client import RetrievalClient
-
-    port = _free_port()
-    served = config.model_copy(update={"serve": serve.model_copy(update={"port": port, "reload_interval_s": 0})})
-    with tempfile.TemporaryDirectory(prefix="towerline-bench-serve-") as scratch:
-        config_file, log_file = Path(scratch) / "serve.yaml", Path(scratch) / "serve.log"
-        dump_config(served, config_file)
-        with log_file.open("w") as log:
-            server = subprocess.Popen([sys.executable, "-m", "towerline", "serve", "--index", str(index_path),
-                                       "--onnx", str(onnx_path), "-c", str(config_file)],
-                                      stdout=log, stderr=subprocess.STDOUT)
-        address = f"127.0.0.1:{port}"
-        try:
-            with RetrievalClient(address, timeout_s=5) as client:
-                _wait_serving(client, server, log_file)
-            yield address
-        finally:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                server.kill()
+    with ServeProcess(config, index_path, onnx_path, serve.model_copy(update={"reload_interval_s": 0})) as server:
+        yield server.address
 
 
 def _queue_bound_target(sweep: dict[str, dict[str, dict[str, Any]]], serve: ServeConfig) -> dict[str, Any]:
@@ -87,29 +63,6 @@ def _queue_bound_target(sweep: dict[str, dict[str, dict[str, Any]]], serve: Serv
     within = {name: levels[top]["latency_ms_p99"] <= serve.max_queue_wait_ms + levels["1"]["latency_ms_p99"]
               for name, levels in sweep.items() if top in levels and "1" in levels}
     return {"max_queue_wait_ms": serve.max_queue_wait_ms, f"p99_at_{top}_within_queue_bound": within}
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _wait_serving(client: Any, server: subprocess.Popen[bytes], log_file: Path, timeout_s: float = 300) -> None:
-    """The client's own readiness wait, a second at a time, so that a server that exits is seen at once."""
-    from serving.errors import RetrievalRpcError
-    from towerline.errors import TowerlineError
-
-    give_up = time.monotonic() + timeout_s
-    while time.monotonic() < give_up:
-        if server.poll() is not None:
-            raise TowerlineError(f"towerline serve exited ({server.returncode}):\n{log_file.read_text()[-2000:]}")
-        try:
-            client.wait_ready(timeout=1.0)
-            return
-        except RetrievalRpcError:
-            pass  # not listening or not SERVING yet
-    raise TowerlineError(f"towerline serve did not come up in {timeout_s:g} s:\n{log_file.read_text()[-2000:]}")
 
 
 def run_serve_bench(

@@ -52,3 +52,16 @@ def test_embedding_space_mismatch() -> None:
     require_same_space("abc", "a", "abc", "b")
     with pytest.raises(ArtifactError, match="embedding space mismatch"):
         require_same_space("abc", "encoder", "def", "index")
+
+
+@pytest.mark.parametrize("name", ["../outside.txt", "/etc/hostname", "a/../../outside.txt", "", "..\\outside"])
+def test_a_manifest_naming_files_outside_its_artifact_is_refused(tmp_path: Path, name: str) -> None:
+    # A received artifact must not make verify (or reseal, which copies the listed files) read elsewhere.
+    with ArtifactWriter(tmp_path / "a", "thing", producer="test") as staged:
+        (staged.path / "data.txt").write_text("x")
+    (tmp_path / "outside.txt").write_text("secret")
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    manifest["files"][name] = "0" * 64
+    (tmp_path / "a" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="outside the artifact"):
+        read_manifest(tmp_path / "a", "thing", verify=True)

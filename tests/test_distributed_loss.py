@@ -100,7 +100,8 @@ def test_uneven_ranks_gather_and_a_repeated_positive_is_masked_across_ranks(tmp_
 def test_towerline_train_under_torchrun_writes_one_artifact_and_one_run(
     tiny_dataset: Path, tiny_backbone: Path, tmp_path: Path
 ) -> None:
-    """Two CPU ranks (gloo) through infra/torchrun.sh: the steps split across ranks, rank 0 alone writes and tracks."""
+    """Two CPU ranks (gloo) through infra/torchrun.sh: each step's global batch split across ranks, rank 0
+    alone writes and tracks."""
     import json
     import os
     import sqlite3
@@ -119,6 +120,7 @@ def test_towerline_train_under_torchrun_writes_one_artifact_and_one_run(
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads((tmp_path / "encoder" / "manifest.json").read_text())
-    assert manifest["metadata"]["steps"] == 5  # 20 pairs, batches of 4, 2 epochs, 2 ranks
+    # 20 pairs, 2 ranks of 4: global batches of 8 distinct queries, 2 per epoch, 2 epochs.
+    assert manifest["metadata"]["steps"] == 4 and manifest["metadata"]["global_batch_size"] == 8
     with sqlite3.connect(tmp_path / "mlflow.db") as db:
         assert [row[0] for row in db.execute("select name from runs")] == ["train"]

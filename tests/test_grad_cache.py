@@ -40,14 +40,17 @@ def exact_config(tiny_config: TowerlineConfig, tiny_backbone: Path, tmp_path: Pa
     return config
 
 
-def _batch(config: TowerlineConfig, pairs_dir: Path, model, start: int = 0) -> dict[str, torch.Tensor]:
+def _batch(config: TowerlineConfig, pairs_dir: Path, model, start: int = 0, ranks: int = 1) -> dict[str, torch.Tensor]:
+    """BATCH distinct queries from `start`; with `ranks`, the batches of that many ranks from `start` in
+    one (each example keeps the position it has on its rank, so it draws the same hard negative)."""
     pairs, _ = load_pairs(pairs_dir)
     by_query = {}
     for example in pairs.examples:
         by_query.setdefault(example.query_id, example)
-    examples = list(by_query.values())[start : start + BATCH]
+    examples = list(by_query.values())
     collator = PairCollator(model.query_tower, model.doc_tower, 1, pairs.known_positives, seed=0)
-    return collator(list(enumerate(examples)))
+    return collator([(position, examples[start + rank * BATCH + position])
+                     for rank in range(ranks) for position in range(BATCH)])
 
 
 def _gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -162,6 +165,17 @@ def test_grad_cache_under_ddp_equals_ddp_on_whole_batches(exact_config: Towerlin
     mp.spawn(_ddp_rank_main, args=(str(tmp_path / "init"), exact_config.model_dump_json(), str(pairs_dir),
                                    str(tmp_path)), nprocs=WORLD, join=True)
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)]
+    # The ground truth both must equal: one process, one backward over both ranks' batches as one
+    # contrastive batch. DDP vs GradCache alone would agree however the cross-rank gather were broken,
+    # since both run through it.
+    torch.manual_seed(0)
+    model = build_model(exact_config)
+    model(**_batch(exact_config, pairs_dir, model, ranks=WORLD))["loss"].backward()
+    single = _gradients(model)
+    for result in results:
+        assert result["reference"].keys() == single.keys()
+        for name in single:
+            assert torch.allclose(result["reference"][name], single[name], atol=1e-5, rtol=1e-4), name
     for result in results:
         reference, cached = result["reference"], result["cached"]
         assert len(reference) > 10

@@ -1,17 +1,10 @@
 """Spark jobs' artifacts published through Hadoop's file systems (pipelines/target.py): the executors
-write to a hidden staging directory, the manifest and the _SUCCESS marker come last, and a failed or
-killed job leaves nothing at the target."""
+write to a hidden staging directory, the manifest and the _SUCCESS marker come last, and a failed job
+leaves nothing at the target (a SIGKILLed one: tests/test_reliability.py)."""
 
 from __future__ import annotations
 
 import json
-import os
-import random
-import signal
-import subprocess
-import sys
-import textwrap
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -90,41 +83,3 @@ def test_a_file_added_after_publishing_fails_verification(spark: SparkSession, t
     (dest / "table.parquet" / "extra.parquet").write_bytes(b"x")
     with pytest.raises(ArtifactError, match="not in the manifest"):
         read_manifest(dest, "test-table", verify=True)
-
-
-_KILLED_JOB = textwrap.dedent("""
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, {tests!r})
-    from pipelines.spark import spark_session
-    from test_pipelines_target import _publish
-    from towerline.config import load_config
-
-    spark = spark_session(load_config(None, ["spark.master=local[1]", "spark.shuffle_partitions=2"]).spark, "killed")
-    print("ready", flush=True)
-    rows = 1
-    while True:  # publish new versions until killed
-        rows += 1
-        _publish(spark, Path({dest!r}), rows * 1000)
-""")
-
-
-@pytest.mark.slow
-def test_a_job_killed_mid_write_leaves_the_last_complete_version_or_nothing(tmp_path: Path) -> None:
-    dest = tmp_path / "artifact"
-    script = tmp_path / "job.py"
-    script.write_text(_KILLED_JOB.format(tests=str(ROOT / "tests"), dest=str(dest)))
-    draws = random.Random(7)
-    for _ in range(3):
-        job = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
-                               start_new_session=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        assert job.stdout is not None and job.stdout.readline().strip() == "ready"
-        time.sleep(draws.uniform(0.5, 6.0))
-        os.killpg(job.pid, signal.SIGKILL)  # the driver and its JVM, as a lost container would be
-        job.wait()
-        if dest.exists():  # a version published before the kill, complete and verified
-            manifest = read_manifest(dest, "test-table", verify=True)
-            assert (dest / SUCCESS_MARKER).is_file()
-            assert len(pd.read_parquet(dest / "table.parquet")) == manifest.metadata["rows"]
-        visible = sorted(name for name in os.listdir(tmp_path) if not name.startswith("."))
-        assert visible in (["artifact", "job.py"], ["job.py"])

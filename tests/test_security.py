@@ -143,3 +143,26 @@ def test_tls_and_mutual_tls(tiny_config: TowerlineConfig, artifacts: tuple[Path,
     with pytest.raises(ConfigError, match=r"both serve\.tls_cert_file and serve\.tls_key_file"):
         start_server(build_service(tiny_config, *artifacts),
                      tiny_config.serve.model_copy(update={"port": 0, "tls_cert_file": pki["server_cert"]}))
+
+
+def test_no_artifact_is_unpickled() -> None:
+    """Artifacts may come from elsewhere: weights load from safetensors, arrays with numpy's default
+    allow_pickle=False, BM25 with allow_pickle=False. Any call that would unpickle a file fails here."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    packages = ("towerline", "pipelines", "training", "distill", "personalization", "indexing", "serving",
+                "evaluation", "benchmarks")
+    found = []
+    for path in sorted(file for package in packages for file in (root / package).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.Call):
+                continue
+            callee = ast.unparse(node.func)
+            keywords = {keyword.arg: ast.unparse(keyword.value) for keyword in node.keywords}
+            unsafe = (callee in ("pickle.load", "pickle.loads", "joblib.load", "dill.load", "cloudpickle.load")
+                      or (callee == "torch.load" and keywords.get("weights_only") != "True")
+                      or keywords.get("allow_pickle") == "True")
+            if unsafe:
+                found.append(f"{path.relative_to(root)}:{node.lineno}: {ast.unparse(node)[:80]}")
+    assert not found, found

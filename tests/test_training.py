@@ -312,3 +312,20 @@ def test_negative_search_ships_the_recipe_best_on_dev(tiny_config: TowerlineConf
         expected, actual = _weights(candidate), _weights(shipped)
         assert all(torch.equal(expected[name], actual[name]) for name in expected)
     assert read_manifest(tmp_path / "encoder", "dual-encoder").metadata["dev"]["dev_queries"] == 16
+
+
+def test_resume_skips_a_checkpoint_cut_short_by_a_kill(tmp_path: Path) -> None:
+    from towerline.hf_trainer import last_checkpoint
+
+    for step, state in ((2, '{"global_step": 2}'), (4, '{"global_step": 4}'), (6, '{"global_st'), (8, None)):
+        directory = tmp_path / f"checkpoint-{step}"
+        directory.mkdir()
+        (directory / "model.safetensors").write_bytes(b"weights")
+        if state is not None:
+            (directory / "trainer_state.json").write_text(state)
+    # checkpoint-8 has no state yet and checkpoint-6's was cut mid-write: both are skipped.
+    assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").unlink()
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        last_checkpoint(tmp_path)

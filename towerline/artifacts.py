@@ -189,6 +189,11 @@ def read_manifest(path: Path, kind: str | tuple[str, ...], *, verify: bool = Fal
         manifest = Manifest.model_validate(json.loads(manifest_path.read_text()))
     except (ValueError, ValidationError) as exc:
         raise ArtifactError(f"{manifest_path}: unreadable manifest ({exc.__class__.__name__})") from None
+    escaping = [name for name in manifest.files if _escapes(name)]
+    if escaping:
+        # An artifact may come from elsewhere: its manifest must not make verify or reseal read files
+        # outside its directory.
+        raise ArtifactError(f"{manifest_path}: file name(s) outside the artifact: {', '.join(escaping[:3])}")
     if manifest.kind not in kinds:
         raise ArtifactError(f"{path}: artifact is of kind {manifest.kind!r}, expected {wanted}")
     if manifest.schema_version > SCHEMA_VERSION:
@@ -199,6 +204,11 @@ def read_manifest(path: Path, kind: str | tuple[str, ...], *, verify: bool = Fal
     if verify:
         verify_checksums(path, manifest)
     return manifest
+
+
+def _escapes(name: str) -> bool:
+    parts = Path(name).parts
+    return not parts or Path(name).is_absolute() or ".." in parts or "\\" in name
 
 
 def verify_checksums(path: Path, manifest: Manifest) -> None:

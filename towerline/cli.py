@@ -583,6 +583,26 @@ def index_update(
                   f"index {done['how']}")
 
 
+@command(index_app, "shard")
+def index_shard(
+    index: Annotated[Path, typer.Argument(help="faiss-index artifact or registry entry (its CURRENT) to split")],
+    shards: Annotated[int, typer.Option(min=2, help="number of shards; documents go by a hash of their id")],
+    config_file: ConfigOption = None,
+    out: OutOption = None,
+    overrides: Overrides = None,
+) -> None:
+    """Split an index into N shard artifacts (OUT/shard-0 …), each served by its own `towerline serve`;
+    serving.sharded_client merges their hits into the global top-k. Shards serve dense retrieval only."""
+    from indexing.shard import shard_index, shard_name
+
+    config = _config(config_file, overrides)
+    output = _out(out, config, "index-shards")
+    for manifest in shard_index(config, index, shards, output):
+        shard = manifest.metadata["shard"]
+        console.print(f"[green]✓[/] {escape(str(output / shard_name(shard['index'])))}: "
+                      f"{manifest.metadata['count']} of {shard['source_count']} documents")
+
+
 @command(index_app, "publish")
 def index_publish(
     index: Annotated[Path, typer.Argument(help="faiss-index artifact to publish")],
@@ -1232,6 +1252,45 @@ def bench_pairs(
 
     config = _config(config_file, overrides)
     run_pairs_bench(config, rows or [1_000_000, 10_000_000], work_dir, results, seed, encoder)
+
+
+@command(bench_app, "reliability")
+def bench_reliability(
+    index: Annotated[Path, typer.Option(help="faiss-index artifact served and published")] = Path(
+        "runs/demo/index-fine_tuned"),
+    onnx: Annotated[Path, typer.Option(help="onnx-query-encoder artifact of the index's space")] = Path(
+        "runs/demo/onnx-fine_tuned"),
+    pairs: Annotated[Path | None, typer.Option(help="training-pairs artifact for train_resume")] = Path(
+        "runs/demo/pairs"),
+    scenario: Annotated[list[str] | None, typer.Option(help="run only these scenarios (repeat); default: all")] = None,
+    publish_trials: Annotated[int, typer.Option(min=1, help="publishes SIGKILLed under load")] = 20,
+    replica_trials: Annotated[int, typer.Option(min=1, help="replicas SIGKILLed under load")] = 4,
+    soak_s: Annotated[float, typer.Option(min=1, help="memory soak under load, seconds")] = 120.0,
+    fuzz_examples: Annotated[int, typer.Option(min=1, help="hypothesis examples per fuzzed RPC and reader")] = 200,
+    spark_trials: Annotated[int, typer.Option(min=1, help="Spark jobs SIGKILLed mid-publish")] = 5,
+    train_trials: Annotated[int, typer.Option(min=1, help="training runs SIGKILLed and resumed")] = 3,
+    seed: Annotated[int, typer.Option(help="seed of every random fault time and fuzzed input")] = 0,
+    results: Annotated[Path, typer.Option(help="output JSON")] = Path("benchmarks/results/reliability.json"),
+    config_file: ConfigOption = None,
+    overrides: Overrides = None,
+) -> None:
+    """Faults injected into real processes: publishes, replicas, Spark jobs and training SIGKILLed at
+    random moments; corrupt and incompatible index versions; overload bursts and a memory soak; every RPC
+    field and the input readers fuzzed; auth on every RPC. Per scenario: trials, faults, requests,
+    failures outside the documented codes and data lost (targets: zero and zero).
+
+    Defaults point at the artifacts `towerline demo` leaves in runs/demo/."""
+    from benchmarks.reliability import SCENARIOS, ReliabilityPlan, run_reliability_bench
+
+    config = _config(config_file, overrides)
+    plan = ReliabilityPlan(publish_trials=publish_trials, replica_trials=replica_trials, soak_s=soak_s,
+                           fuzz_examples=fuzz_examples, spark_trials=spark_trials, train_trials=train_trials,
+                           seed=seed)
+    unknown = sorted(set(scenario or ()) - set(SCENARIOS))
+    if unknown:
+        raise typer.BadParameter(f"unknown {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}",
+                                 param_hint="--scenario")
+    run_reliability_bench(config, index, onnx, pairs, results, plan, tuple(scenario or SCENARIOS))
 
 
 @command(bench_app, "rec")

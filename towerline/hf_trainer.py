@@ -6,18 +6,22 @@ stage 2 (`distill/`) both run on it."""
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset, SequentialSampler
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
 
 from towerline.config import LoopConfig
 from towerline.errors import ConfigError
 from towerline.progress import progress_bar
 from towerline.tracking import Tracker
+
+log = logging.getLogger(__name__)
 
 
 class OrderedLossTrainer(Trainer):
@@ -48,6 +52,8 @@ class ProgressAndTracking(TrainerCallback):
         self.total_steps = total_steps
         self.stage = stage
         self.losses: list[float] = []
+        # {"step", "loss"} per log: the loss averaged over the steps since the previous log.
+        self.history: list[dict[str, float]] = []
         self._bar_context: Any = None
         self._bar: Any = None
 
@@ -66,6 +72,7 @@ class ProgressAndTracking(TrainerCallback):
         if not state.is_world_process_zero or not logs or "loss" not in logs:
             return
         self.losses.append(float(logs["loss"]))
+        self.history.append({"step": state.global_step, "loss": float(logs["loss"])})
         model = kwargs.get("model")
         metrics = {f"{self.stage}.loss": float(logs["loss"]),
                    f"{self.stage}.learning_rate": float(logs.get("learning_rate", 0.0))}
@@ -119,7 +126,16 @@ def training_arguments(train: LoopConfig, checkpoint_dir: Path, total_steps: int
 
 
 def last_checkpoint(checkpoint_dir: Path) -> str:
-    found = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
-    if found is None:
-        raise ConfigError(f"--resume: no checkpoint-N directory under {checkpoint_dir} (set save_steps)")
-    return found
+    """The newest complete checkpoint-N. The Trainer writes trainer_state.json last, so a process
+    killed while writing a checkpoint leaves one without it (or with it cut short): skipped, and the
+    run resumes from the one before."""
+    numbered = sorted(((int(path.name.split("-")[1]), path) for path in checkpoint_dir.glob("checkpoint-*")
+                       if path.is_dir() and path.name.split("-")[1].isdigit()), reverse=True)
+    for _, path in numbered:
+        try:
+            json.loads((path / TRAINER_STATE_NAME).read_text())
+        except (OSError, ValueError):
+            log.warning("%s: incomplete checkpoint (no readable %s), skipped", path, TRAINER_STATE_NAME)
+            continue
+        return str(path)
+    raise ConfigError(f"--resume: no complete checkpoint-N directory under {checkpoint_dir} (set save_steps)")

@@ -52,20 +52,26 @@ def run_train(
         pairs, dev = hold_out_dev(pairs, train.dev_queries, train.dev_pool, corpus, train.seed,
                                  config.encoder.doc_template)
     accumulation = train.gradient_accumulation_steps
+    # Under DDP every rank takes one batch of train.batch_size per micro-step, rank r the r-th of each
+    # run of world_size consecutive batches (accelerate deals them round-robin). Laying the order out
+    # in global batches of batch_size x world_size distinct queries makes those batches the slices of
+    # one global batch, so N ranks of B train exactly as one process of N x B (same batches, negatives
+    # and loss; tests/test_torchrun_parity.py).
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    global_batch = train.batch_size * world_size
     try:
-        order = arrange([e.query_id for e in pairs.examples], train.batch_size, train.epochs, train.seed,
+        order = arrange([e.query_id for e in pairs.examples], global_batch, train.epochs, train.seed,
                         train.max_steps * accumulation if train.max_steps else None)
     except ValueError as exc:
-        raise ConfigError(f"train.batch_size={train.batch_size}: {exc}; lower train.batch_size") from None
-    # Under DDP each optimizer step consumes one batch per rank.
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    total_steps = max(1, len(order) // train.batch_size // accumulation // world_size)
+        ranks = f" x {world_size} ranks" if world_size > 1 else ""
+        raise ConfigError(f"train.batch_size={train.batch_size}{ranks}: {exc}; lower train.batch_size") from None
+    total_steps = max(1, len(order) // global_batch // accumulation)
     torch.manual_seed(train.seed)  # LoRA adapters start from the same random init every run
     model = build_model(config)
     collator = PairCollator(model.query_tower, model.doc_tower, train.hard_negatives, pairs.known_positives,
                             train.seed)
     progress = ProgressAndTracking(tracker, total_steps)
-    steps_per_epoch = max(1, len(pairs.examples) // train.batch_size // accumulation // world_size)
+    steps_per_epoch = max(1, len(pairs.examples) // global_batch // accumulation)
     keep_best = KeepBestOnDev(model, dev, tracker, steps_per_epoch) if dev else None
     checkpoints = checkpoint_dir(config, output)
     trainer_class, extra = ((GradCacheTrainer, {"chunk_size": train.grad_cache_chunk}) if train.grad_cache_chunk
@@ -99,6 +105,11 @@ def run_train(
             "steps": outcome.global_step,
             "final_loss": progress.losses[-1] if progress.losses else outcome.training_loss,
             "mean_loss": outcome.training_loss,
+            # The loss of every logging step (train.log_every), averaged over the ranks' equal shares
+            # of the global batch: the curve that runs of other world sizes are compared by.
+            "loss_history": progress.history,
+            "world_size": world_size,
+            "global_batch_size": global_batch,
             "train_seconds": round(seconds, 2),
             "temperature": model.loss.temperature,
             "resumed": resume,
