@@ -42,9 +42,14 @@ lint: install
 		infra/k8s/*.yaml infra/spark/pod-template.yaml
 
 # pytest exits 5 when it collected no test: that is a failure here, never a silent pass.
+# Two steps: the default suite, then the fault-injection tests (`reliability`, ~5 min of real
+# processes killed and fuzzed) as a step of their own. Either collecting nothing fails.
+PYTEST_STEP = status=$$?; if [ $$status -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; \
+	if [ $$status -ne 0 ]; then exit $$status; fi
+
 test: lint
-	$(BIN)/python -m pytest -q; status=$$?; \
-	if [ $$status -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$status
+	$(BIN)/python -m pytest -q; $(PYTEST_STEP)
+	$(BIN)/python -m pytest -q -m "reliability and not slow"; $(PYTEST_STEP)
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m "slow or benchmark"

@@ -40,7 +40,7 @@ class ReliabilityPlan:
     bursts: int = 3
     burst_calls: int = 1000
     soak_s: float = 120.0
-    fuzz_examples: int = 200
+    fuzz_examples: int = 500
     spark_trials: int = 5
     malformed_lines: int = 20_000
     train_trials: int = 3

@@ -40,14 +40,19 @@ def _settings(examples: int) -> settings:
 def _requests() -> dict[str, st.SearchStrategy[Any]]:
     from serving.proto.towerline.v1 import retrieval_pb2 as pb
 
-    knobs = st.builds(pb.SearchKnobs, nprobe=INT32, ef_search=INT32)
+    # Each field half in its valid range and half anywhere in its type, so that both the answering
+    # path and every refusal are fuzzed.
+    top_k = st.one_of(st.integers(1, 100), INT32)
+    mode = st.one_of(st.integers(0, 3), st.integers(4, 2**31 - 1))  # the enum, then unknown values
+    knob = st.one_of(st.just(0), INT32)  # 0: the index's own setting
+    knobs = st.builds(pb.SearchKnobs, nprobe=knob, ef_search=knob)
     return {
-        "Search": st.builds(pb.SearchRequest, query=LONG_TEXT, top_k=INT32, mode=st.integers(0, 7),
-                            knobs=knobs, include_documents=st.booleans()),
-        "BatchSearch": st.builds(pb.BatchSearchRequest, queries=st.lists(TEXT, max_size=300), top_k=INT32,
-                                 mode=st.integers(0, 7), knobs=knobs, include_documents=st.booleans()),
+        "Search": st.builds(pb.SearchRequest, query=LONG_TEXT, top_k=top_k, mode=mode, knobs=knobs,
+                            include_documents=st.booleans()),
+        "BatchSearch": st.builds(pb.BatchSearchRequest, queries=st.lists(TEXT, max_size=300), top_k=top_k,
+                                 mode=mode, knobs=knobs, include_documents=st.booleans()),
         "GetIndexInfo": st.builds(pb.GetIndexInfoRequest),
-        "Recommend": st.builds(pb.RecommendRequest, user_id=TEXT, top_k=INT32,
+        "Recommend": st.builds(pb.RecommendRequest, user_id=TEXT, top_k=top_k,
                                history_item_ids=st.lists(TEXT, max_size=50)),
     }
 
@@ -57,6 +62,7 @@ def rpc_fuzz(config: TowerlineConfig, index: Path, onnx: Path, examples: int) ->
 
     scenario = Scenario("rpc_fuzz")
     calls = CallTally()
+    by_method: dict[str, CallTally] = {}
     serve = config.serve.model_copy(update={"reload_interval_s": 0})
     with ServeProcess(config, index, onnx, serve) as server, grpc.insecure_channel(server.address) as channel:
         for method, strategy in {**_requests(), "raw bytes": st.binary(max_size=2_000)}.items():
@@ -70,9 +76,12 @@ def rpc_fuzz(config: TowerlineConfig, index: Path, onnx: Path, examples: int) ->
                     request, bytes) else type(request).SerializeToString)
                 try:
                     stub(request, timeout=30)
-                    calls.record("OK")
+                    code = "OK"
                 except grpc.RpcError as error:
-                    calls.record(error.code().name)
+                    code = error.code().name
+                calls.record(code)
+                key = f"{target} (raw bytes)" if isinstance(request, bytes) else target
+                by_method.setdefault(key, CallTally()).record(code)
 
             call()
             scenario.trials += 1
@@ -81,6 +90,7 @@ def rpc_fuzz(config: TowerlineConfig, index: Path, onnx: Path, examples: int) ->
                 break
         scenario.faults_injected = calls.sent - calls.codes["OK"]
         scenario.add_calls(calls, failures_expected=True)
+        scenario.details["codes_by_method"] = {method: dict(tally.codes) for method, tally in by_method.items()}
         scenario.details["server_alive_after"] = server.alive()
         scenario.details["health_after"] = _health(server.address) if server.alive() else "dead"
         if scenario.details["health_after"] != "SERVING":
