@@ -39,7 +39,7 @@ class ReliabilityPlan:
     replica_trials: int = 4
     bursts: int = 3
     burst_calls: int = 1000
-    soak_s: float = 120.0
+    soak_s: float = 180.0
     fuzz_examples: int = 500
     spark_trials: int = 5
     malformed_lines: int = 20_000

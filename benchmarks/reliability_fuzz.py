@@ -5,12 +5,14 @@ a run is repeatable):
   serve` process: only documented status codes come back and the server never dies.
 - auth: with serve.auth_token_file set, every RPC without the right token is refused
   (UNAUTHENTICATED without one, PERMISSION_DENIED with a wrong one), and the right one is let through.
-- reader_fuzz: BEIR files and config overrides built from fuzzed text: a clear Towerline error, a
-  quarantined line or a clean read, never a traceback.
+- reader_fuzz: BEIR files, config overrides and the interactions job's line parsers (every MovieLens
+  release and the generic schema) on fuzzed text: a clear Towerline error, a quarantined line or a
+  clean read, never a traceback. (Click logs: spark_malformed in reliability_jobs.py.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import tempfile
 from collections.abc import Callable
@@ -155,7 +157,7 @@ def _health(address: str) -> str:
 
 
 def reader_fuzz(examples: int) -> Scenario:
-    """BEIR corpus / queries / qrels files and config overrides from fuzzed text."""
+    """BEIR corpus / queries / qrels files, config overrides and interaction lines from fuzzed text."""
     scenario = Scenario("reader_fuzz")
     outcomes = CallTally()
     tracebacks: list[str] = []
@@ -200,9 +202,22 @@ def reader_fuzz(examples: int) -> Scenario:
 
         attempt(lambda: load_config(None, overrides))
 
+    @given(parser=st.sampled_from(_line_parsers()), fields=st.lists(st.one_of(TEXT, INT32.map(str), st.floats(
+        allow_nan=True).map(str)), max_size=25), separator=st.sampled_from(["\t", "|", "::", ",", " "]))
+    @_settings(examples)
+    def interaction_lines(parser: Callable[[str], Any], fields: list[str], separator: str) -> None:
+        from towerline.beir import RowRejected
+
+        def parse() -> None:
+            with contextlib.suppress(RowRejected):  # quarantined with its reason by the Spark job
+                parser(separator.join(fields))
+
+        attempt(parse)
+
     beir()
     config()
-    scenario.trials = 2
+    interaction_lines()
+    scenario.trials = 3
     scenario.faults_injected = outcomes.codes["TOWERLINE_ERROR"]
     scenario.requests_sent = outcomes.sent
     scenario.requests_failed_undocumented = outcomes.codes["TRACEBACK"]
@@ -210,6 +225,16 @@ def reader_fuzz(examples: int) -> Scenario:
                             clear_errors=outcomes.codes["TOWERLINE_ERROR"], tracebacks=outcomes.codes["TRACEBACK"])
     scenario.problems.extend(tracebacks[:20])
     return scenario
+
+
+def _line_parsers() -> list[Callable[[str], Any]]:
+    """Every per-line parser of the interactions job (MovieLens releases and the generic schema)."""
+    from pipelines.interaction_formats import FORMATS
+
+    parsers = []
+    for chosen in FORMATS.values():
+        parsers.extend(parse for parse in (chosen.parse_interaction, chosen.parse_item, chosen.parse_user) if parse)
+    return parsers
 
 
 def _json_line(record: dict[str, Any]) -> str:

@@ -32,10 +32,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PairState:
-    """What a (index, encoder) pair is, by content: the index version's and the encoder's fingerprints."""
+    """What a (index, encoder) pair is: the index version's and the encoder's fingerprints, and the
+    version's name — a re-publish of the same content under a new name is loaded too, so that what
+    the service reports (GetIndexInfo, each response's index_version) is what CURRENT names."""
 
     index: str
     encoder: str
+    version: str = ""
 
 
 class Reloader:
@@ -56,15 +59,17 @@ class Reloader:
 
     def wanted(self) -> PairState | None:
         """The pair on disk now; None while nothing is published at the index path yet."""
+        version = ""
         if is_registry_entry(self.index_path):
             index_dir = resolve_published(self.index_path)
+            version = index_dir.name
         elif (self.index_path / MANIFEST_NAME).is_file():
             index_dir = self.index_path
         else:
             return None
         index = read_manifest(index_dir, INDEX_KIND).fingerprint
         encoder = read_manifest(self.encoder_path, (ONNX_KIND, *QUERY_TOWER_KINDS)).fingerprint
-        return PairState(index, encoder)
+        return PairState(index, encoder, version)
 
     def check(self) -> str:
         """One look at the disk; returns what happened, for logs and tests."""

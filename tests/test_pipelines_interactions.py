@@ -483,3 +483,15 @@ def test_rec_demo_with_reclora_ends_in_personalised_recommendations_over_grpc(ti
     assert reclora.metadata["train_samples"] == settings["train_samples"] == 32 and settings["prompt_history"] == 3
     assert "RecLoRA re-rank of the top" in outcome.output and "rec demo done" in outcome.output
     assert read_manifest(root / "rec-eval", "rec-eval-report").metadata["users"] > 0
+
+
+@pytest.mark.parametrize("line", ["1,2,4.0,97\r8", "1,2\r,4.0,978", "7,a title\rsplit,Comedy"])
+def test_a_carriage_return_inside_a_csv_line_is_quarantined_not_a_crash(line: str) -> None:
+    # Unquoted, csv.reader raises on it; before, that exception failed the whole Spark job.
+    from pipelines.interaction_formats import BAD_CSV, parse_csv_interaction, parse_generic_item
+    from towerline.beir import RowRejected
+
+    parser = parse_generic_item if line.startswith("7") else parse_csv_interaction
+    with pytest.raises(RowRejected) as rejected:
+        parser(line)
+    assert rejected.value.reason == BAD_CSV

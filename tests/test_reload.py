@@ -134,3 +134,7 @@ def test_a_server_started_before_any_publish_is_not_serving_until_the_first(
         publish_index(root / "index-a", root / "registry", "corpus")
         client.wait_ready(timeout=10)
         assert client.search_result("alpha", 3).index_version == "v0001"
+        # The same content published again under a new name: what the service reports follows CURRENT.
+        publish_index(root / "index-a", root / "registry", "corpus")
+        assert wait_until(lambda: client.search_result("alpha", 3).index_version == "v0002")
+        assert client.info().index_version == "v0002"

@@ -1265,7 +1265,7 @@ def bench_reliability(
     scenario: Annotated[list[str] | None, typer.Option(help="run only these scenarios (repeat); default: all")] = None,
     publish_trials: Annotated[int, typer.Option(min=1, help="publishes SIGKILLed under load")] = 20,
     replica_trials: Annotated[int, typer.Option(min=1, help="replicas SIGKILLed under load")] = 4,
-    soak_s: Annotated[float, typer.Option(min=1, help="memory soak under load, seconds")] = 120.0,
+    soak_s: Annotated[float, typer.Option(min=1, help="memory soak under load, seconds")] = 180.0,
     fuzz_examples: Annotated[int, typer.Option(min=1, help="hypothesis examples per fuzzed RPC and reader")] = 500,
     spark_trials: Annotated[int, typer.Option(min=1, help="Spark jobs SIGKILLed mid-publish")] = 5,
     train_trials: Annotated[int, typer.Option(min=1, help="training runs SIGKILLed and resumed")] = 3,
