@@ -95,7 +95,12 @@ class SparkArtifactWriter:
         if self._fs.exists(self._dest):
             retired = self._sibling("retired")
             self._rename(self._dest, retired)
-        self._rename(self._staging, self._dest)
+        try:
+            self._rename(self._staging, self._dest)
+        except BaseException:
+            if retired is not None:  # the previous version goes back under its name
+                self._fs.rename(retired, self._dest)
+            raise
         self._fs.create(self._hadoop.path(self._dest.toString(), SUCCESS_MARKER), True).close()
         if retired is not None:
             self._fs.delete(retired, True)
