@@ -125,6 +125,15 @@ def training_arguments(train: LoopConfig, checkpoint_dir: Path, total_steps: int
     )
 
 
+def leave_process_group() -> None:
+    """Under torchrun: every rank waits until rank 0 has written the artifact, then the group is torn
+    down. A rank that exits while gloo still serves the others is aborted (SIGABRT, "terminate called
+    without an active exception"), which fails the whole torchrun."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def last_checkpoint(checkpoint_dir: Path) -> str:
     """The newest complete checkpoint-N. The Trainer writes trainer_state.json last, so a process
     killed while writing a checkpoint leaves one without it (or with it cut short): skipped, and the

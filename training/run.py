@@ -12,7 +12,13 @@ from towerline.beir import load_dataset
 from towerline.config import TowerlineConfig
 from towerline.encoder import Tower
 from towerline.errors import ConfigError
-from towerline.hf_trainer import OrderedLossTrainer, ProgressAndTracking, last_checkpoint, training_arguments
+from towerline.hf_trainer import (
+    OrderedLossTrainer,
+    ProgressAndTracking,
+    last_checkpoint,
+    leave_process_group,
+    training_arguments,
+)
 from towerline.templates import DEFAULT_DOC_TEMPLATE
 from towerline.towers import save_dual_encoder, towers_from_backbone
 from towerline.tracking import Tracker
@@ -90,32 +96,35 @@ def run_train(
     tracker.metrics({"train.final_loss": progress.losses[-1] if progress.losses else outcome.training_loss,
                      "train.seconds": seconds,
                      "train.examples_per_second": outcome.metrics.get("train_samples_per_second", 0.0)})
-    if not trainer.is_world_process_zero():
-        return None
-    query_tower, doc_tower = finished_towers(model.to("cpu"), config)
-    return save_dual_encoder(
-        query_tower,
-        doc_tower,
-        output,
-        producer="train",
-        config=config,
-        inputs={"pairs": pairs_manifest},
-        metadata={
-            "trained": True,
-            "steps": outcome.global_step,
-            "final_loss": progress.losses[-1] if progress.losses else outcome.training_loss,
-            "mean_loss": outcome.training_loss,
-            # The loss of every logging step (train.log_every), averaged over the ranks' equal shares
-            # of the global batch: the curve that runs of other world sizes are compared by.
-            "loss_history": progress.history,
-            "world_size": world_size,
-            "global_batch_size": global_batch,
-            "train_seconds": round(seconds, 2),
-            "temperature": model.loss.temperature,
-            "resumed": resume,
-            "dev": dev_record,
-        },
-    )
+    try:
+        if not trainer.is_world_process_zero():
+            return None
+        query_tower, doc_tower = finished_towers(model.to("cpu"), config)
+        return save_dual_encoder(
+            query_tower,
+            doc_tower,
+            output,
+            producer="train",
+            config=config,
+            inputs={"pairs": pairs_manifest},
+            metadata={
+                "trained": True,
+                "steps": outcome.global_step,
+                "final_loss": progress.losses[-1] if progress.losses else outcome.training_loss,
+                "mean_loss": outcome.training_loss,
+                # The loss of every logging step (train.log_every), averaged over the ranks' equal shares
+                # of the global batch: the curve that runs of other world sizes are compared by.
+                "loss_history": progress.history,
+                "world_size": world_size,
+                "global_batch_size": global_batch,
+                "train_seconds": round(seconds, 2),
+                "temperature": model.loss.temperature,
+                "resumed": resume,
+                "dev": dev_record,
+            },
+        )
+    finally:
+        leave_process_group()
 
 
 def require_same_template(pairs_manifest: Manifest, config: TowerlineConfig, pairs_path: Path) -> None:
