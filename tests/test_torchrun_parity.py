@@ -75,3 +75,45 @@ def test_two_ranks_of_half_the_batch_train_as_one_process_on_the_whole_batch(
         assert reference.keys() == trained.keys()
         for name in reference:
             assert torch.allclose(reference[name], trained[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_fsdp_is_refused_on_cpu_and_clashing_settings_are_named(tiny_config, tiny_dataset: Path,
+                                                                 tmp_path: Path) -> None:
+    from test_training import write_pairs_artifact
+
+    from towerline.config import load_config
+    from towerline.errors import ConfigError
+    from towerline.tracking import Tracker
+    from training.run import run_train
+
+    with pytest.raises(ConfigError, match=r"train\.fsdp does not combine with train\.lora, train\.dev_queries"):
+        load_config(None, ["train.fsdp=true", "train.lora=true", "train.dev_queries=5"])
+    config = tiny_config.model_copy(deep=True)
+    config.train = config.train.model_copy(update={"fsdp": True, "max_steps": 1})
+    pairs = write_pairs_artifact(tiny_dataset, tmp_path / "pairs")
+    with pytest.raises(ConfigError, match=r"train\.fsdp needs CUDA GPUs"):
+        run_train(config, pairs, tmp_path / "encoder", Tracker(None))
+    assert not (tmp_path / "encoder").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < WORLD, reason="needs 2 CUDA GPUs")
+def test_fsdp_ranks_train_as_ddp_ranks(tiny_dataset: Path, tiny_backbone: Path, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """FSDP (full shard) under torchrun: the same loss curve as DDP on the same global batches."""
+    from test_grad_cache import _without_dropout
+    from test_training import write_pairs_artifact
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    backbone = _without_dropout(tiny_backbone, tmp_path / "no-dropout")
+    pairs = write_pairs_artifact(tiny_dataset, tmp_path / "pairs")
+    common = ["--pairs", str(pairs), f"data.dir={tiny_dataset}", f"encoder.backbone={backbone}",
+              "encoder.max_query_length=16", "encoder.max_doc_length=48", "train.epochs=3", "train.dev_queries=0",
+              "train.learning_rate=1e-3", "train.log_every=1", "train.precision=fp32", "tracking.enabled=false",
+              f"run_dir={tmp_path / 'runs'}"]
+    command = ["bash", str(ROOT / "infra" / "torchrun.sh"), str(WORLD)]
+    ddp = _finished(_train(command, tmp_path / "ddp", GLOBAL_BATCH // WORLD, common, tmp_path), tmp_path / "ddp")
+    fsdp = _finished(_train(command, tmp_path / "fsdp", GLOBAL_BATCH // WORLD, [*common, "train.fsdp=true"],
+                            tmp_path), tmp_path / "fsdp")
+    np.testing.assert_allclose([point["loss"] for point in fsdp["loss_history"]],
+                               [point["loss"] for point in ddp["loss_history"]], rtol=1e-3)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from towerline.errors import ConfigError
 from towerline.templates import DEFAULT_DOC_TEMPLATE, check_doc_template
@@ -155,6 +155,21 @@ class TrainConfig(LoopConfig):
     dev_pool: int = Field(2000, ge=1)
     # Default: OUTPUT.checkpoints beside the artifact.
     checkpoint_dir: Path | None = None
+    # FSDP (full shard) under torchrun, for towers too large to replicate on every rank (LLM towers):
+    # parameters, gradients and optimizer state sharded across ranks, each transformer block wrapped
+    # on its own. fsdp_wrap: the block class names (empty: the backbone's own _no_split_modules).
+    fsdp: bool = False
+    fsdp_wrap: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _fsdp_alone(self) -> TrainConfig:
+        # Each of these reads or rewrites whole towers outside the Trainer's sharded step.
+        clashes = {"train.lora": self.lora, "train.grad_cache_chunk": self.grad_cache_chunk,
+                   "train.dev_queries": self.dev_queries}
+        if self.fsdp and any(clashes.values()):
+            named = ", ".join(name for name, value in clashes.items() if value)
+            raise ValueError(f"train.fsdp does not combine with {named}; set them off (0 / false)")
+        return self
 
 
 class DistillConfig(LoopConfig):

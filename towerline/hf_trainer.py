@@ -97,7 +97,14 @@ def mixed_precision(precision: str) -> dict[str, bool]:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
-def training_arguments(train: LoopConfig, checkpoint_dir: Path, total_steps: int) -> TrainingArguments:
+def training_arguments(train: LoopConfig, checkpoint_dir: Path, total_steps: int,
+                       fsdp_wrap: list[str] | None = None) -> TrainingArguments:
+    """`fsdp_wrap`: shard with FSDP (full shard), each block of these classes wrapped on its own."""
+    fsdp = {} if fsdp_wrap is None else {
+        "fsdp": "full_shard auto_wrap",
+        # The full state dict on rank 0 when the artifact is written (gathered by the caller).
+        "fsdp_config": {"transformer_layer_cls_to_wrap": fsdp_wrap, "state_dict_type": "FULL_STATE_DICT"},
+    }
     return TrainingArguments(
         output_dir=str(checkpoint_dir),
         max_steps=total_steps,
@@ -122,6 +129,7 @@ def training_arguments(train: LoopConfig, checkpoint_dir: Path, total_steps: int
         # Backbones carry parameters our pooling never uses (BERT's pooler head): DDP must expect them.
         ddp_find_unused_parameters=True,
         **mixed_precision(train.precision),
+        **fsdp,
     )
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from towerline.artifacts import Manifest
 from towerline.beir import load_dataset
-from towerline.config import TowerlineConfig
+from towerline.config import TowerlineConfig, TrainConfig
 from towerline.encoder import Tower
 from towerline.errors import ConfigError
 from towerline.hf_trainer import (
@@ -84,7 +85,7 @@ def run_train(
                             else (OrderedLossTrainer, {}))
     trainer = trainer_class(
         model=model,
-        args=training_arguments(train, checkpoints, total_steps),
+        args=training_arguments(train, checkpoints, total_steps, fsdp_blocks(model, train) if train.fsdp else None),
         data_collator=collator,
         train_dataset=ArrangedPairs(pairs.examples, order),
         callbacks=[progress, *([keep_best] if keep_best else [])],
@@ -97,9 +98,12 @@ def run_train(
                      "train.seconds": seconds,
                      "train.examples_per_second": outcome.metrics.get("train_samples_per_second", 0.0)})
     try:
+        # Under FSDP each rank holds a shard: every rank takes part in gathering the full weights,
+        # which rank 0 loads into a fresh copy of the model to save.
+        trained = full_model(trainer, config) if train.fsdp else model
         if not trainer.is_world_process_zero():
             return None
-        query_tower, doc_tower = finished_towers(model.to("cpu"), config)
+        query_tower, doc_tower = finished_towers(trained.to("cpu"), config)
         return save_dual_encoder(
             query_tower,
             doc_tower,
@@ -125,6 +129,33 @@ def run_train(
         )
     finally:
         leave_process_group()
+
+
+def fsdp_blocks(model: DualEncoderModel, train: TrainConfig) -> list[str]:
+    """The block classes FSDP wraps one by one: train.fsdp_wrap, else the backbones' _no_split_modules."""
+    if not torch.cuda.is_available():
+        # Checked: on CPU ranks transformers' Trainer leaves FSDP off and trains with DDP, silently.
+        raise ConfigError("train.fsdp needs CUDA GPUs (transformers' Trainer shards with FSDP only on GPUs; "
+                          "on CPU it would silently replicate the towers with DDP); unset train.fsdp")
+    if train.fsdp_wrap:
+        return list(train.fsdp_wrap)
+    blocks = sorted({name for tower in (model.query_tower, model.doc_tower)
+                     for name in getattr(tower.backbone, "_no_split_modules", None) or []})
+    if not blocks:
+        raise ConfigError("train.fsdp: the backbone names no transformer block class (_no_split_modules); "
+                          "set train.fsdp_wrap=[BlockClassName]")
+    return blocks
+
+
+def full_model(trainer: Any, config: TowerlineConfig) -> DualEncoderModel:
+    """The trained weights gathered from every FSDP rank (a collective: all ranks call it), loaded on
+    rank 0 into a fresh model; other ranks get their wrapped model back unused."""
+    state = trainer.accelerator.get_state_dict(trainer.model)
+    if not trainer.is_world_process_zero():
+        return trainer.model
+    fresh = build_model(config)
+    fresh.load_state_dict(state)
+    return fresh
 
 
 def require_same_template(pairs_manifest: Manifest, config: TowerlineConfig, pairs_path: Path) -> None:
