@@ -31,6 +31,14 @@ def _train(command: list[str], out: Path, batch_size: int, common: list[str], cw
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
 
 
+def _overrides(pairs: Path, dataset: Path, backbone: Path, tmp_path: Path, *extra: str) -> list[str]:
+    """What every run of these tests shares: 3 epochs over the tiny pairs, a loss logged every step."""
+    return ["--pairs", str(pairs), f"data.dir={dataset}", f"encoder.backbone={backbone}",
+            "encoder.max_query_length=16", "encoder.max_doc_length=48", "train.epochs=3", "train.dev_queries=0",
+            "train.learning_rate=1e-3", "train.log_every=1", "tracking.enabled=false", f"run_dir={tmp_path / 'runs'}",
+            *extra]
+
+
 def _finished(process: subprocess.Popen[str], out: Path) -> dict:
     output, _ = process.communicate(timeout=600)
     assert process.returncode == 0, output[-3000:]
@@ -47,10 +55,7 @@ def test_two_ranks_of_half_the_batch_train_as_one_process_on_the_whole_batch(
     # in distribution only; without it they must agree to float precision.
     backbone = _without_dropout(tiny_backbone, tmp_path / "no-dropout")
     pairs = write_pairs_artifact(tiny_dataset, tmp_path / "pairs")
-    common = ["--pairs", str(pairs), f"data.dir={tiny_dataset}", f"encoder.backbone={backbone}",
-              "encoder.max_query_length=16", "encoder.max_doc_length=48", "train.epochs=3", "train.dev_queries=0",
-              "train.learning_rate=1e-3", "train.log_every=1", "train.torch_threads=1", "tracking.enabled=false",
-              f"run_dir={tmp_path / 'runs'}"]
+    common = _overrides(pairs, tiny_dataset, backbone, tmp_path, "train.torch_threads=1")
     # Both at once: each process is one thread, and most of either run is start-up.
     one = _train([sys.executable, "-m", "towerline", "train"], tmp_path / "one", GLOBAL_BATCH, common, tmp_path)
     ranks = _train(["bash", str(ROOT / "infra" / "torchrun.sh"), str(WORLD)], tmp_path / "ranks",
@@ -107,10 +112,7 @@ def test_fsdp_ranks_train_as_ddp_ranks(tiny_dataset: Path, tiny_backbone: Path, 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     backbone = _without_dropout(tiny_backbone, tmp_path / "no-dropout")
     pairs = write_pairs_artifact(tiny_dataset, tmp_path / "pairs")
-    common = ["--pairs", str(pairs), f"data.dir={tiny_dataset}", f"encoder.backbone={backbone}",
-              "encoder.max_query_length=16", "encoder.max_doc_length=48", "train.epochs=3", "train.dev_queries=0",
-              "train.learning_rate=1e-3", "train.log_every=1", "train.precision=fp32", "tracking.enabled=false",
-              f"run_dir={tmp_path / 'runs'}"]
+    common = _overrides(pairs, tiny_dataset, backbone, tmp_path, "train.precision=fp32")
     command = ["bash", str(ROOT / "infra" / "torchrun.sh"), str(WORLD)]
     ddp = _finished(_train(command, tmp_path / "ddp", GLOBAL_BATCH // WORLD, common, tmp_path), tmp_path / "ddp")
     fsdp = _finished(_train(command, tmp_path / "fsdp", GLOBAL_BATCH // WORLD, [*common, "train.fsdp=true"],
