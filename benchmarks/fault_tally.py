@@ -62,9 +62,9 @@ class CallTally:
         self.codes: Counter[str] = Counter()
         self._lock = threading.Lock()
 
-    def record(self, code: str) -> None:
+    def record(self, code: str, count: int = 1) -> None:
         with self._lock:
-            self.codes[code] += 1
+            self.codes[code] += count
 
     @property
     def sent(self) -> int:

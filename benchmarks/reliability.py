@@ -24,6 +24,7 @@ from benchmarks import reliability_fuzz, reliability_jobs, reliability_serving
 from benchmarks.fault_tally import DOCUMENTED_CODES, Scenario
 from towerline.beir import load_dataset
 from towerline.config import TowerlineConfig
+from towerline.errors import ConfigError
 from towerline.progress import console, status
 from towerline.results import result_header, write_results
 
@@ -52,7 +53,7 @@ def run_reliability_bench(config: TowerlineConfig, index: Path, onnx: Path, pair
                           plan: ReliabilityPlan, only: tuple[str, ...] = SCENARIOS) -> dict[str, Any]:
     unknown = sorted(set(only) - set(SCENARIOS))
     if unknown:
-        raise ValueError(f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
+        raise ConfigError(f"--scenario: unknown {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
     rng = random.Random(plan.seed)
     texts = _query_texts(config)
     scenarios: dict[str, dict[str, Any]] = {}
@@ -107,7 +108,7 @@ def run_reliability_bench(config: TowerlineConfig, index: Path, onnx: Path, pair
 def _train_resume(config: TowerlineConfig, pairs: Path | None, work_dir: Path, plan: ReliabilityPlan,
                   rng: random.Random) -> Scenario:
     if pairs is None:
-        raise ValueError("train_resume needs a training-pairs artifact (--pairs)")
+        raise ConfigError("train_resume needs a training-pairs artifact (--pairs)")
     return reliability_jobs.train_resume(config, pairs, work_dir, plan.train_steps, plan.train_trials, rng)
 
 

@@ -272,11 +272,9 @@ def _search_caller(address: str, texts: list[str]) -> Any:
 
 def _tally(load_result: dict[str, Any]) -> CallTally:
     calls = CallTally()
-    for _ in range(load_result["requests"]):
-        calls.record("OK")
+    calls.record("OK", load_result["requests"])
     for code, count in load_result["errors"].items():
-        for _ in range(count):
-            calls.record(code)
+        calls.record(code, count)
     return calls
 
 

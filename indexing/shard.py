@@ -60,13 +60,13 @@ def shard_name(shard: int) -> str:
 def shard_index(config: TowerlineConfig, source: Path, shards: int, output: Path) -> list[Manifest]:
     """Write `output/shard-0` … `output/shard-{N-1}` from the index artifact (or registry entry's
     CURRENT version) `source`. The shards appear together or not at all."""
+    if shards < 2:
+        raise ConfigError(f"--shards {shards}: a split needs at least 2 shards")
     source = resolve_published(source) if is_registry_entry(source) else Path(source)
     manifest = read_manifest(source, INDEX_KIND, verify=True)
     index = faiss.read_index(str(source / INDEX_FILE))
     doc_ids = read_doc_ids(source, int(index.ntotal))
     live = live_doc_ids(doc_ids)
-    if shards < 2:
-        raise ConfigError(f"--shards {shards}: a split needs at least 2 shards")
     if shards > len(live):
         raise ConfigError(f"--shards {shards}: {source} holds only {len(live)} documents")
     assignment = [None if doc_id is None else shard_of(doc_id, shards) for doc_id in doc_ids]

@@ -12,8 +12,9 @@ from towerline.artifacts import target_uri
 
 
 class HadoopFs:
-    """The file system of one URI. `raw` skips the local file system's .crc side files (the driver's
-    own small writes and renames); Spark's writers still go through the checksummed one."""
+    """The file system of one URI. For local paths it is the raw local file system, which writes no
+    .crc side files for the driver's own small writes and renames; Spark's writers still go through
+    the checksummed one."""
 
     def __init__(self, spark: SparkSession, uri: str | Path) -> None:
         self.jvm = spark.sparkContext._jvm

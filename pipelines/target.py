@@ -15,18 +15,16 @@ the artifact on local disk reads and verifies with `read_manifest` like any othe
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import yaml
 from pydantic import BaseModel
 from pyspark.sql import SparkSession
 
 from pipelines.hadoop_fs import HadoopFs
-from towerline import __version__
-from towerline.artifacts import CONFIG_NAME, MANIFEST_NAME, SUCCESS_MARKER, Manifest, fingerprint_of, target_uri
+from towerline.artifacts import CONFIG_NAME, MANIFEST_NAME, SUCCESS_MARKER, Manifest, new_manifest, target_uri
+from towerline.config import config_yaml
 
 _BUFFER = 1 << 20
 
@@ -82,11 +80,8 @@ class SparkArtifactWriter:
     def _seal(self) -> Manifest:
         self._drop_side_files()
         if self.config is not None:
-            self.write_text(CONFIG_NAME, yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False))
-        files = self._checksums()
-        manifest = Manifest(kind=self.kind, producer=f"towerline {__version__} {self.producer}",
-                            created_at=datetime.now(UTC).isoformat(timespec="seconds"), inputs=self.inputs,
-                            files=files, fingerprint=fingerprint_of(files), metadata=self.metadata)
+            self.write_text(CONFIG_NAME, config_yaml(self.config))
+        manifest = new_manifest(self.kind, self.producer, self.inputs, self._checksums(), self.metadata)
         self.write_text(MANIFEST_NAME, manifest.model_dump_json(indent=2))
         return manifest
 

@@ -129,18 +129,23 @@ class ArtifactWriter:
     def _finalise(self) -> Manifest:
         if self.config is not None:
             dump_config(self.config, self.path / CONFIG_NAME)
-        files = checksum_tree(self.path)
-        manifest = Manifest(
-            kind=self.kind,
-            producer=f"towerline {__version__} {self.producer}",
-            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-            inputs=self.inputs,
-            files=files,
-            fingerprint=fingerprint_of(files),
-            metadata=self.metadata,
-        )
+        manifest = new_manifest(self.kind, self.producer, self.inputs, checksum_tree(self.path), self.metadata)
         (self.path / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2))
         return manifest
+
+
+def new_manifest(kind: str, producer: str, inputs: dict[str, str], files: dict[str, str],
+                 metadata: dict[str, Any]) -> Manifest:
+    """The manifest sealing `files` (name → sha256), stamped with this towerline's version and now."""
+    return Manifest(
+        kind=kind,
+        producer=f"towerline {__version__} {producer}",
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        inputs=inputs,
+        files=files,
+        fingerprint=fingerprint_of(files),
+        metadata=metadata,
+    )
 
 
 def reseal_artifact(source: Path, dest: Path, kind: str, *, producer: str, new_files: dict[str, str],

@@ -525,7 +525,12 @@ def _validated(raw: dict[str, Any], overrides: list[str] | None, path: Path | No
 
 
 def dump_config(config: BaseModel, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    path.write_text(config_yaml(config))
+
+
+def config_yaml(config: BaseModel) -> str:
+    """The config as the YAML an artifact's config.yaml holds (and `-c FILE` reads back)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
